@@ -1,0 +1,3 @@
+"""seqjax: sequence models in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Tokenisation, vocabularies, batching and the corpora shipped with the package."""

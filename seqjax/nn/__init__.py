@@ -1,0 +1,1 @@
+"""Pure Flax modules: no training, files or logging."""
