@@ -1,0 +1,127 @@
+r"""Runs an experiment: train (default; resumes from the workdir's checkpoint), eval or sample.
+
+    python launch.py --config experiments/charlm.py --workdir runs/charlm
+    python launch.py --config experiments/charlm.py:cell=gru --workdir runs/gru --config.opt.lr=1e-3
+    python launch.py --config experiments/charlm.py --workdir runs/charlm --mode eval
+    python launch.py --config experiments/charlm.py --workdir runs/charlm --mode sample \
+        --prefix "the time machine" --length 200 --temperature 0.8
+    python launch.py --config experiments/charlm.py --workdir runs/cells --sweep
+"""
+
+import csv
+import importlib.util
+import json
+import os
+import sys
+import traceback
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/X.py[:args]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the saved config.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
+flags.DEFINE_bool("sweep", False, "Train every point of the config file's get_sweep().")
+flags.DEFINE_integer("step", None, "eval/sample: the checkpoint step (default: the latest).")
+flags.DEFINE_bool("best", False, "eval/sample: use the checkpoint with the best validation loss.")
+flags.DEFINE_string("prefix", None, "sample: the text to continue (default: config.sample.prefix).")
+flags.DEFINE_integer("length", None, "sample: number of tokens to generate.")
+flags.DEFINE_float("temperature", None, "sample: softmax temperature; 0 is greedy.")
+flags.DEFINE_integer("seed", 0, "sample: random seed.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def _print_results(results: dict):
+    for key, value in results.items():
+        if key != "sample":
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    if "sample" in results:
+        print(f"sample: {results['sample']}")
+
+
+def _sweep(config):
+    """Trains each override point of get_sweep() in workdir/<point>; a failed point is recorded
+    and the others go on; ends with a table and summary.csv of every point's final metrics."""
+    from seqjax import train
+    path = FLAGS["config"].config_filename
+    spec = importlib.util.spec_from_file_location("experiment", path.split(":")[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        raise app.UsageError(f"{path} defines no get_sweep()")
+    rows = []
+    for overrides in module.get_sweep():
+        point = config.copy_and_resolve_references()
+        for key, value in overrides.items():
+            target = point
+            *parents, leaf = key.split(".")
+            for parent in parents:
+                target = target[parent]
+            setattr(target, leaf, value)
+        name = ",".join(f"{k}={v}" for k, v in overrides.items())
+        print(f"=== sweep point {name}")
+        try:
+            results = train.train(point, os.path.join(FLAGS.workdir, name))
+            rows.append({"point": name, "status": "ok", **{k: v for k, v in results.items() if k != "sample"}})
+        except Exception as e:  # a failed point must not stop the others
+            traceback.print_exc()
+            rows.append({"point": name, "status": f"failed: {type(e).__name__}: {e}"})
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(os.path.join(FLAGS.workdir, "summary.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        print(json.dumps(row))
+    return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    from seqjax import train  # after flag parsing: importing jax is slow
+    config = FLAGS.config
+    try:
+        if FLAGS.sweep:
+            return _sweep(config)
+        if FLAGS.mode == "train":
+            _print_results(train.train(config, FLAGS.workdir))
+        elif FLAGS.mode == "eval":
+            _print_results(train.evaluate(config, FLAGS.workdir, step=FLAGS.step,
+                                          which="best" if FLAGS.best else "latest"))
+        else:
+            options = {k: v for k in ("prefix", "length", "temperature")
+                       if (v := getattr(FLAGS, k)) is not None}
+            print(train.generate(FLAGS.workdir, step=FLAGS.step, which="best" if FLAGS.best else "latest",
+                                 seed=FLAGS.seed, **options))
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parse_flags(argv):
+    """absl's parser, with an unknown `--config.x` field reported in one line, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        if any(line.startswith("Traceback") for line in lines):  # an error inside get_config(arg)
+            lines = [lines[0], lines[-1]]
+        print("error: " + "\n".join(lines), file=sys.stderr)
+    except (AttributeError, KeyError) as e:
+        while e.args and isinstance(e.args[0], BaseException):
+            e = e.args[0]
+        reason = " ".join(str(e.args[0] if e.args else e).split())
+        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        print(f"error: unknown config field in {' '.join(bad)}: {reason}", file=sys.stderr)
+    except (ValueError, TypeError) as e:  # raised by the config file's get_config(arg)
+        print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

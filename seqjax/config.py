@@ -1,0 +1,100 @@
+"""Helpers for ml-collections configs: experiment arguments, validation, saving beside checkpoints."""
+
+import json
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses the `:a=1,b=x,flag` suffix of `--config experiments/X.py:...` (as big_vision does).
+
+    A bare word sets a boolean flag; values are converted to the type of their default, and an
+    unknown name is an error that lists the known ones.
+    """
+    args = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in defaults:
+            raise ValueError(f"unknown config argument {name!r}; known: {sorted(defaults)}")
+        default = defaults[name]
+        if not value:
+            value = True
+        elif isinstance(default, bool):
+            value = value.lower() in ("1", "true", "yes")
+        elif default is not None:
+            value = type(default)(value)
+        args[name] = value
+    return args
+
+
+def expect(ok: bool, key: str, value: Any, what: str):
+    """Raises a ValueError naming the config key when a value is out of its valid range."""
+    if not ok:
+        raise ValueError(f"config.{key}={value!r}: {what}")
+
+
+def expect_type(config, key: str, types):
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _tuple(types)):
+        names = "/".join(t.__name__ for t in _tuple(types))
+        raise TypeError(f"config.{key}={value!r} has type {type(value).__name__}; expected {names}")
+    return value
+
+
+def _tuple(types):
+    return types if isinstance(types, tuple) else (types,)
+
+
+def expect_positive_int(config, *keys):
+    for key in keys:
+        value = expect_type(config, key, int)
+        expect(value > 0, key, value, "must be a positive integer")
+
+
+def expect_fraction(config, key: str, low_open=False):
+    value = expect_type(config, key, (int, float))
+    ok = math.isfinite(value) and (0 < value if low_open else 0 <= value) and value < 1
+    expect(ok, key, value, f"must be in {'(' if low_open else '['}0, 1)")
+
+
+CONFIG_FILE = "config.json"
+
+
+def save(config: ml_collections.ConfigDict, workdir: str):
+    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+def load(workdir: str) -> ml_collections.ConfigDict | None:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def differences(saved, config, sections=("task", "model")) -> list[str]:
+    """The keys (under `sections`) whose values differ between two configs, as 'key: a != b'."""
+    a = _flatten({s: saved.get(s) for s in sections})
+    b = _flatten({s: config.get(s) for s in sections})
+    return [f"{k}: {a.get(k)!r} (saved) != {b.get(k)!r} (now)"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _flatten(d, prefix="") -> dict:
+    if isinstance(d, ml_collections.ConfigDict):
+        d = d.to_dict()
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out

@@ -1,0 +1,58 @@
+"""Language models: next-token prediction over a token stream.
+
+Dimension letters: B batch, T time, V vocabulary, E embedding, H hidden.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from seqjax.nn.recurrent import StackedRecurrent
+
+
+class RecurrentLM(nn.Module):
+    """Tokens -> (one-hot or embedding) -> stacked recurrent layers -> logits over the vocabulary.
+
+    The hidden state is an explicit input and output, so a caller can carry it across
+    consecutive minibatches of a stream (the textbook's sequential partitioning) or
+    generate one token at a time.
+    """
+
+    vocab_size: int
+    cell: str = "lstm"
+    hidden: int = 256
+    num_layers: int = 1
+    embed_dim: int = 0  # 0: one-hot input, as in the textbook
+    dropout_rate: float = 0.0
+    unroll: int = 1
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+
+    @nn.nowrap
+    def _rnn(self, **kwargs) -> StackedRecurrent:
+        return StackedRecurrent(self.cell, self.hidden, num_layers=self.num_layers,
+                                dropout_rate=self.dropout_rate, unroll=self.unroll,
+                                dtype=self.dtype, param_dtype=self.param_dtype, **kwargs)
+
+    @nn.compact
+    def __call__(self, tokens_BxT, carry=None, *, deterministic: bool = True):
+        """Returns (logits_BxTxV in float32, carry after the last step)."""
+        drop = nn.Dropout(self.dropout_rate)
+        if self.embed_dim:
+            embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="embed")
+            x_BxTxE = drop(embed(tokens_BxT), deterministic=deterministic)
+        else:
+            x_BxTxE = jax.nn.one_hot(tokens_BxT, self.vocab_size, dtype=self.dtype or jnp.float32)
+        carry, h_BxTxH = self._rnn(name="rnn")(x_BxTxE, carry, deterministic=deterministic)
+        h_BxTxH = drop(h_BxTxH, deterministic=deterministic)
+        logits_BxTxV = nn.Dense(self.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                                name="head")(h_BxTxH)
+        return logits_BxTxV.astype(jnp.float32), carry
+
+    @nn.nowrap
+    def initialize_carry(self, batch_size: int):
+        input_dim = self.embed_dim or self.vocab_size
+        return self._rnn(parent=None).initialize_carry(jax.random.PRNGKey(0), (batch_size, input_dim))

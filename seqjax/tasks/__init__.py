@@ -1,0 +1,38 @@
+"""Tasks: each builds the data, model, loss and metrics of one experiment family.
+
+`build(config, workdir)` returns a `Task`, the only thing the engine knows about a task.
+"""
+
+import dataclasses
+from typing import Any, Callable, Iterable
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What the engine needs from a task.
+
+    `loss(params, batch, carry, rng, train) -> (sums, carry)` is pure and runs per device:
+    `sums` maps metric names to sums over the device's batch, with the denominator under
+    'weight'; the engine sums them across devices and divides on the host. `carry` is state
+    that flows from one batch to the next (an RNN's hidden state over a token stream), or ().
+    """
+
+    init_params: Callable[[Any], Any]  # rng -> params
+    init_carry: Callable[[int], Any]  # batch size -> carry (host arrays with a leading batch axis)
+    loss: Callable
+    train_batch: Callable[[int], dict]  # step -> this process's rows of the global batch
+    eval_batches: Callable[[], Iterable[dict]]
+    batch_size: int  # global, training
+    eval_batch_size: int  # global
+    tokens_per_batch: int
+    report: Callable[[dict], dict] = lambda means: means  # adds derived metrics (perplexity, ...)
+    files: dict = dataclasses.field(default_factory=dict)  # name -> text, saved in the workdir
+    generate: Callable | None = None  # (params, rng, **options) -> str
+
+
+def build(config, workdir: str | None = None) -> Task:
+    from seqjax.tasks import charlm
+    builders = {"charlm": charlm.build}
+    if config.task not in builders:
+        raise ValueError(f"config.task={config.task!r}: expected one of {sorted(builders)}")
+    return builders[config.task](config, workdir)

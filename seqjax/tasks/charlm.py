@@ -1,0 +1,133 @@
+"""Character-level language modelling on a text corpus (The Time Machine by default).
+
+The textbook setup: letters lowercased and every run of other characters turned into one
+space, a character vocabulary, random or sequential partitioning into (batch, num_steps)
+minibatches, perplexity = exp(mean cross-entropy), and temperature sampling from a prefix.
+With sequential partitioning the hidden state is carried from one minibatch to the next
+(truncated backpropagation through time), and validation runs over the held-out stream the
+same way.
+"""
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from seqjax import config as config_lib
+from seqjax.data import text as text_lib
+from seqjax.nn.lm import RecurrentLM
+from seqjax.nn.recurrent import CELLS
+from seqjax.tasks import Task
+
+VOCAB_FILE = "vocab.json"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def validate(config):
+    d, m = config.data, config.model
+    config_lib.expect(d.preprocess in ("letters", "raw"), "data.preprocess", d.preprocess,
+                      "expected 'letters' or 'raw'")
+    config_lib.expect(d.partition in ("random", "sequential"), "data.partition", d.partition,
+                      "expected 'random' or 'sequential'")
+    config_lib.expect_positive_int(config, "data.batch_size", "data.num_steps",
+                                   "data.eval_batch_size", "model.hidden", "model.num_layers",
+                                   "model.unroll")
+    config_lib.expect_fraction(config, "data.valid_fraction", low_open=True)
+    config_lib.expect_fraction(config, "model.dropout")
+    for key in ("data.min_freq", "model.embed_dim"):
+        value = config_lib.expect_type(config, key, int)
+        config_lib.expect(value >= 0, key, value, "must be >= 0")
+    config_lib.expect(m.cell in CELLS, "model.cell", m.cell, f"expected one of {sorted(CELLS)}")
+    config_lib.expect(m.dtype in DTYPES, "model.dtype", m.dtype, f"expected one of {sorted(DTYPES)}")
+
+
+def make_model(config, vocab_size: int) -> RecurrentLM:
+    m = config.model
+    return RecurrentLM(vocab_size=vocab_size, cell=m.cell, hidden=m.hidden,
+                       num_layers=m.num_layers, embed_dim=m.embed_dim, dropout_rate=m.dropout,
+                       unroll=m.unroll, dtype=DTYPES[m.dtype])
+
+
+def _vocabulary(config, tokens, workdir):
+    """The workdir's saved vocabulary when there is one, so a run always reads its text the way
+    its checkpoints were trained; else one built from the corpus."""
+    path = workdir and os.path.join(workdir, VOCAB_FILE)
+    if path and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return text_lib.Vocab.from_json(f.read())
+    return text_lib.Vocab(tokens, min_freq=config.data.min_freq)
+
+
+def build(config, workdir=None) -> Task:
+    validate(config)
+    d = config.data
+    tokens = text_lib.tokenize(text_lib.preprocess(text_lib.load_text(d.path), d.preprocess), "char")
+    vocab = _vocabulary(config, tokens, workdir)
+    train_ids, valid_ids = text_lib.split_train_valid(vocab.encode(tokens), d.valid_fraction)
+    batches = text_lib.LMBatches(train_ids, d.batch_size, d.num_steps, partition=d.partition,
+                                 seed=config.seed, shard_index=jax.process_index(),
+                                 num_shards=jax.process_count())
+    eval_batches = text_lib.eval_batches(valid_ids, d.eval_batch_size, d.num_steps)
+    model = make_model(config, len(vocab))
+
+    def init_params(rng):
+        tokens_BxT = jnp.zeros((1, d.num_steps), jnp.int32)
+        return model.init(rng, tokens_BxT, model.initialize_carry(1))
+
+    def init_carry(batch_size):
+        return jax.device_get(model.initialize_carry(batch_size))
+
+    def loss(params, batch, carry, rng, train):
+        # A new stream (an epoch's first batch, or every batch with random partitioning) starts
+        # from a zero state; otherwise the state flows on without gradient (truncated BPTT).
+        carry = jax.tree.map(lambda c: jnp.where(batch["reset"], jnp.zeros_like(c), c), carry)
+        logits_BxTxV, carry = model.apply(params, batch["inputs"], carry, deterministic=not train,
+                                          rngs={"dropout": rng} if train else {})
+        ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+        weights_BxT = batch.get("weights", jnp.ones_like(ce_BxT))
+        sums = {"loss": jnp.sum(ce_BxT * weights_BxT), "weight": jnp.sum(weights_BxT)}
+        return sums, jax.lax.stop_gradient(carry)
+
+    def report(means):
+        return dict(means, perplexity=math.exp(min(means["loss"], 700.0)))
+
+    sample_fn = jax.jit(functools.partial(_sample, model), static_argnames="length")
+
+    def generate(params, rng, *, prefix="time traveller", length=100, temperature=1.0):
+        prefix_tokens = text_lib.tokenize(text_lib.preprocess(prefix, d.preprocess), "char")
+        if not prefix_tokens:
+            raise ValueError("the prefix must hold at least one character")
+        if not (isinstance(length, int) and length > 0):
+            raise ValueError(f"length={length!r}: must be a positive integer")
+        if not (temperature >= 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0")
+        ids = sample_fn(params, jnp.asarray(vocab.encode(prefix_tokens))[None], rng,
+                        jnp.float32(temperature), length=length)
+        return "".join(prefix_tokens) + "".join(vocab.to_tokens(np.asarray(ids).tolist()))
+
+    return Task(init_params=init_params, init_carry=init_carry, loss=loss,
+                train_batch=batches, eval_batches=lambda: eval_batches,
+                batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
+                tokens_per_batch=d.batch_size * d.num_steps, report=report,
+                files={VOCAB_FILE: vocab.to_json()}, generate=generate)
+
+
+def _sample(model, params, prefix_1xP, rng, temperature, *, length):
+    """Reads the prefix, then draws `length` tokens from softmax(logits / temperature), feeding
+    each back in; temperature 0 takes the most likely token."""
+    logits_1xPxV, carry = model.apply(params, prefix_1xP, model.initialize_carry(1))
+
+    def step(state, key):
+        logits_1xV, carry = state
+        scaled = logits_1xV / jnp.maximum(temperature, 1e-6)
+        token_1 = jnp.where(temperature > 0, jax.random.categorical(key, scaled),
+                            jnp.argmax(logits_1xV, axis=-1))
+        logits_1x1xV, carry = model.apply(params, token_1[:, None], carry)
+        return (logits_1x1xV[:, -1], carry), token_1[0]
+
+    _, tokens = jax.lax.scan(step, (logits_1xPxV[:, -1], carry), jax.random.split(rng, length))
+    return tokens

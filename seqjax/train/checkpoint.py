@@ -1,0 +1,50 @@
+"""Orbax checkpoints of the whole training state, as host (NumPy) pytrees.
+
+`workdir/checkpoints/<step>` holds the latest `keep` states; `workdir/best/<step>` the one with the
+best validation loss. Each holds params, optimizer state, step, RNG and stream state (the data
+position is the step: batches are a pure function of it), plus a small JSON of run metadata.
+"""
+
+import os
+
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+
+    def __init__(self, workdir: str, keep: int = 2):
+        workdir = os.path.abspath(workdir)
+        options = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, create=True)
+        self.managers = {
+            "latest": ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options(keep)),
+            "best": ocp.CheckpointManager(os.path.join(workdir, "best"), options=options(1)),
+        }
+
+    def latest_step(self, which: str = "latest"):
+        return self.managers[which].latest_step()
+
+    def save(self, step: int, state, meta: dict, which: str = "latest"):
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self.managers[which].save(step, args=args, force=True)
+
+    def restore(self, template=None, step: int | None = None, which: str = "latest"):
+        """Returns (state, meta) of `step` (default: the newest), or None if there is none."""
+        manager = self.managers[which]
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            return None
+        if step not in manager.all_steps():
+            raise FileNotFoundError(
+                f"no {which} checkpoint at step {step} in {manager.directory}; "
+                f"saved steps: {list(manager.all_steps())}")
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
+        return restored["state"], restored["meta"]
+
+    def wait(self):
+        for manager in self.managers.values():
+            manager.wait_until_finished()
+
+    def close(self):
+        for manager in self.managers.values():
+            manager.close()

@@ -1,0 +1,347 @@
+"""The engine: one pure per-device train step, `jax.pmap`-ed over the local devices, and the loop.
+
+Resume order, decided here and nowhere else: the workdir's own latest checkpoint, else scratch.
+"""
+
+import functools
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from seqjax import config as config_lib
+from seqjax import tasks
+from seqjax.train.checkpoint import Checkpoints
+from seqjax.train.metrics import MetricWriter, Progress
+from seqjax.train.optimizer import OPTIMIZERS, SCHEDULES, learning_rate_schedule, make_optimizer
+
+AXIS = "batch"
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # base key; the key of a step and device is folded from it
+    carry: Any  # per-device state carried from batch to batch (see tasks.Task)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure per-device steps; collectives over the named axis AXIS.
+# ---------------------------------------------------------------------------------------------
+
+def train_step(state: TrainState, batch, *, loss_fn, tx):
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
+
+    def loss_sum(params):
+        sums, carry = loss_fn(params, batch, state.carry, rng, True)
+        return sums["loss"], (sums, carry)
+
+    grads, (sums, carry) = jax.grad(loss_sum, has_aux=True)(state.params)
+    # Mean over every token of the global batch, whatever its split across devices.
+    weight = lax.pmean(sums["weight"], AXIS)
+    grads = jax.tree.map(lambda g: g / weight, lax.pmean(grads, AXIS))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(lax.psum(sums, AXIS), grad_norm=optax.tree_utils.tree_norm(grads))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, carry=carry)
+    return new_state, metrics
+
+
+def eval_step(params, carry, batch, *, loss_fn):
+    sums, carry = loss_fn(params, batch, carry, None, False)
+    return lax.psum(sums, AXIS), carry
+
+
+# ---------------------------------------------------------------------------------------------
+# Host <-> devices. Host state: a plain dict of NumPy arrays, as saved in checkpoints; `carry`
+# has a leading global-batch axis, so it is independent of the number of devices.
+# ---------------------------------------------------------------------------------------------
+
+def _shard(tree, n: int):
+    """[B, ...] -> [n, B/n, ...]; a scalar is given to every device."""
+    def split(x):
+        x = np.asarray(x)
+        return np.broadcast_to(x, (n,)) if x.ndim == 0 else x.reshape(n, -1, *x.shape[1:])
+    return jax.tree.map(split, tree)
+
+
+def _to_devices(host: dict, devices) -> TrainState:
+    n = len(devices)
+    replicate = lambda tree: jax.tree.map(lambda x: np.broadcast_to(x, (n, *np.shape(x))), tree)
+    state = TrainState(step=replicate(host["step"]), params=replicate(host["params"]),
+                       opt_state=replicate(host["opt_state"]), rng=replicate(host["rng"]),
+                       carry=_shard(host["carry"], n))
+    # pmap would copy NumPy inputs at every call; place them once.
+    return jax.pmap(lambda s: s, axis_name=AXIS, devices=devices)(state)
+
+
+def _to_host(state: TrainState) -> dict:
+    state = jax.device_get(state)
+    first = lambda tree: jax.tree.map(lambda x: np.asarray(x[0]), tree)
+    return dict(step=first(state.step), params=first(state.params),
+                opt_state=first(state.opt_state), rng=first(state.rng),
+                carry=jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), state.carry))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of the engine's part of the config; tasks validate their own sections.
+# ---------------------------------------------------------------------------------------------
+
+def _validate(config):
+    config_lib.expect_positive_int(config, "num_train_steps", "log_every", "eval_every",
+                                   "checkpoint_every", "keep_checkpoints")
+    config_lib.expect_type(config, "seed", int)
+    config_lib.expect_type(config, "num_devices", int)
+    opt = config.opt
+    config_lib.expect(opt.name in OPTIMIZERS, "opt.name", opt.name, f"expected one of {OPTIMIZERS}")
+    config_lib.expect(opt.schedule in SCHEDULES, "opt.schedule", opt.schedule,
+                      f"expected one of {SCHEDULES}")
+    for key in ("lr", "clip_norm", "weight_decay", "final_lr_fraction", "b1", "b2", "momentum"):
+        value = config_lib.expect_type(config, f"opt.{key}", (int, float))
+        config_lib.expect(math.isfinite(value) and value >= 0, f"opt.{key}", value,
+                          "must be a finite number >= 0")
+    config_lib.expect(opt.lr > 0, "opt.lr", opt.lr, "must be > 0")
+    config_lib.expect_positive_int(config, "opt.grad_accum_steps")
+    value = config_lib.expect_type(config, "opt.warmup_steps", int)
+    config_lib.expect(value >= 0, "opt.warmup_steps", value, "must be >= 0")
+
+
+def _devices(config):
+    local = jax.local_devices()
+    n = config.num_devices or len(local)
+    config_lib.expect(0 <= config.num_devices <= len(local), "num_devices", config.num_devices,
+                      f"this host has {len(local)} devices (0 uses all)")
+    return local[:n]
+
+
+def _check_divisible(name: str, batch_size: int, devices):
+    shards = len(devices) * jax.process_count()
+    if batch_size % shards:
+        raise ValueError(
+            f"{name}={batch_size} does not split evenly over {shards} devices "
+            f"({jax.process_count()} processes x {len(devices)} local devices); "
+            f"use a multiple of {shards} or set config.num_devices")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+# ---------------------------------------------------------------------------------------------
+
+class _StopRequest:
+    """Turns SIGTERM into a flag the loop checks after each step, so it can save and exit."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self.previous = None
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def __exit__(self, *_):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _fetch(pending: list) -> list[dict]:
+    """Host copies of the metrics of `pending` (step, metrics) pairs; raises on a non-finite loss,
+    so a state reached through one is never saved."""
+    fetched = []
+    for step, m in jax.device_get(pending):
+        m = {k: float(v[0]) for k, v in m.items()}
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {step + 1}: loss={m['loss']}, "
+                f"grad_norm={m['grad_norm']}; stopping without saving this state")
+        fetched.append(m)
+    return fetched
+
+
+def _means(sums: dict) -> dict:
+    """Per-token means from (sum, 'weight') pairs."""
+    return {k: v / sums["weight"] for k, v in sums.items() if k != "weight"}
+
+
+def _train_summary(fetched: list[dict]) -> dict:
+    sums = {k: sum(m[k] for m in fetched) for k in fetched[0] if k != "grad_norm"}
+    return dict(_means(sums), grad_norm=sum(m["grad_norm"] for m in fetched) / len(fetched))
+
+
+def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics.
+
+    `stop_after` ends this call after that many steps, saving as on SIGTERM (a preemption, or a
+    job scheduler's time slot). Everything that can be wrong with the config, the data or the
+    workdir is checked before anything is written.
+    """
+    _validate(config)
+    devices = _devices(config)
+    workdir = os.path.abspath(workdir)
+    saved = config_lib.load(workdir)
+    ckpts = Checkpoints(workdir, config.keep_checkpoints) if os.path.isdir(workdir) else None
+    if saved is not None and ckpts is not None and ckpts.latest_step() is not None:
+        diff = config_lib.differences(saved, config)
+        if diff:
+            raise ValueError(f"{workdir} holds a checkpoint of a different model; use another "
+                             "workdir or the saved config. Differences:\n  " + "\n  ".join(diff))
+    task = tasks.build(config, workdir)
+    _check_divisible("config.data.batch_size", task.batch_size, devices)
+    _check_divisible("config.data.eval_batch_size", task.eval_batch_size, devices)
+
+    os.makedirs(workdir, exist_ok=True)
+    ckpts = ckpts or Checkpoints(workdir, config.keep_checkpoints)
+    config_lib.save(config, workdir)
+    for name, text in task.files.items():
+        with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+            f.write(text)
+
+    total_steps = config.num_train_steps
+    tx = make_optimizer(config.opt, total_steps)
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    params = task.init_params(init_rng)
+    host = dict(step=np.asarray(0, np.int32), params=jax.device_get(params),
+                opt_state=jax.device_get(tx.init(params)), rng=np.asarray(state_rng),
+                carry=task.init_carry(task.batch_size // jax.process_count()))
+    restored = ckpts.restore(template=host)
+    meta = {"best_val_loss": None}
+    if restored is not None:
+        host, meta = restored
+    start = int(host["step"])
+    state = _to_devices(host, devices)
+
+    p_train = jax.pmap(functools.partial(train_step, loss_fn=task.loss, tx=tx),
+                       axis_name=AXIS, devices=devices, donate_argnums=(0,))
+    evaluate_params = _evaluator(task, devices)
+    accum = config.opt.grad_accum_steps
+    lr_schedule = learning_rate_schedule(config.opt, max(total_steps // accum, 1))
+    schedule = lambda step: lr_schedule(step // accum)  # as make_optimizer applies it
+
+    writer = MetricWriter(workdir, start)
+    progress = Progress(total_steps, start, task.tokens_per_batch)
+    if start:
+        progress.write(f"resumed from step {start} in {workdir}")
+    best = meta.get("best_val_loss")
+    results = {"step": start}
+    pending, fetched = [], []  # device metrics not yet fetched; host metrics not yet logged
+    t0 = time.perf_counter()
+    try:
+        with _StopRequest() as stop:
+            for step in range(start, total_steps):
+                state, metrics = p_train(state, _shard(task.train_batch(step), len(devices)))
+                pending.append((step, metrics))
+                done = step + 1
+                preempted = stop.requested or (stop_after is not None and done - start >= stop_after)
+                last = done == total_steps or preempted
+                do_eval = done % config.eval_every == 0 or done == total_steps
+                do_save = done % config.checkpoint_every == 0 or last
+                do_log = done % config.log_every == 0 or last
+                if not (do_log or do_eval or do_save):
+                    continue
+                fetched += _fetch(pending)
+                pending = []
+                if do_log:
+                    train_metrics = _train_summary(fetched)
+                    train_metrics = dict(task.report(train_metrics), lr=float(schedule(step)))
+                    fetched = []
+                    writer.write(done, "train", train_metrics)
+                    progress.update(done, **{k: v for k, v in train_metrics.items() if k != "grad_norm"})
+                    results.update({f"train_{k}": v for k, v in train_metrics.items()})
+                if do_eval:
+                    val = task.report(evaluate_params(state.params))
+                    writer.write(done, "val", val)
+                    results.update({f"val_{k}": v for k, v in val.items()})
+                    if best is None or val["loss"] < best:
+                        best = val["loss"]
+                        ckpts.save(done, _to_host(state), {"best_val_loss": best}, which="best")
+                    results["best_val_loss"] = best
+                    progress.write(f"step {done}: " + ", ".join(f"val {k} {v:.4f}" for k, v in val.items()))
+                if do_save:
+                    ckpts.save(done, _to_host(state), {"best_val_loss": best})
+                results["step"] = done
+                if preempted:
+                    progress.write(f"stopped early: saved step {done} to {workdir}/checkpoints")
+                    results["stopped"] = True
+                    break
+    finally:
+        progress.close()
+        writer.close()
+        ckpts.wait()
+        ckpts.close()
+    results["wall_time_s"] = time.perf_counter() - t0
+    if task.generate is not None and not results.get("stopped") and config.get("sample"):
+        results["sample"] = task.generate(_to_host(state)["params"], jax.random.PRNGKey(config.seed),
+                                          **config.sample)
+    return results
+
+
+def _evaluator(task, devices):
+    """A function params (replicated on `devices`) -> mean metrics over the task's eval batches."""
+    n = len(devices)
+    p_eval = jax.pmap(functools.partial(eval_step, loss_fn=task.loss), axis_name=AXIS, devices=devices)
+
+    def evaluate_params(params):
+        carry = _shard(task.init_carry(task.eval_batch_size // jax.process_count()), n)
+        total = None
+        for batch in task.eval_batches():
+            sums, carry = p_eval(params, carry, _shard(batch, n))
+            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        return _means({k: float(v[0]) for k, v in jax.device_get(total).items()})
+
+    return evaluate_params
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and generation from a saved run.
+# ---------------------------------------------------------------------------------------------
+
+def restore_run(workdir: str, step: int | None = None, which: str = "latest"):
+    """(saved config, task, params on the host, step) of a trained workdir."""
+    workdir = os.path.abspath(workdir)
+    config = config_lib.load(workdir)
+    if config is None:
+        raise FileNotFoundError(f"{workdir} has no {config_lib.CONFIG_FILE}: nothing was trained there")
+    ckpts = Checkpoints(workdir, config.keep_checkpoints)
+    try:
+        restored = ckpts.restore(step=step, which=which)
+    finally:
+        ckpts.close()
+    if restored is None:
+        raise FileNotFoundError(f"{workdir} has no {which} checkpoint")
+    state, _ = restored
+    return config, tasks.build(config, workdir), state["params"], int(state["step"])
+
+
+def evaluate(config, workdir: str, step: int | None = None, which: str = "latest") -> dict:
+    """Validation metrics of a saved checkpoint; the model and data come from the saved config,
+    so `config` may be None."""
+    del config
+    saved, task, params, step = restore_run(workdir, step, which)
+    devices = _devices(saved)
+    _check_divisible("config.data.eval_batch_size", task.eval_batch_size, devices)
+    replicated = jax.tree.map(lambda x: np.broadcast_to(x, (len(devices), *np.shape(x))), params)
+    return {"step": step, **task.report(_evaluator(task, devices)(replicated))}
+
+
+def generate(workdir: str, *, step: int | None = None, which: str = "latest", seed: int = 0,
+             **options) -> str:
+    """Samples from a saved checkpoint with the task's generator (`options` as in config.sample)."""
+    saved, task, params, _ = restore_run(workdir, step, which)
+    if task.generate is None:
+        raise ValueError(f"task {saved.task!r} does not generate text")
+    return task.generate(params, jax.random.PRNGKey(seed), **{**saved.sample.to_dict(), **options})

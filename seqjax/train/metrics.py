@@ -1,0 +1,87 @@
+"""Metrics to `workdir/metrics.jsonl` and TensorBoard, and a progress bar on the terminal.
+
+Only process 0 writes; on other processes every method is a no-op.
+"""
+
+import json
+import math
+import os
+import time
+
+import jax
+import tqdm
+
+
+class MetricWriter:
+    """Appends one JSON object per (step, split) line and mirrors scalars to TensorBoard.
+
+    When a run resumes from step s, lines after s (written after the last checkpoint by the
+    run that stopped) are dropped so that the file holds one history, as the checkpoint does.
+    """
+
+    def __init__(self, workdir: str, resume_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(self.path):
+            self._truncate_after(resume_step)
+        self.file = open(self.path, "a", encoding="utf-8")
+        from tensorboardX import SummaryWriter  # imported here: it is slow to import
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def _truncate_after(self, step: int):
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+
+    def write(self, step: int, split: str, metrics: dict):
+        if not self.enabled:
+            return
+        record = {"step": step, "split": split, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(f"{split}/{k}", float(v), step)
+
+    def close(self):
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+def _jsonable(v):
+    v = float(v)
+    return v if math.isfinite(v) else str(v)
+
+
+class Progress:
+    """tqdm bar with steps/s and ETA (tqdm's own) and tokens/s, loss and lr as postfix."""
+
+    def __init__(self, total: int, initial: int, tokens_per_step: int):
+        self.bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                             disable=jax.process_index() != 0, mininterval=1.0)
+        self.tokens_per_step = tokens_per_step
+        self.last = (initial, time.perf_counter())
+
+    def update(self, step: int, **postfix):
+        now = time.perf_counter()
+        steps = step - self.last[0]
+        if steps > 0:
+            postfix["tok/s"] = f"{steps * self.tokens_per_step / (now - self.last[1]):.3g}"
+            self.bar.update(steps)
+        self.last = (step, now)
+        self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v
+                              for k, v in postfix.items()}, refresh=False)
+
+    def write(self, message: str):
+        if jax.process_index() == 0:
+            self.bar.write(message)
+
+    def close(self):
+        self.bar.close()

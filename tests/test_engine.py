@@ -1,0 +1,178 @@
+"""The engine end to end on the tiny char LM: resume, devices, SIGTERM, NaN, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import ROOT, load_config
+from seqjax import train as engine
+from seqjax.data import text as text_lib
+from seqjax.train.checkpoint import Checkpoints
+
+
+def _params(workdir, which="latest"):
+    ckpts = Checkpoints(workdir)
+    state, _ = ckpts.restore(which=which)
+    ckpts.close()
+    return state
+
+
+def _metrics(workdir, split="train"):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def test_resume_is_exact(tiny_charlm, tmp_path):
+    config = tiny_charlm
+    config.num_train_steps = 12
+    config.checkpoint_every = 4
+    config.model.dropout = 0.1  # the dropout keys must resume too
+    engine.train(config, str(tmp_path / "once"))
+    first = engine.train(config, str(tmp_path / "twice"), stop_after=6)
+    assert first["stopped"] and first["step"] == 6
+    engine.train(config, str(tmp_path / "twice"))
+    once, twice = _params(str(tmp_path / "once")), _params(str(tmp_path / "twice"))
+    assert int(once["step"]) == int(twice["step"]) == 12
+    for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(twice)):
+        np.testing.assert_array_equal(a, b)
+    # metrics.jsonl holds one history: every logged step exactly once
+    steps = [r["step"] for r in _metrics(str(tmp_path / "twice"))]
+    assert steps == sorted(set(steps))
+
+
+def test_one_device_equals_four(tiny_charlm, tmp_path):
+    tiny_charlm.log_every = 1
+    curves = {}
+    for n in (1, 4):
+        tiny_charlm.num_devices = n
+        engine.train(tiny_charlm, str(tmp_path / f"d{n}"))
+        curves[n] = [r["loss"] for r in _metrics(str(tmp_path / f"d{n}"))]
+    assert len(curves[1]) == tiny_charlm.num_train_steps
+    np.testing.assert_allclose(curves[1], curves[4], rtol=0, atol=1e-5)
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tiny_charlm, tmp_path, monkeypatch):
+    workdir = str(tmp_path / "nan")
+    tiny_charlm.checkpoint_every = 2
+    bad_step = 7
+    original = text_lib.LMBatches.__call__
+
+    def poisoned(self, step):
+        batch = original(self, step)
+        batch["weights"] = np.full(batch["targets"].shape, np.nan if step == bad_step else 1.0, np.float32)
+        return batch
+
+    monkeypatch.setattr(text_lib.LMBatches, "__call__", poisoned)
+    with pytest.raises(FloatingPointError, match=f"non-finite loss.*step {bad_step + 1}"):
+        engine.train(tiny_charlm, workdir)
+    state = _params(workdir)
+    assert int(state["step"]) == 6
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+    monkeypatch.undo()
+    assert engine.train(tiny_charlm, workdir)["step"] == tiny_charlm.num_train_steps
+
+
+def _launch(*args, timeout=120):
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_sigterm_saves_and_resumes(tmp_path):
+    workdir = tmp_path / "sigterm"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch.py"), "--config", "experiments/charlm.py:tiny",
+         "--workdir", str(workdir), "--config.num_train_steps=100000", "--config.log_every=1",
+         "--config.checkpoint_every=100000", "--config.eval_every=100000"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped early" in out
+    step = Checkpoints(str(workdir)).latest_step()
+    assert step is not None and step > 0
+    config = load_config("charlm", "tiny")
+    config.num_train_steps = step + 3
+    assert engine.train(config, str(workdir))["step"] == step + 3
+
+
+def test_launch_tiny_end_to_end(tmp_path):
+    workdir = str(tmp_path / "run")
+    start = time.time()
+    run = _launch("--config", "experiments/charlm.py:tiny", "--workdir", workdir)
+    assert run.returncode == 0, run.stderr
+    assert time.time() - start < 60
+    assert "val_perplexity" in run.stdout and "sample: time traveller" in run.stdout
+    final_val = [r for r in _metrics(workdir, "val")][-1]
+    assert final_val["step"] == 20
+
+    again = _launch("--config", "experiments/charlm.py:tiny", "--workdir", workdir,
+                    "--config.num_train_steps=25")
+    assert again.returncode == 0 and "resumed from step 20" in again.stdout, again.stderr
+
+    ev = _launch("--config", "experiments/charlm.py:tiny", "--workdir", workdir, "--mode", "eval",
+                 "--step", "20")
+    assert ev.returncode == 0, ev.stderr
+    ppl = float(next(l for l in ev.stdout.splitlines() if l.startswith("perplexity:")).split()[1])
+    assert ppl == pytest.approx(final_val["perplexity"], rel=1e-5)
+
+    sample = _launch("--config", "experiments/charlm.py:tiny", "--workdir", workdir, "--mode", "sample",
+                     "--prefix", "the time machine", "--length", "30", "--temperature", "0")
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.startswith("the time machine") and len(sample.stdout.strip()) == len("the time machine") + 30
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.opt.lrr=0.1", "Did you mean"),
+    ("--config.model.hidden=abc", "hidden"),
+    ("--config.model.cell=transformer", "model.cell"),
+    ("--config.data.batch_size=6", "split evenly over 4 devices"),
+])
+def test_bad_config_is_a_clear_error(override, message, tmp_path):
+    run = _launch("--config", "experiments/charlm.py:tiny", "--workdir", str(tmp_path / "w"), override)
+    assert run.returncode != 0
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_bad_corpus_is_a_clear_error(tiny_charlm, tmp_path):
+    tiny_charlm.data.path = str(tmp_path / "missing.txt")
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        engine.train(tiny_charlm, str(tmp_path / "w"))
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    tiny_charlm.data.path = str(tmp_path / "empty.txt")
+    with pytest.raises(ValueError, match="empty"):
+        engine.train(tiny_charlm, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def test_wrong_type_in_code_is_a_clear_error(tiny_charlm, tmp_path):
+    fields = tiny_charlm.to_dict()
+    fields["model"]["hidden"] = "32"  # a config built in code is not type-checked by overrides
+    with pytest.raises(TypeError, match="config.model.hidden='32' has type str; expected int"):
+        engine.train(ml_collections.ConfigDict(fields), str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def test_workdir_of_another_model_is_refused_and_kept(tiny_charlm, tmp_path):
+    workdir = tmp_path / "w"
+    tiny_charlm.num_train_steps = 10
+    engine.train(tiny_charlm, str(workdir))
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    other = load_config("charlm", "tiny,cell=gru")
+    with pytest.raises(ValueError, match="model.cell: 'lstm' .saved. != 'gru'"):
+        engine.train(other, str(workdir))
+    after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert before == after
