@@ -39,8 +39,10 @@ def _cat(arrays):
 
 
 class _Cell(nn.Module):
-    """Fields and plumbing shared by the cells. A cell's `__call__(carry, x_BxF)` is one time
-    step: `step(w, carry, project_inputs(w, x))` with `w = weights(F)`."""
+    """Fields and plumbing shared by the cells. Each cell has three parts, which `Recurrent`
+    calls separately: `weights(F)` (the only method touching Flax variables) returns the fused
+    arrays w, `project_inputs(w, x)` is the input half of every gate, and `step(w, carry, xp)`
+    is a pure function of arrays for one time step. `__call__(carry, x_BxF)` chains the three."""
 
     features: int
     dtype: Optional[Dtype] = None
@@ -69,7 +71,7 @@ class _Cell(nn.Module):
 
     @nn.nowrap
     def initialize_carry(self, rng, input_shape):
-        """Zeros for inputs of shape (*batch, in_features); `rng` is unused (kept for Flax parity)."""
+        """Zeros for inputs of shape (*batch, in_features); `rng` is unused (Flax's signature)."""
         return jnp.zeros(tuple(input_shape[:-1]) + (self.features,), self.param_dtype)
 
     @nn.nowrap
@@ -89,6 +91,8 @@ class RNNCell(_Cell):
 
     @nn.compact
     def weights(self, in_features: int) -> dict:
+        """The textbook parameters (created at init), fused for computation and cast to `dtype`:
+        W_x (F, G), W_h (H, G), b (G,) with the gates in the order of the equations."""
         (W_xh,), (W_hh,), (b_h,) = self._gate_params(in_features, "h")
         return self._cast({"W_x": W_xh, "W_h": W_hh, "b": b_h})
 
@@ -186,7 +190,9 @@ class Recurrent(nn.Module):
     """Runs `cell` over inputs [*batch, time, features] with one `jax.lax.scan`.
 
     The input projection of every time step is one matmul before the scan; the scan body
-    is the cell's pure `step` (parameters are fetched once, so they are shared by all steps).
+    is the cell's pure `step` on parameters fetched once, outside the loop, so all steps share
+    them. That is why this is a plain `jax.lax.scan` rather than `nn.scan`: nothing inside the
+    loop touches Flax variables, so there is nothing to lift (and it works under init/apply/jit).
 
     `seq_lengths` [*batch] (ints): steps t >= length are padding. The carry is frozen after
     a sequence's own last valid step, and outputs at padded positions are exactly zero. With
@@ -283,7 +289,8 @@ class StackedRecurrent(nn.Module):
     @nn.nowrap
     def _make_cell(self, **kwargs):
         if self.cell_type not in CELLS:
-            raise ValueError(f"unknown cell_type {self.cell_type!r}; expected one of {sorted(CELLS)}")
+            raise ValueError(
+                f"unknown cell_type {self.cell_type!r}; expected one of {sorted(CELLS)}")
         if self.cell_type == "lstm":
             kwargs["forget_bias"] = self.forget_bias
         if self.cell_type == "gru":
