@@ -37,10 +37,10 @@ def get_config(arg=None):
     # --- model --------------------------------------------------------------------------------
     config.model = dict(
         cell=args.cell,
-        hidden=512,
-        num_layers=1,
+        hidden=384,
+        num_layers=2,
         embed_dim=0,  # 0: one-hot input as in the textbook, else a learned embedding
-        dropout=0.2,
+        dropout=0.4,  # between layers and before the output layer; this corpus is small
         unroll=1,
         dtype="float32",
     )
@@ -54,9 +54,9 @@ def get_config(arg=None):
     )
 
     # --- train, eval and checkpoints ----------------------------------------------------------
-    config.num_train_steps = 3000
+    config.num_train_steps = 1500
     config.log_every = 50
-    config.eval_every = 250
+    config.eval_every = 100
     config.checkpoint_every = 250
     config.keep_checkpoints = 2
 
@@ -68,6 +68,7 @@ def get_config(arg=None):
         config.data.num_steps = 16
         config.data.eval_batch_size = 8
         config.model.hidden = 32
+        config.model.num_layers = 1
         config.model.dropout = 0.0
         config.opt.warmup_steps = 2
         config.num_train_steps = 20
