@@ -10,7 +10,6 @@ r"""Runs an experiment: train (default; resumes from the workdir's checkpoint), 
 
 import csv
 import importlib.util
-import json
 import os
 import sys
 import traceback
@@ -41,9 +40,15 @@ def _print_results(results: dict):
         print(f"sample: {results['sample']}")
 
 
+SUMMARY_KEYS = ("point", "status", "step", "best_val_perplexity", "best_step", "val_perplexity",
+                "train_perplexity", "wall_time_s")
+
+
 def _sweep(config):
-    """Trains each override point of get_sweep() in workdir/<point>; a failed point is recorded
-    and the others go on; ends with a table and summary.csv of every point's final metrics."""
+    """Trains each override point of get_sweep() in workdir/<point>, one after another; a failed
+    point is recorded and the others go on, and SIGTERM ends the sweep after the running point
+    has saved. A finished point is evaluated, not retrained, so rerunning the command resumes
+    the sweep. Ends with summary.csv and a markdown table, best validation loss first."""
     from seqjax import train
     path = FLAGS["config"].config_filename
     spec = importlib.util.spec_from_file_location("experiment", path.split(":")[0])
@@ -64,18 +69,35 @@ def _sweep(config):
         print(f"=== sweep point {name}")
         try:
             results = train.train(point, os.path.join(FLAGS.workdir, name))
-            rows.append({"point": name, "status": "ok", **{k: v for k, v in results.items() if k != "sample"}})
         except Exception as e:  # a failed point must not stop the others
             traceback.print_exc()
             rows.append({"point": name, "status": f"failed: {type(e).__name__}: {e}"})
+            continue
+        status = "stopped" if results.get("stopped") else "ok"
+        rows.append({"point": name, "status": status,
+                     **{k: v for k, v in results.items() if k not in ("sample", "stopped")}})
+        if status == "stopped":
+            print("sweep stopped; run the same command again to resume it")
+            break
+    rows.sort(key=lambda row: row.get("best_val_loss", float("inf")))
     keys = list(dict.fromkeys(k for row in rows for k in row))
+    os.makedirs(FLAGS.workdir, exist_ok=True)
     with open(os.path.join(FLAGS.workdir, "summary.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, keys)
         writer.writeheader()
         writer.writerows(rows)
-    for row in rows:
-        print(json.dumps(row))
+    table = _markdown_table(rows, [k for k in SUMMARY_KEYS if k in keys])
+    with open(os.path.join(FLAGS.workdir, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(table)
+    print(table, end="")
     return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+def _markdown_table(rows: list[dict], keys: list[str]) -> str:
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v if v is not None else "")
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(row.get(k)) for k in keys) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv):

@@ -81,20 +81,19 @@ def load(workdir: str) -> ml_collections.ConfigDict | None:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def differences(saved, config, sections=("task", "model")) -> list[str]:
-    """The keys (under `sections`) whose values differ between two configs, as 'key: a != b'."""
-    a = _flatten({s: saved.get(s) for s in sections})
-    b = _flatten({s: config.get(s) for s in sections})
-    return [f"{k}: {a.get(k)!r} (saved) != {b.get(k)!r} (now)"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+def differences(saved: dict, now: dict) -> list[str]:
+    """'key: a (saved) != b (now)' for each key of two flat dicts whose values differ."""
+    return [f"{k}: {saved.get(k)!r} (saved) != {now.get(k)!r} (now)"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
 
 
-def _flatten(d, prefix="") -> dict:
+def flatten(d, prefix="") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}, for dicts and ConfigDicts."""
     if isinstance(d, ml_collections.ConfigDict):
         d = d.to_dict()
     if not isinstance(d, dict):
         return {prefix.rstrip("."): d}
     out = {}
     for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}."))
+        out.update(flatten(v, f"{prefix}{k}."))
     return out

@@ -67,6 +67,11 @@ def test_load_text_user_file_and_errors(tmp_path):
         (tmp_path / name).write_text(content)
         with pytest.raises(ValueError, match=name):
             text_lib.load_text(tmp_path / name)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt.*not UTF-8"):
+        text_lib.load_text(tmp_path / "latin1.txt")
+    with pytest.raises(ValueError, match="is a directory"):
+        text_lib.load_text(tmp_path)
 
 
 # ---------------------------------------------------------------- vocabulary

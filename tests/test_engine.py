@@ -1,5 +1,6 @@
 """The engine end to end on the tiny char LM: resume, devices, SIGTERM, NaN, bad input."""
 
+import csv
 import json
 import os
 import signal
@@ -38,6 +39,8 @@ def test_resume_is_exact(tiny_charlm, tmp_path):
     engine.train(config, str(tmp_path / "once"))
     first = engine.train(config, str(tmp_path / "twice"), stop_after=6)
     assert first["stopped"] and first["step"] == 6
+    with open(tmp_path / "twice" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "split": "tr')  # a run killed while writing a line
     engine.train(config, str(tmp_path / "twice"))
     once, twice = _params(str(tmp_path / "once")), _params(str(tmp_path / "twice"))
     assert int(once["step"]) == int(twice["step"]) == 12
@@ -59,10 +62,11 @@ def test_one_device_equals_four(tiny_charlm, tmp_path):
     np.testing.assert_allclose(curves[1], curves[4], rtol=0, atol=1e-5)
 
 
-def test_nan_stops_and_keeps_last_good_checkpoint(tiny_charlm, tmp_path, monkeypatch):
+def test_nan_stops_and_keeps_last_good_checkpoint(tiny_charlm, tmp_path, monkeypatch, capsys):
     workdir = str(tmp_path / "nan")
-    tiny_charlm.checkpoint_every = 2
-    bad_step = 7
+    tiny_charlm.checkpoint_every = 4
+    tiny_charlm.eval_every = 2
+    bad_step = 6  # the 7th step; the best checkpoint of step 6 is newer than the latest (4)
     original = text_lib.LMBatches.__call__
 
     def poisoned(self, step):
@@ -74,10 +78,20 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny_charlm, tmp_path, monkeyp
     with pytest.raises(FloatingPointError, match=f"non-finite loss.*step {bad_step + 1}"):
         engine.train(tiny_charlm, workdir)
     state = _params(workdir)
-    assert int(state["step"]) == 6
+    assert int(state["step"]) == 4
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+    assert int(_params(workdir, "best")["step"]) == 6
+
     monkeypatch.undo()
-    assert engine.train(tiny_charlm, workdir)["step"] == tiny_charlm.num_train_steps
+    capsys.readouterr()
+    results = engine.train(tiny_charlm, workdir)
+    assert "resumed from step 4" in capsys.readouterr().out
+    assert results["step"] == tiny_charlm.num_train_steps
+    best = _params(workdir, "best")
+    val = {r["step"]: r["loss"] for r in _metrics(workdir, "val")}
+    assert int(best["step"]) == results["best_step"] == min(val, key=val.get)
+    assert results["best_val_loss"] == pytest.approx(min(val.values()))
+    assert results["best_val_perplexity"] == pytest.approx(np.exp(min(val.values())))
 
 
 def _launch(*args, timeout=120):
@@ -85,7 +99,7 @@ def _launch(*args, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_sigterm_saves_and_resumes(tmp_path):
+def test_sigterm_saves_and_resumes(tmp_path, capsys):
     workdir = tmp_path / "sigterm"
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "launch.py"), "--config", "experiments/charlm.py:tiny",
@@ -104,7 +118,12 @@ def test_sigterm_saves_and_resumes(tmp_path):
     assert step is not None and step > 0
     config = load_config("charlm", "tiny")
     config.num_train_steps = step + 3
+    config.log_every = 1
+    capsys.readouterr()
     assert engine.train(config, str(workdir))["step"] == step + 3
+    assert f"resumed from step {step}" in capsys.readouterr().out
+    steps = [r["step"] for r in _metrics(str(workdir))]
+    assert steps == list(range(1, step + 4))
 
 
 def test_launch_tiny_end_to_end(tmp_path):
@@ -138,6 +157,7 @@ def test_launch_tiny_end_to_end(tmp_path):
     ("--config.model.hidden=abc", "hidden"),
     ("--config.model.cell=transformer", "model.cell"),
     ("--config.data.batch_size=6", "split evenly over 4 devices"),
+    ("--config.sample.temperature=-1", "sample.temperature=-1.0"),
 ])
 def test_bad_config_is_a_clear_error(override, message, tmp_path):
     run = _launch("--config", "experiments/charlm.py:tiny", "--workdir", str(tmp_path / "w"), override)
@@ -166,13 +186,56 @@ def test_wrong_type_in_code_is_a_clear_error(tiny_charlm, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_workdir_of_another_model_is_refused_and_kept(tiny_charlm, tmp_path):
+@pytest.mark.parametrize("arg, key, value, message", [
+    ("tiny,cell=gru", None, None, "model.cell: 'lstm' .saved. != 'gru'"),
+    ("tiny", "data.batch_size", 16, "data.batch_size: 8 .saved. != 16"),
+    ("tiny", "data.preprocess", "raw", "data.preprocess"),
+    ("tiny", "opt.clip_norm", 0.0, "opt.clip_norm > 0: True .saved. != False"),
+    ("tiny", "opt.name", "sgd", "opt.name"),
+])
+def test_workdir_of_another_model_is_refused_and_kept(tiny_charlm, tmp_path, arg, key, value, message):
     workdir = tmp_path / "w"
     tiny_charlm.num_train_steps = 10
     engine.train(tiny_charlm, str(workdir))
     before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
-    other = load_config("charlm", "tiny,cell=gru")
-    with pytest.raises(ValueError, match="model.cell: 'lstm' .saved. != 'gru'"):
+    other = load_config("charlm", arg)
+    if key:
+        section, field = key.split(".")
+        other[section][field] = value
+    with pytest.raises(ValueError, match=message):
         engine.train(other, str(workdir))
     after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_finished_run_reports_and_free_fields_resume(tiny_charlm, tmp_path):
+    workdir = str(tmp_path / "w")
+    tiny_charlm.num_train_steps = 10
+    first = engine.train(tiny_charlm, workdir)
+    lines = _metrics(workdir, "val")
+    again = engine.train(tiny_charlm, workdir)  # finished: evaluated, not retrained
+    assert again["step"] == 10 and _metrics(workdir, "val") == lines
+    for key in ("val_perplexity", "best_val_perplexity", "best_step"):
+        assert again[key] == pytest.approx(first[key], rel=1e-6)
+    tiny_charlm.num_train_steps = 12
+    tiny_charlm.model.dropout = 0.3  # regularisation and the schedule may change on resume
+    assert engine.train(tiny_charlm, workdir)["step"] == 12
+
+
+def test_sweep_summarises_and_resumes(tmp_path):
+    workdir = tmp_path / "sweep"
+    args = ("--config", "experiments/charlm.py:tiny", "--workdir", str(workdir), "--sweep",
+            "--config.num_train_steps=4", "--config.eval_every=2", "--config.sample.length=5")
+    run = _launch(*args, timeout=300)
+    assert run.returncode == 0, run.stderr
+    with open(workdir / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["point"] for r in rows) == ["model.cell=gru", "model.cell=lstm", "model.cell=rnn"]
+    assert all(r["status"] == "ok" and r["step"] == "4" for r in rows)
+    best = [float(r["best_val_loss"]) for r in rows]
+    assert best == sorted(best)
+    table = (workdir / "summary.md").read_text()
+    assert table in run.stdout and table.count("\n") == 2 + len(rows)
+    again = _launch(*args, timeout=300)  # every point is finished: evaluated, not retrained
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("resumed from step 4") == 3

@@ -34,6 +34,13 @@ def load_text(path=None) -> str:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"text file not found: {str(path)!r}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{str(path)!r} is a directory, not a text file") from None
+    except PermissionError:
+        raise ValueError(f"text file {str(path)!r} is not readable (permission denied)") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text file {str(path)!r} is not UTF-8 text ({e.reason} at byte "
+                         f"{e.start})") from None
     if not text.strip():
         raise ValueError(f"text file {str(path)!r} is empty (or holds only whitespace)")
     return text

@@ -29,10 +29,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 def validate(config):
     d, m = config.data, config.model
-    config_lib.expect(d.preprocess in ("letters", "raw"), "data.preprocess", d.preprocess,
-                      "expected 'letters' or 'raw'")
-    config_lib.expect(d.partition in ("random", "sequential"), "data.partition", d.partition,
-                      "expected 'random' or 'sequential'")
+    config_lib.expect(d.preprocess in text_lib.PREPROCESS_MODES, "data.preprocess", d.preprocess,
+                      f"expected one of {text_lib.PREPROCESS_MODES}")
+    config_lib.expect(d.partition in text_lib.PARTITIONS, "data.partition", d.partition,
+                      f"expected one of {text_lib.PARTITIONS}")
     config_lib.expect_positive_int(config, "data.batch_size", "data.num_steps",
                                    "data.eval_batch_size", "model.hidden", "model.num_layers",
                                    "model.unroll")
@@ -43,6 +43,21 @@ def validate(config):
         config_lib.expect(value >= 0, key, value, "must be >= 0")
     config_lib.expect(m.cell in CELLS, "model.cell", m.cell, f"expected one of {sorted(CELLS)}")
     config_lib.expect(m.dtype in DTYPES, "model.dtype", m.dtype, f"expected one of {sorted(DTYPES)}")
+    if config.get("sample"):
+        _check_sample_options(prefix_key="sample.", **config.sample)
+
+
+def _check_sample_options(prefix="time traveller", length=100, temperature=1.0, prefix_key=""):
+    """Raises a ValueError naming the option (`prefix_key` + name) that is out of range."""
+    def expect(ok, name, value, what):
+        if not ok:
+            raise ValueError(f"{prefix_key}{name}={value!r}: {what}")
+    expect(isinstance(prefix, str) and prefix.strip(), "prefix", prefix,
+           "must hold at least one character")
+    expect(isinstance(length, int) and not isinstance(length, bool) and length > 0, "length",
+           length, "must be a positive integer")
+    expect(isinstance(temperature, (int, float)) and math.isfinite(temperature)
+           and temperature >= 0, "temperature", temperature, "must be a finite number >= 0")
 
 
 def make_model(config, vocab_size: int) -> RecurrentLM:
@@ -98,13 +113,10 @@ def build(config, workdir=None) -> Task:
     sample_fn = jax.jit(functools.partial(_sample, model), static_argnames="length")
 
     def generate(params, rng, *, prefix="time traveller", length=100, temperature=1.0):
+        _check_sample_options(prefix, length, temperature)
         prefix_tokens = text_lib.tokenize(text_lib.preprocess(prefix, d.preprocess), "char")
         if not prefix_tokens:
-            raise ValueError("the prefix must hold at least one character")
-        if not (isinstance(length, int) and length > 0):
-            raise ValueError(f"length={length!r}: must be a positive integer")
-        if not (temperature >= 0 and math.isfinite(temperature)):
-            raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0")
+            raise ValueError(f"prefix={prefix!r} holds no character the model reads")
         ids = sample_fn(params, jnp.asarray(vocab.encode(prefix_tokens))[None], rng,
                         jnp.float32(temperature), length=length)
         return "".join(prefix_tokens) + "".join(vocab.to_tokens(np.asarray(ids).tolist()))

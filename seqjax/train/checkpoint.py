@@ -23,6 +23,17 @@ class Checkpoints:
     def latest_step(self, which: str = "latest"):
         return self.managers[which].latest_step()
 
+    def any_saved(self) -> bool:
+        return any(m.latest_step() is not None for m in self.managers.values())
+
+    def discard_after(self, step: int, which: str):
+        """Deletes `which` checkpoints newer than `step`: a run that resumes from `step` replays
+        the steps after it, so those belong to a history that no longer exists."""
+        manager = self.managers[which]
+        for s in manager.all_steps():
+            if s > step:
+                manager.delete(s)
+
     def save(self, step: int, state, meta: dict, which: str = "latest"):
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self.managers[which].save(step, args=args, force=True)

@@ -1,6 +1,9 @@
 """The engine: one pure per-device train step, `jax.pmap`-ed over the local devices, and the loop.
 
 Resume order, decided here and nowhere else: the workdir's own latest checkpoint, else scratch.
+A workdir's saved config must agree with the new one on what the checkpoint depends on
+(`RESUME_KEYS`); a best checkpoint newer than the resumed step is discarded, as the steps after
+it are replayed.
 """
 
 import functools
@@ -21,7 +24,7 @@ from seqjax import config as config_lib
 from seqjax import tasks
 from seqjax.train.checkpoint import Checkpoints
 from seqjax.train.metrics import MetricWriter, Progress
-from seqjax.train.optimizer import OPTIMIZERS, SCHEDULES, learning_rate_schedule, make_optimizer
+from seqjax.train.optimizer import OPTIMIZERS, SCHEDULES, learning_rate_at, make_optimizer
 
 AXIS = "batch"
 
@@ -183,29 +186,49 @@ def _train_summary(fetched: list[dict]) -> dict:
     return dict(_means(sums), grad_norm=sum(m["grad_norm"] for m in fetched) / len(fetched))
 
 
+# What a checkpoint's shapes and meaning depend on: resuming a workdir with any of these changed
+# is an error. The rest (steps, schedule, dropout, unroll, evaluation, logging) may change.
+RESUME_KEYS = ("task", "model", "data.preprocess", "data.min_freq", "data.batch_size",
+               "opt.name", "opt.grad_accum_steps")
+RESUME_FREE = ("model.dropout", "model.unroll")
+
+
+def _resume_signature(config) -> dict:
+    flat = config_lib.flatten(config)
+    signature = {k: v for k, v in flat.items() if k not in RESUME_FREE
+                 and any(k == key or k.startswith(key + ".") for key in RESUME_KEYS)}
+    signature["opt.clip_norm > 0"] = bool(flat.get("opt.clip_norm"))
+    return signature
+
+
+def _prefixed(prefix: str, metrics: dict) -> dict:
+    return {f"{prefix}_{k}": v for k, v in metrics.items()}
+
+
 def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics.
 
     `stop_after` ends this call after that many steps, saving as on SIGTERM (a preemption, or a
     job scheduler's time slot). Everything that can be wrong with the config, the data or the
-    workdir is checked before anything is written.
+    workdir is checked before anything is written. A finished run is evaluated, not retrained.
     """
     _validate(config)
     devices = _devices(config)
     workdir = os.path.abspath(workdir)
     saved = config_lib.load(workdir)
-    ckpts = Checkpoints(workdir, config.keep_checkpoints) if os.path.isdir(workdir) else None
-    if saved is not None and ckpts is not None and ckpts.latest_step() is not None:
-        diff = config_lib.differences(saved, config)
+    if saved is not None:
+        diff = config_lib.differences(_resume_signature(saved), _resume_signature(config))
         if diff:
-            raise ValueError(f"{workdir} holds a checkpoint of a different model; use another "
-                             "workdir or the saved config. Differences:\n  " + "\n  ".join(diff))
+            raise ValueError(
+                f"{workdir} holds a run with a different model or data; use another workdir, "
+                f"or resume with its saved {config_lib.CONFIG_FILE}. Differences:\n  "
+                + "\n  ".join(diff))
     task = tasks.build(config, workdir)
     _check_divisible("config.data.batch_size", task.batch_size, devices)
     _check_divisible("config.data.eval_batch_size", task.eval_batch_size, devices)
 
     os.makedirs(workdir, exist_ok=True)
-    ckpts = ckpts or Checkpoints(workdir, config.keep_checkpoints)
+    ckpts = Checkpoints(workdir, config.keep_checkpoints)
     config_lib.save(config, workdir)
     for name, text in task.files.items():
         with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
@@ -219,24 +242,23 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                 opt_state=jax.device_get(tx.init(params)), rng=np.asarray(state_rng),
                 carry=task.init_carry(task.batch_size // jax.process_count()))
     restored = ckpts.restore(template=host)
-    meta = {"best_val_loss": None}
+    meta = {}
     if restored is not None:
         host, meta = restored
     start = int(host["step"])
+    ckpts.discard_after(start, "best")
+    best = dict(loss=meta.get("best_val_loss"), step=meta.get("best_step"))
     state = _to_devices(host, devices)
 
     p_train = jax.pmap(functools.partial(train_step, loss_fn=task.loss, tx=tx),
                        axis_name=AXIS, devices=devices, donate_argnums=(0,))
     evaluate_params = _evaluator(task, devices)
-    accum = config.opt.grad_accum_steps
-    lr_schedule = learning_rate_schedule(config.opt, max(total_steps // accum, 1))
-    schedule = lambda step: lr_schedule(step // accum)  # as make_optimizer applies it
+    lr_at = learning_rate_at(config.opt, total_steps)
 
     writer = MetricWriter(workdir, start)
     progress = Progress(total_steps, start, task.tokens_per_batch)
     if start:
         progress.write(f"resumed from step {start} in {workdir}")
-    best = meta.get("best_val_loss")
     results = {"step": start}
     pending, fetched = [], []  # device metrics not yet fetched; host metrics not yet logged
     t0 = time.perf_counter()
@@ -256,23 +278,21 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                 fetched += _fetch(pending)
                 pending = []
                 if do_log:
-                    train_metrics = _train_summary(fetched)
-                    train_metrics = dict(task.report(train_metrics), lr=float(schedule(step)))
+                    train_metrics = dict(task.report(_train_summary(fetched)), lr=lr_at(step))
                     fetched = []
                     writer.write(done, "train", train_metrics)
                     progress.update(done, **{k: v for k, v in train_metrics.items() if k != "grad_norm"})
-                    results.update({f"train_{k}": v for k, v in train_metrics.items()})
+                    results.update(_prefixed("train", train_metrics))
                 if do_eval:
                     val = task.report(evaluate_params(state.params))
                     writer.write(done, "val", val)
-                    results.update({f"val_{k}": v for k, v in val.items()})
-                    if best is None or val["loss"] < best:
-                        best = val["loss"]
-                        ckpts.save(done, _to_host(state), {"best_val_loss": best}, which="best")
-                    results["best_val_loss"] = best
+                    results.update(_prefixed("val", val))
+                    if best["loss"] is None or val["loss"] < best["loss"]:
+                        best = dict(loss=val["loss"], step=done)
+                        ckpts.save(done, _to_host(state), _meta(best), which="best")
                     progress.write(f"step {done}: " + ", ".join(f"val {k} {v:.4f}" for k, v in val.items()))
                 if do_save:
-                    ckpts.save(done, _to_host(state), {"best_val_loss": best})
+                    ckpts.save(done, _to_host(state), _meta(best))
                 results["step"] = done
                 if preempted:
                     progress.write(f"stopped early: saved step {done} to {workdir}/checkpoints")
@@ -284,10 +304,19 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         ckpts.wait()
         ckpts.close()
     results["wall_time_s"] = time.perf_counter() - t0
+    if start >= total_steps:  # nothing left to train: report the final checkpoint
+        results.update(_prefixed("val", task.report(evaluate_params(state.params))))
+    if best["loss"] is not None:
+        results.update(_prefixed("best_val", task.report({"loss": best["loss"]})),
+                       best_step=best["step"])
     if task.generate is not None and not results.get("stopped") and config.get("sample"):
         results["sample"] = task.generate(_to_host(state)["params"], jax.random.PRNGKey(config.seed),
                                           **config.sample)
     return results
+
+
+def _meta(best: dict) -> dict:
+    return {"best_val_loss": best["loss"], "best_step": best["step"]}
 
 
 def _evaluator(task, devices):

@@ -16,7 +16,8 @@ class MetricWriter:
     """Appends one JSON object per (step, split) line and mirrors scalars to TensorBoard.
 
     When a run resumes from step s, lines after s (written after the last checkpoint by the
-    run that stopped) are dropped so that the file holds one history, as the checkpoint does.
+    run that stopped) are dropped so that the file holds one history, as the checkpoint does,
+    and so is a partial last line left by a run killed while writing it.
     """
 
     def __init__(self, workdir: str, resume_step: int = 0):
@@ -33,7 +34,7 @@ class MetricWriter:
     def _truncate_after(self, step: int):
         with open(self.path, encoding="utf-8") as f:
             lines = f.readlines()
-        kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
+        kept = [line for line in lines if _step_of(line) <= step]
         if len(kept) != len(lines):
             tmp = self.path + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:
@@ -53,6 +54,14 @@ class MetricWriter:
         if self.enabled:
             self.file.close()
             self.tb.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; infinity for a line that is not a whole JSON record."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _jsonable(v):

@@ -25,13 +25,23 @@ def learning_rate_schedule(opt, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, opt.lr, warmup), decay], [warmup])
 
 
+def _update_schedule(opt, total_steps: int) -> optax.Schedule:
+    return learning_rate_schedule(opt, max(total_steps // opt.grad_accum_steps, 1))
+
+
+def learning_rate_at(opt, total_steps: int):
+    """step -> the learning rate that `make_optimizer` applies at training step `step`."""
+    schedule = _update_schedule(opt, total_steps)
+    return lambda step: float(schedule(step // opt.grad_accum_steps))
+
+
 def make_optimizer(opt, total_steps: int) -> optax.GradientTransformation:
     """Global-norm clipping (the textbook's theta; 0 disables it), then the optimiser.
 
     With `opt.grad_accum_steps > 1` gradients of that many consecutive steps are averaged
     before one update (optax.MultiSteps), so the schedule counts updates, not steps.
     """
-    lr = learning_rate_schedule(opt, max(total_steps // opt.grad_accum_steps, 1))
+    lr = _update_schedule(opt, total_steps)
     if opt.name == "adam":
         update = optax.adam(lr, b1=opt.b1, b2=opt.b2)
     elif opt.name == "adamw":
