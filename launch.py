@@ -41,7 +41,7 @@ def _print_results(results: dict):
 
 
 SUMMARY_KEYS = ("point", "status", "step", "best_val_perplexity", "best_step", "val_perplexity",
-                "train_perplexity", "wall_time_s")
+                "train_perplexity", "train_time_s")
 
 
 def _sweep(config):

@@ -217,6 +217,7 @@ def test_finished_run_reports_and_free_fields_resume(tiny_charlm, tmp_path):
     assert again["step"] == 10 and _metrics(workdir, "val") == lines
     for key in ("val_perplexity", "best_val_perplexity", "best_step"):
         assert again[key] == pytest.approx(first[key], rel=1e-6)
+    assert again["train_time_s"] == pytest.approx(first["train_time_s"], abs=1.0)  # as saved
     tiny_charlm.num_train_steps = 12
     tiny_charlm.model.dropout = 0.3  # regularisation and the schedule may change on resume
     assert engine.train(tiny_charlm, workdir)["step"] == 12

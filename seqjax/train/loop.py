@@ -261,7 +261,9 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         progress.write(f"resumed from step {start} in {workdir}")
     results = {"step": start}
     pending, fetched = [], []  # device metrics not yet fetched; host metrics not yet logged
-    t0 = time.perf_counter()
+    t0, trained_s = time.perf_counter(), meta.get("train_time_s", 0.0)
+    meta_now = lambda: dict(best_val_loss=best["loss"], best_step=best["step"],
+                            train_time_s=trained_s + time.perf_counter() - t0)
     try:
         with _StopRequest() as stop:
             for step in range(start, total_steps):
@@ -289,10 +291,10 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                     results.update(_prefixed("val", val))
                     if best["loss"] is None or val["loss"] < best["loss"]:
                         best = dict(loss=val["loss"], step=done)
-                        ckpts.save(done, _to_host(state), _meta(best), which="best")
+                        ckpts.save(done, _to_host(state), meta_now(), which="best")
                     progress.write(f"step {done}: " + ", ".join(f"val {k} {v:.4f}" for k, v in val.items()))
                 if do_save:
-                    ckpts.save(done, _to_host(state), _meta(best))
+                    ckpts.save(done, _to_host(state), meta_now())
                 results["step"] = done
                 if preempted:
                     progress.write(f"stopped early: saved step {done} to {workdir}/checkpoints")
@@ -303,7 +305,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         writer.close()
         ckpts.wait()
         ckpts.close()
-    results["wall_time_s"] = time.perf_counter() - t0
+    # Time in the training loop (evaluation included) of the runs that led to this state.
+    results["train_time_s"] = meta_now()["train_time_s"]
     if start >= total_steps:  # nothing left to train: report the final checkpoint
         results.update(_prefixed("val", task.report(evaluate_params(state.params))))
     if best["loss"] is not None:
@@ -313,10 +316,6 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         results["sample"] = task.generate(_to_host(state)["params"], jax.random.PRNGKey(config.seed),
                                           **config.sample)
     return results
-
-
-def _meta(best: dict) -> dict:
-    return {"best_val_loss": best["loss"], "best_step": best["step"]}
 
 
 def _evaluator(task, devices):
