@@ -49,6 +49,7 @@ def _sweep(config):
     point is recorded and the others go on, and SIGTERM ends the sweep after the running point
     has saved. A finished point is evaluated, not retrained, so rerunning the command resumes
     the sweep. Ends with summary.csv and a markdown table, best validation loss first."""
+    import jax
     from seqjax import train
     path = FLAGS["config"].config_filename
     spec = importlib.util.spec_from_file_location("experiment", path.split(":")[0])
@@ -57,44 +58,58 @@ def _sweep(config):
     if not hasattr(module, "get_sweep"):
         raise app.UsageError(f"{path} defines no get_sweep()")
     rows = []
-    for overrides in module.get_sweep():
-        point = config.copy_and_resolve_references()
-        for key, value in overrides.items():
-            target = point
-            *parents, leaf = key.split(".")
-            for parent in parents:
-                target = target[parent]
-            setattr(target, leaf, value)
-        name = ",".join(f"{k}={v}" for k, v in overrides.items())
-        print(f"=== sweep point {name}")
-        try:
-            results = train.train(point, os.path.join(FLAGS.workdir, name))
-        except Exception as e:  # a failed point must not stop the others
-            traceback.print_exc()
-            rows.append({"point": name, "status": f"failed: {type(e).__name__}: {e}"})
-            continue
-        status = "stopped" if results.get("stopped") else "ok"
-        rows.append({"point": name, "status": status,
-                     **{k: v for k, v in results.items() if k not in ("sample", "stopped")}})
-        if status == "stopped":
-            print("sweep stopped; run the same command again to resume it")
-            break
+    with train.StopRequest() as stop:
+        for overrides in module.get_sweep():
+            if stop.requested:
+                break
+            rows.append(_sweep_point(config, overrides))
+    if stop.requested:
+        print("sweep stopped; run the same command again to resume it")
     rows.sort(key=lambda row: row.get("best_val_loss", float("inf")))
+    if jax.process_index() == 0:
+        _summarise(rows, FLAGS.workdir)
+    return 0 if all(row["status"] in ("ok", "stopped") for row in rows) else 1
+
+
+def _sweep_point(config, overrides: dict) -> dict:
+    """Trains one point in its sub-workdir; returns its row of the summary."""
+    from seqjax import train
+    point = config.copy_and_resolve_references()
+    for key, value in overrides.items():
+        target = point
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        setattr(target, leaf, value)
+    name = ",".join(f"{k}={v}" for k, v in overrides.items())
+    print(f"=== sweep point {name}")
+    try:
+        results = train.train(point, os.path.join(FLAGS.workdir, name))
+    except Exception as e:  # a failed point must not stop the others
+        traceback.print_exc()
+        return {"point": name, "status": f"failed: {type(e).__name__}: {e}"}
+    return {"point": name, "status": "stopped" if results.get("stopped") else "ok",
+            **{k: v for k, v in results.items() if k not in ("sample", "stopped")}}
+
+
+def _summarise(rows: list[dict], workdir: str):
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    with open(os.path.join(FLAGS.workdir, "summary.csv"), "w", newline="", encoding="utf-8") as f:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "summary.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, keys)
         writer.writeheader()
         writer.writerows(rows)
     table = _markdown_table(rows, [k for k in SUMMARY_KEYS if k in keys])
-    with open(os.path.join(FLAGS.workdir, "summary.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
         f.write(table)
     print(table, end="")
-    return 0 if all(row["status"] == "ok" for row in rows) else 1
 
 
 def _markdown_table(rows: list[dict], keys: list[str]) -> str:
-    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v if v is not None else "")
+    def cell(v):
+        text = f"{v:.4g}" if isinstance(v, float) else str(v if v is not None else "")
+        return " ".join(text.split()).replace("|", "\\|")
+
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(cell(row.get(k)) for k in keys) + " |" for row in rows]
     return "\n".join(lines) + "\n"

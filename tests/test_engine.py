@@ -80,7 +80,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny_charlm, tmp_path, monkeyp
     state = _params(workdir)
     assert int(state["step"]) == 4
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
-    assert int(_params(workdir, "best")["step"]) == 6
+    assert int(_params(workdir, "best")["step"]) == 6  # newer than the latest checkpoint
 
     monkeypatch.undo()
     capsys.readouterr()
@@ -99,20 +99,28 @@ def _launch(*args, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_sigterm_saves_and_resumes(tmp_path, capsys):
-    workdir = tmp_path / "sigterm"
+def _terminate_when_logged(metrics, *args):
+    """Starts a long tiny run, sends SIGTERM once `metrics` has a line; its stdout, after
+    checking that it exited cleanly."""
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "launch.py"), "--config", "experiments/charlm.py:tiny",
-         "--workdir", str(workdir), "--config.num_train_steps=100000", "--config.log_every=1",
-         "--config.checkpoint_every=100000", "--config.eval_every=100000"],
+         "--config.num_train_steps=100000", "--config.log_every=1",
+         "--config.eval_every=100000", *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 90
-    while not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text():
+    while not metrics.exists() or not metrics.read_text():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
+    return out
+
+
+def test_sigterm_saves_and_resumes(tmp_path, capsys):
+    workdir = tmp_path / "sigterm"
+    out = _terminate_when_logged(workdir / "metrics.jsonl", "--workdir", str(workdir),
+                                 "--config.checkpoint_every=100000")
     assert "stopped early" in out
     step = Checkpoints(str(workdir)).latest_step()
     assert step is not None and step > 0
@@ -157,7 +165,7 @@ def test_launch_tiny_end_to_end(tmp_path):
     ("--config.model.hidden=abc", "hidden"),
     ("--config.model.cell=transformer", "model.cell"),
     ("--config.data.batch_size=6", "split evenly over 4 devices"),
-    ("--config.sample.temperature=-1", "sample.temperature=-1.0"),
+    ("--config.sample.temperature=-1", "config.sample.temperature=-1.0"),
 ])
 def test_bad_config_is_a_clear_error(override, message, tmp_path):
     run = _launch("--config", "experiments/charlm.py:tiny", "--workdir", str(tmp_path / "w"), override)
@@ -217,10 +225,32 @@ def test_finished_run_reports_and_free_fields_resume(tiny_charlm, tmp_path):
     assert again["step"] == 10 and _metrics(workdir, "val") == lines
     for key in ("val_perplexity", "best_val_perplexity", "best_step"):
         assert again[key] == pytest.approx(first[key], rel=1e-6)
-    assert again["train_time_s"] == pytest.approx(first["train_time_s"], abs=1.0)  # as saved
+    assert again["train_perplexity"] == pytest.approx(first["train_perplexity"], rel=1e-6)
+    assert 0.5 * first["train_time_s"] < again["train_time_s"] <= first["train_time_s"] + 0.5
     tiny_charlm.num_train_steps = 12
     tiny_charlm.model.dropout = 0.3  # regularisation and the schedule may change on resume
     assert engine.train(tiny_charlm, workdir)["step"] == 12
+
+
+def test_best_checkpoint_survives_a_resume_that_does_not_beat_it(tiny_charlm, tmp_path):
+    """A best checkpoint newer than the latest one stays the one to beat, even when the
+    replayed steps differ (here: more dropout) and do not reach its loss."""
+    workdir = str(tmp_path / "w")
+    tiny_charlm.eval_every = 2
+    tiny_charlm.checkpoint_every = 4
+    engine.train(tiny_charlm, workdir, stop_after=6)
+    ckpts = Checkpoints(workdir)
+    ckpts.managers["latest"].delete(6)  # as if killed after the best save of step 6
+    ckpts.close()
+    val = {r["step"]: r["loss"] for r in _metrics(workdir, "val")}
+    assert int(_params(workdir, "best")["step"]) == 6 and val[6] == min(val.values())
+    tiny_charlm.model.dropout = 0.9
+    tiny_charlm.num_train_steps = 8
+    results = engine.train(tiny_charlm, workdir)
+    replayed = {r["step"]: r["loss"] for r in _metrics(workdir, "val") if r["step"] > 4}
+    assert min(replayed.values()) > val[6]  # the premise: the replay does not beat it
+    assert int(_params(workdir, "best")["step"]) == results["best_step"] == 6
+    assert results["best_val_loss"] == pytest.approx(val[6])
 
 
 def test_sweep_summarises_and_resumes(tmp_path):
@@ -239,4 +269,15 @@ def test_sweep_summarises_and_resumes(tmp_path):
     assert table in run.stdout and table.count("\n") == 2 + len(rows)
     again = _launch(*args, timeout=300)  # every point is finished: evaluated, not retrained
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("resumed from step 4") == 3
+    assert again.stdout.count("has finished its 4 steps") == 3
+
+
+def test_sigterm_stops_a_sweep_after_saving(tmp_path):
+    workdir = tmp_path / "sweep"
+    out = _terminate_when_logged(workdir / "model.cell=rnn" / "metrics.jsonl",
+                                 "--workdir", str(workdir), "--sweep")
+    assert "sweep stopped" in out and "=== sweep point model.cell=gru" not in out
+    with open(workdir / "summary.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert row["point"] == "model.cell=rnn" and row["status"] == "stopped"
+    assert Checkpoints(str(workdir / "model.cell=rnn")).latest_step() == int(row["step"]) > 0

@@ -44,7 +44,10 @@ def validate(config):
     config_lib.expect(m.cell in CELLS, "model.cell", m.cell, f"expected one of {sorted(CELLS)}")
     config_lib.expect(m.dtype in DTYPES, "model.dtype", m.dtype, f"expected one of {sorted(DTYPES)}")
     if config.get("sample"):
-        _check_sample_options(prefix_key="sample.", **config.sample)
+        unknown = set(config.sample) - {"prefix", "length", "temperature"}
+        config_lib.expect(not unknown, "sample", config.sample.to_dict(),
+                          f"unknown options {sorted(unknown)}; expected prefix, length, temperature")
+        _check_sample_options(prefix_key="config.sample.", **config.sample)
 
 
 def _check_sample_options(prefix="time traveller", length=100, temperature=1.0, prefix_key=""):

@@ -23,20 +23,22 @@ class Checkpoints:
     def latest_step(self, which: str = "latest"):
         return self.managers[which].latest_step()
 
-    def any_saved(self) -> bool:
-        return any(m.latest_step() is not None for m in self.managers.values())
-
-    def discard_after(self, step: int, which: str):
-        """Deletes `which` checkpoints newer than `step`: a run that resumes from `step` replays
-        the steps after it, so those belong to a history that no longer exists."""
-        manager = self.managers[which]
-        for s in manager.all_steps():
-            if s > step:
-                manager.delete(s)
-
     def save(self, step: int, state, meta: dict, which: str = "latest"):
+        """Saves `state` and `meta` as `step`, replacing a checkpoint of that step: a run that
+        resumes from an earlier step replays the steps after it and may save them again."""
+        manager = self.managers[which]
+        if step in manager.all_steps():
+            manager.delete(step)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self.managers[which].save(step, args=args, force=True)
+        manager.save(step, args=args, force=True)
+
+    def meta(self, which: str = "latest") -> dict | None:
+        """The metadata of the newest `which` checkpoint, without reading its arrays."""
+        manager = self.managers[which]
+        step = manager.latest_step()
+        if step is None:
+            return None
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore(self, template=None, step: int | None = None, which: str = "latest"):
         """Returns (state, meta) of `step` (default: the newest), or None if there is none."""

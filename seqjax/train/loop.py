@@ -7,6 +7,7 @@ it are replayed.
 """
 
 import functools
+import json
 import math
 import os
 import signal
@@ -140,8 +141,11 @@ def _check_divisible(name: str, batch_size: int, devices):
 # Training.
 # ---------------------------------------------------------------------------------------------
 
-class _StopRequest:
-    """Turns SIGTERM into a flag the loop checks after each step, so it can save and exit."""
+class StopRequest:
+    """Turns SIGTERM into a flag the loop checks after each step, so it can save and exit.
+
+    Nested requests (a sweep around its runs) share the signal: the inner one starts with the
+    outer one's flag and passes a signal on to it."""
 
     def __init__(self):
         self.requested = False
@@ -152,10 +156,16 @@ class _StopRequest:
             self.previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: leave signals alone
             self.previous = None
+        self.outer = getattr(self.previous, "__self__", None)
+        if not isinstance(self.outer, StopRequest):
+            self.outer = None
+        self.requested = bool(self.outer and self.outer.requested)
         return self
 
-    def _handle(self, *_):
+    def _handle(self, *args):
         self.requested = True
+        if self.outer is not None:
+            self.outer._handle(*args)
 
     def __exit__(self, *_):
         if self.previous is not None:
@@ -187,18 +197,22 @@ def _train_summary(fetched: list[dict]) -> dict:
 
 
 # What a checkpoint's shapes and meaning depend on: resuming a workdir with any of these changed
-# is an error. The rest (steps, schedule, dropout, unroll, evaluation, logging) may change.
+# is an error. The rest (steps, schedule, learning rate, dropout, unroll, computation dtype,
+# evaluation, logging) may change.
 RESUME_KEYS = ("task", "model", "data.preprocess", "data.min_freq", "data.batch_size",
                "opt.name", "opt.grad_accum_steps")
-RESUME_FREE = ("model.dropout", "model.unroll")
+RESUME_FREE = ("model.dropout", "model.unroll", "model.dtype")
 
 
 def _resume_signature(config) -> dict:
     flat = config_lib.flatten(config)
     signature = {k: v for k, v in flat.items() if k not in RESUME_FREE
                  and any(k == key or k.startswith(key + ".") for key in RESUME_KEYS)}
+    # Switches that add or remove optimizer state.
     signature["opt.clip_norm > 0"] = bool(flat.get("opt.clip_norm"))
-    return signature
+    if flat.get("opt.name") == "sgd":
+        signature["opt.momentum > 0"] = bool(flat.get("opt.momentum"))
+    return json.loads(json.dumps(signature, default=str))  # as read back from config.json
 
 
 def _prefixed(prefix: str, metrics: dict) -> dict:
@@ -220,20 +234,15 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         diff = config_lib.differences(_resume_signature(saved), _resume_signature(config))
         if diff:
             raise ValueError(
-                f"{workdir} holds a run with a different model or data; use another workdir, "
-                f"or resume with its saved {config_lib.CONFIG_FILE}. Differences:\n  "
-                + "\n  ".join(diff))
+                f"{workdir} holds a run with a different model or data; use another workdir, or "
+                f"the same config and overrides (see its {config_lib.CONFIG_FILE}). Differences: "
+                + "; ".join(diff))
     task = tasks.build(config, workdir)
     _check_divisible("config.data.batch_size", task.batch_size, devices)
     _check_divisible("config.data.eval_batch_size", task.eval_batch_size, devices)
 
     os.makedirs(workdir, exist_ok=True)
     ckpts = Checkpoints(workdir, config.keep_checkpoints)
-    config_lib.save(config, workdir)
-    for name, text in task.files.items():
-        with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
-            f.write(text)
-
     total_steps = config.num_train_steps
     tx = make_optimizer(config.opt, total_steps)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -241,14 +250,25 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     host = dict(step=np.asarray(0, np.int32), params=jax.device_get(params),
                 opt_state=jax.device_get(tx.init(params)), rng=np.asarray(state_rng),
                 carry=task.init_carry(task.batch_size // jax.process_count()))
-    restored = ckpts.restore(template=host)
+    try:
+        restored = ckpts.restore(template=host)
+    except Exception as e:
+        ckpts.close()
+        raise ValueError(f"the checkpoint in {workdir} does not fit this config: "
+                         f"{type(e).__name__}: {e}") from e
     meta = {}
     if restored is not None:
         host, meta = restored
     start = int(host["step"])
-    ckpts.discard_after(start, "best")
-    best = dict(loss=meta.get("best_val_loss"), step=meta.get("best_step"))
+    # The best checkpoint may be newer than the latest (saved by a run killed before its next
+    # checkpoint); it is a real state with that validation loss, so it stays the one to beat.
+    best_meta = ckpts.meta("best") or {}
+    best = dict(loss=best_meta.get("best_val_loss"), step=best_meta.get("best_step"))
     state = _to_devices(host, devices)
+    config_lib.save(config, workdir)
+    for name, text in task.files.items():
+        with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+            f.write(text)
 
     p_train = jax.pmap(functools.partial(train_step, loss_fn=task.loss, tx=tx),
                        axis_name=AXIS, devices=devices, donate_argnums=(0,))
@@ -257,15 +277,18 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
 
     writer = MetricWriter(workdir, start)
     progress = Progress(total_steps, start, task.tokens_per_batch)
-    if start:
+    if start >= total_steps:
+        progress.write(f"{workdir} has finished its {start} steps; evaluating its last checkpoint")
+    elif start:
         progress.write(f"resumed from step {start} in {workdir}")
-    results = {"step": start}
+    last_train = meta.get("train", {})  # the last logged training metrics
+    results = {"step": start, **_prefixed("train", last_train)}
     pending, fetched = [], []  # device metrics not yet fetched; host metrics not yet logged
     t0, trained_s = time.perf_counter(), meta.get("train_time_s", 0.0)
     meta_now = lambda: dict(best_val_loss=best["loss"], best_step=best["step"],
-                            train_time_s=trained_s + time.perf_counter() - t0)
+                            train_time_s=trained_s + time.perf_counter() - t0, train=last_train)
     try:
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             for step in range(start, total_steps):
                 state, metrics = p_train(state, _shard(task.train_batch(step), len(devices)))
                 pending.append((step, metrics))
@@ -280,11 +303,11 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                 fetched += _fetch(pending)
                 pending = []
                 if do_log:
-                    train_metrics = dict(task.report(_train_summary(fetched)), lr=lr_at(step))
+                    last_train = dict(task.report(_train_summary(fetched)), lr=lr_at(step))
                     fetched = []
-                    writer.write(done, "train", train_metrics)
-                    progress.update(done, **{k: v for k, v in train_metrics.items() if k != "grad_norm"})
-                    results.update(_prefixed("train", train_metrics))
+                    writer.write(done, "train", last_train)
+                    progress.update(done, **{k: v for k, v in last_train.items() if k != "grad_norm"})
+                    results.update(_prefixed("train", last_train))
                 if do_eval:
                     val = task.report(evaluate_params(state.params))
                     writer.write(done, "val", val)
@@ -296,7 +319,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                 if do_save:
                     ckpts.save(done, _to_host(state), meta_now())
                 results["step"] = done
-                if preempted:
+                if preempted and not done == total_steps:
                     progress.write(f"stopped early: saved step {done} to {workdir}/checkpoints")
                     results["stopped"] = True
                     break
