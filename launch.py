@@ -119,12 +119,16 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    from seqjax import train  # after flag parsing: importing jax is slow
+    from seqjax import analysis, train  # after flag parsing: importing jax is slow
     config = FLAGS.config
     try:
         if FLAGS.sweep:
             return _sweep(config)
-        if FLAGS.mode == "train":
+        if config.task in analysis.ANALYSES:
+            if FLAGS.mode != "train":
+                raise ValueError(f"{config.task} is an analysis: it runs in the default mode only")
+            _print_results(analysis.run(config, FLAGS.workdir))
+        elif FLAGS.mode == "train":
             _print_results(train.train(config, FLAGS.workdir))
         elif FLAGS.mode == "eval":
             _print_results(train.evaluate(config, FLAGS.workdir, step=FLAGS.step,

@@ -43,6 +43,9 @@ def get_config(arg=None):
         dropout=0.4,  # between layers and before the output layer; this corpus is small
         unroll=1,
         dtype="float32",
+        # initialisers, see seqjax/nn/initializers.py: e.g. 'normal:0.01' as in the textbook
+        init=dict(kernel="lecun_normal", recurrent="orthogonal", bias="zeros",
+                  head="lecun_normal", forget_bias=0.0),
     )
 
     # --- optimizer ----------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""seqjax.nn.recurrent against a NumPy loop of the textbook equations, plus properties:
-finite-difference gradients, padding, bidirectional and stacked wiring, jit equals no-jit.
+"""seqjax.nn.recurrent against naive references: a NumPy loop of the textbook equations, the
+same loop in JAX (values and gradients), Flax's own LSTM and GRU cells on copied weights, and a
+bidirectional layer rebuilt by hand from reversed prefixes; plus properties: finite-difference
+gradients, padding, stacked wiring, clear errors for bad inputs, jit equals no-jit.
 
 Compilation is nearly all of these tests' time, so they compile little: parameters are random
 arrays shaped by `jax.eval_shape(model.init)` (tracing only; jitting an init compiles a
@@ -48,37 +50,39 @@ def assert_tree_close(a, b, **kw):
     jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), **kw), a, b)
 
 
-# ----------------------------------------------------------------------------- NumPy reference
+# ----------------------------------------------------------------------------- references
 
-def sigmoid(a):
-    return 1 / (1 + np.exp(-a))
-
-
-def np_step(name, p, carry, x):
-    """One step of the textbook equations, weights read from the param tree by name."""
-    p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+def textbook_step(name, p, carry, x, xnp):
+    """One step of the textbook equations with the separate per-gate parameters, read from the
+    param tree by name; `xnp` is numpy (float64 reference) or jax.numpy (to differentiate)."""
+    sigmoid = lambda a: 1 / (1 + xnp.exp(-a))
     lin = lambda g, h: x @ p[f"W_x{g}"] + h @ p[f"W_h{g}"] + p[f"b_{g}"]
     if name == "rnn":
-        h = np.tanh(lin("h", carry))
+        h = xnp.tanh(lin("h", carry))
         return h, h
     if name.startswith("gru"):
         h = carry
         r, z = sigmoid(lin("r", h)), sigmoid(lin("z", h))
         if name == "gru_reset_after":
-            cand = np.tanh(x @ p["W_xh"] + r * (h @ p["W_hh"] + p["b_hh"]) + p["b_h"])
+            cand = xnp.tanh(x @ p["W_xh"] + p["b_h"] + r * (h @ p["W_hh"] + p["b_hh"]))
         else:
-            cand = np.tanh(x @ p["W_xh"] + (r * h) @ p["W_hh"] + p["b_h"])
+            cand = xnp.tanh(x @ p["W_xh"] + (r * h) @ p["W_hh"] + p["b_h"])
         h = z * h + (1 - z) * cand
         return h, h
     c, h = carry
     i, f, o = sigmoid(lin("i", h)), sigmoid(lin("f", h)), sigmoid(lin("o", h))
-    c = f * c + i * np.tanh(lin("c", h))
-    h = o * np.tanh(c)
+    c = f * c + i * xnp.tanh(lin("c", h))
+    h = o * xnp.tanh(c)
     return (c, h), h
 
 
+def np_step(name, p, carry, x):
+    p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+    return textbook_step(name, p, carry, x, np)
+
+
 def np_run(name, p, carry, x_BxTxF):
-    """(final carry, outputs_BxTxH) of a Python loop over time."""
+    """(final carry, outputs_BxTxH) of a Python loop over time, in float64 NumPy."""
     carry = jax.tree.map(lambda a: np.asarray(a, np.float64), carry)
     ys = []
     for t in range(x_BxTxF.shape[1]):
@@ -86,6 +90,15 @@ def np_run(name, p, carry, x_BxTxF):
         ys.append(y)
     H = jax.tree.leaves(carry)[0].shape[-1]
     return carry, np.stack(ys, 1) if ys else np.zeros(x_BxTxF.shape[:2] + (H,))
+
+
+def jnp_run(name, p, carry, x_BxTxF):
+    """The same loop in JAX, unrolled in Python: (final carry, outputs_BxTxH)."""
+    ys = []
+    for t in range(x_BxTxF.shape[1]):
+        carry, y = textbook_step(name, p, carry, x_BxTxF[:, t], jnp)
+        ys.append(y)
+    return carry, jnp.stack(ys, 1)
 
 
 # ----------------------------------------------------------------------------- cells vs NumPy
@@ -147,6 +160,47 @@ def test_bfloat16_computation_keeps_float32_carry():
     assert y.dtype == jnp.bfloat16 and c.dtype == h.dtype == jnp.float32
 
 
+def to_flax(name, p):
+    """Our parameter tree as flax.linen.LSTMCell's / GRUCell's (see the cells' docstrings)."""
+    if name == "lstm":  # Dense ii, if, ig, io without bias; hi, hf, hg, ho with; our c is g
+        pairs = {"i": "i", "f": "f", "o": "o", "c": "g"}
+        return {**{f"i{k}": {"kernel": p[f"W_x{g}"]} for g, k in pairs.items()},
+                **{f"h{k}": {"kernel": p[f"W_h{g}"], "bias": p[f"b_{g}"]}
+                   for g, k in pairs.items()}}
+    # GRU: Dense ir, iz, in with bias; hr, hz without; hn with (our b_hh); our h~ is n
+    pairs = {"r": "r", "z": "z", "h": "n"}
+    return {**{f"i{k}": {"kernel": p[f"W_x{g}"], "bias": p[f"b_{g}"]} for g, k in pairs.items()},
+            **{f"h{k}": {"kernel": p[f"W_h{g}"]} for g, k in pairs.items()},
+            "hn": {"kernel": p["W_hh"], "bias": p["b_hh"]}}
+
+
+@pytest.mark.parametrize("name", ["gru_reset_after", "lstm"])
+def test_weights_copied_to_flax_cells_give_the_same_outputs(name):
+    """Our cell and flax.linen's, on the same weights mapped by name, over a sequence with
+    padding, in both directions (flax.linen.RNN with keep_order=True for the reverse one)."""
+    rng = np.random.default_rng(30)
+    B, T, F, H = 3, 5, 3, 4
+    lengths = np.array([5, 3, 1])
+    flax_cell = {"lstm": flax.linen.LSTMCell, "gru_reset_after": flax.linen.GRUCell}[name](H)
+    x = jnp.asarray(rng.normal(size=(B, T, F)), jnp.float32)
+    carry0 = random_carry(make_cell(name, H), rng, B)
+    p = random_params(Recurrent(make_cell(name, H)), rng, x)["params"]["cell"]
+    p_flax = to_flax(name, p)
+    flax_shapes = jax.eval_shape(flax_cell.init, jax.random.key(0), carry0, x[:, 0])["params"]
+    assert jax.tree.map(jnp.shape, p_flax) == jax.tree.map(jnp.shape, flax_shapes)
+    assert len(jax.tree.leaves(p_flax)) == len(jax.tree.leaves(p))  # each of ours used once
+    valid_BxT = np.arange(T)[None] < lengths[:, None]
+    for reverse in (False, True):
+        ours = Recurrent(make_cell(name, H), reverse=reverse, return_carry=True)
+        carry, y = jit_apply(ours)({"params": {"cell": p}}, x, carry0, seq_lengths=lengths)
+        theirs = flax.linen.RNN(flax_cell, reverse=reverse, keep_order=True, return_carry=True)
+        ref_carry, ref_y = jax.jit(theirs.apply)({"params": {"cell": p_flax}}, x,
+                                                 initial_carry=carry0, seq_lengths=lengths)
+        np.testing.assert_allclose(np.asarray(y)[valid_BxT], np.asarray(ref_y)[valid_BxT],
+                                   atol=1e-5)
+        assert_tree_close(carry, ref_carry, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- gradients
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -174,6 +228,39 @@ def test_gradients_match_finite_differences(name):
             e[k] = eps
             fd = (loss_and_grad(flat + e)[0] - loss_and_grad(flat - e)[0]) / (2 * eps)
             np.testing.assert_allclose(grad[k], fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fused_matches_per_step_jax_values_and_gradients(name):
+    """The fused, hoisted scan against `jnp_run` (one step at a time, the textbook equations
+    on the separate per-gate parameters), in float32: outputs, final carry, and the gradient
+    of a scalar loss with respect to every parameter, the inputs and the initial carry."""
+    rng = np.random.default_rng(20)
+    B, T, F, H = 2, 4, 3, 5  # F != H, so a transposed kernel cannot pass
+    cell = make_cell(name, H)
+    model = Recurrent(cell, return_carry=True)
+    x = jnp.asarray(rng.normal(size=(B, T, F)), jnp.float32)
+    carry0 = random_carry(cell, rng, B)
+    params = random_params(model, rng, x, carry0)["params"]
+    w_y = jnp.asarray(rng.normal(size=(B, T, H)), jnp.float32)
+
+    def loss_fn(run):
+        def loss(params, x, carry0):
+            carry, y = run(params, x, carry0)
+            value = jnp.sum(w_y * y) + sum(jnp.sum(jnp.sin(c)) for c in jax.tree.leaves(carry))
+            return value, (carry, y)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+    fused = loss_fn(lambda p, x, c: model.apply({"params": p}, x, c))
+    naive = loss_fn(lambda p, x, c: jnp_run(name, p["cell"], c, x))
+    (value, (carry, y)), grads = fused(params, x, carry0)
+    (ref_value, (ref_carry, ref_y)), ref_grads = naive(params, x, carry0)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    assert_tree_close(carry, ref_carry, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-5)
+    assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
+    assert_tree_close(grads, ref_grads, rtol=1e-5, atol=1e-5)
+    assert all(np.any(g != 0) for g in jax.tree.leaves(grads))  # every parameter is used
 
 
 # ----------------------------------------------------------------------------- padding
@@ -211,26 +298,52 @@ def test_seq_lengths(name):
 
 # ----------------------------------------------------------------------------- bidirectional
 
-def test_bidirectional_concat_and_sum():
+@pytest.mark.parametrize("name", ["gru", "lstm"])
+def test_bidirectional_equals_forward_and_reversed_prefix_by_hand(name):
+    """[forward, backward] where the backward half is built by hand for each sequence alone:
+    reverse its valid prefix x[:len], run a *forward* Recurrent with the backward cell's
+    parameters, reverse the outputs back and pad with zeros. Final carries (both directions,
+    from random initial ones) are those of that sequence run alone at its own length."""
     rng = np.random.default_rng(4)
-    B, T, F, H = 2, 5, 3, 4
+    B, T, F, H = 3, 5, 3, 4
+    lengths = np.array([5, 2, 0])
     x = jnp.asarray(rng.normal(size=(B, T, F)), jnp.float32)
-    lengths = np.array([5, 3])
-    fwd, bwd = (Recurrent(GRUCell(H), reverse=r, return_carry=True) for r in (False, True))
+    fwd, bwd = (Recurrent(make_cell(name, H), reverse=r) for r in (False, True))
     model = Bidirectional(fwd, bwd, return_carry=True)
-    variables = random_params(model, rng, x)
-    (carry_f, carry_b), y = jit_apply(model)(variables, x, seq_lengths=lengths)
+    carry0 = tuple(random_carry(make_cell(name, H), rng, B) for _ in range(2))
+    variables = random_params(model, rng, x, carry0)
+    apply = jit_apply(model)
+    (carry_f, carry_b), y = apply(variables, x, carry0, seq_lengths=lengths)
     assert y.shape == (B, T, 2 * H)
-    p = variables["params"]
-    ref_cf, ref_f = jit_apply(fwd)({"params": p["forward_rnn"]}, x, seq_lengths=lengths)
-    ref_cb, ref_b = jit_apply(bwd)({"params": p["backward_rnn"]}, x, seq_lengths=lengths)
-    np.testing.assert_allclose(y, jnp.concatenate([ref_f, ref_b], -1), atol=1e-6)
-    np.testing.assert_allclose(carry_f, ref_cf, atol=1e-6)
-    np.testing.assert_allclose(carry_b, ref_cb, atol=1e-6)
+    pad_BxT = np.arange(T)[None] >= lengths[:, None]
+    assert np.all(np.asarray(y)[pad_BxT] == 0)  # exactly zero, both halves
 
+    p = variables["params"]
+    run_alone = jit_apply(Recurrent(make_cell(name, H), return_carry=True))
+    for b, L in enumerate(lengths):
+        take_b = lambda tree: jax.tree.map(lambda a: a[b:b + 1], tree)
+        if L == 0:  # nothing to run: zero outputs, the initial carries untouched
+            ref_cf, ref_yf = take_b(carry0[0]), jnp.zeros((1, 0, H))
+            ref_cb, ref_yb = take_b(carry0[1]), jnp.zeros((1, 0, H))
+        else:
+            prefix = x[b:b + 1, :L]
+            ref_cf, ref_yf = run_alone({"params": p["forward_rnn"]}, prefix, take_b(carry0[0]))
+            ref_cb, ref_yb_rev = run_alone({"params": p["backward_rnn"]}, prefix[:, ::-1],
+                                           take_b(carry0[1]))
+            ref_yb = ref_yb_rev[:, ::-1]
+        ref_y = jnp.pad(jnp.concatenate([ref_yf, ref_yb], -1), ((0, 0), (0, T - L), (0, 0)))
+        np.testing.assert_allclose(y[b:b + 1], ref_y, atol=1e-6)
+        assert_tree_close(take_b(carry_f), ref_cf, atol=1e-6)
+        assert_tree_close(take_b(carry_b), ref_cb, atol=1e-6)
+
+    # Padded inputs change nothing at all.
+    x_noise = jnp.where(pad_BxT[..., None], 100.0 * rng.normal(size=x.shape), x)
+    assert_tree_close(apply(variables, x_noise, carry0, seq_lengths=lengths),
+                      ((carry_f, carry_b), y), rtol=0, atol=0)
+    # 'sum' merges the same two halves; the directions are checked.
     summed = Bidirectional(fwd, bwd, merge="sum")  # same tree, outputs only
-    y_sum = jit_apply(summed)(variables, x, seq_lengths=lengths)
-    np.testing.assert_allclose(y_sum, ref_f + ref_b, atol=1e-6)
+    y_sum = jit_apply(summed)(variables, x, carry0, seq_lengths=lengths)
+    np.testing.assert_allclose(y_sum, y[..., :H] + y[..., H:], atol=1e-6)
     with pytest.raises(ValueError, match="reverse"):
         Bidirectional(fwd, fwd).init(jax.random.key(0), x)
 
@@ -288,6 +401,50 @@ def test_unknown_cell_type():
     with pytest.raises(ValueError, match="'gru', 'lstm', 'rnn'"):
         StackedRecurrent("transformer", 4).init(jax.random.key(0), jnp.ones((1, 2, 3)))
     assert CELLS == {"rnn": RNNCell, "gru": GRUCell, "lstm": LSTMCell}
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def test_bad_inputs_raise_clear_value_errors():
+    """Checked before anything is traced or compiled, so these cost no compilation."""
+    B, T, F, H = 2, 3, 4, 5
+    x = jnp.ones((B, T, F))
+    model = Recurrent(LSTMCell(H))
+    variables = random_params(model, np.random.default_rng(0), x)
+    run = lambda x, **kw: model.apply(variables, x, **kw)
+    for lengths, match in [
+            (np.array([T + 1, 1]), r"seq_lengths\[0\] = 4 is outside \[0, time\] = \[0, 3\]"),
+            (jnp.array([1, -1]), r"seq_lengths\[1\] = -1 is outside"),
+            ([1, 2, 3], r"seq_lengths has shape \(3,\); expected the batch shape \(2,\)"),
+            (np.array(2), r"seq_lengths has shape \(\); expected the batch shape \(2,\)"),
+            (np.array([[1, 2]]), r"shape \(1, 2\); expected the batch shape \(2,\)"),
+            (np.array([1.0, 2.0]), "seq_lengths has dtype float64; expected integers")]:
+        with pytest.raises(ValueError, match=match):
+            run(x, seq_lengths=lengths)
+    with pytest.raises(ValueError, match=r"the time axis \(-2\) has length 0"):
+        run(jnp.ones((B, 0, F)))
+    with pytest.raises(ValueError, match=r"expected \[\*batch, time, features\]"):
+        run(jnp.ones((F,)))
+    feature_error = r"inputs have 6 features, but its parameter W_xi has shape \(4, 5\)"
+    with pytest.raises(ValueError, match=feature_error):
+        run(jnp.ones((B, T, 6)))
+    cell = LSTMCell(H)  # the single step checks too
+    with pytest.raises(ValueError, match=feature_error):
+        cell.apply({"params": variables["params"]["cell"]}, cell.initialize_carry(None, (B, 6)),
+                   jnp.ones((B, 6)))
+    stacked = StackedRecurrent("gru", H, num_layers=2, bidirectional=True)  # errors propagate
+    stacked_vars = random_params(stacked, np.random.default_rng(0), x)
+    with pytest.raises(ValueError, match="GRUCell at '/layer_0_fwd'.*3 features"):
+        stacked.apply(stacked_vars, jnp.ones((B, T, 3)))
+    with pytest.raises(ValueError, match="seq_lengths"):
+        stacked.apply(stacked_vars, x, seq_lengths=np.array([T, T + 1]))
+
+    # Under jit the lengths are traced, so their values cannot be checked (shape and dtype
+    # still are): out-of-range lengths act as if clipped to [0, T].
+    jitted = jax.jit(lambda n: run(x, seq_lengths=n))
+    np.testing.assert_array_equal(jitted(jnp.array([T + 2, -1])), jitted(jnp.array([T, 0])))
+    with pytest.raises(ValueError, match="seq_lengths has shape"):
+        jitted(jnp.array([1, 2, 3]))
 
 
 # ----------------------------------------------------------------------------- jit

@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -56,6 +57,14 @@ class _Cell(nn.Module):
         """Creates (at init) or fetches W_x{g} (F, H), W_h{g} (H, H), b_{g} (H,) for each gate g.
         Called only from a cell's compact `weights`."""
         H, pdt = self.features, self.param_dtype
+        first = f"W_x{gates[0]}"  # at apply: are the inputs as wide as the parameters expect?
+        if self.has_variable("params", first):
+            shape = tuple(self.get_variable("params", first).shape)
+            if shape[0] != in_features:
+                raise ValueError(
+                    f"{type(self).__name__} at '{self.scope.path_text}': the inputs have "
+                    f"{in_features} features, but its parameter {first} has shape {shape}, "
+                    f"made for inputs of {shape[0]} features")
         W_x = [self.param(f"W_x{g}", self.kernel_init, (in_features, H), pdt) for g in gates]
         W_h = [self.param(f"W_h{g}", self.recurrent_init, (H, H), pdt) for g in gates]
         b = [self.param(f"b_{g}", self._bias_init(g), (H,), pdt) for g in gates]
@@ -111,10 +120,18 @@ class GRUCell(_Cell):
         h~ = tanh(x W_xh + (r*h) W_hh + b_h)
     needs two recurrent matmuls per step: [W_hr|W_hz] fused, then (r*h) W_hh.
     `reset_after=True` (the Flax/PyTorch/cuDNN form):
-        h~ = tanh(x W_xh + r*(h W_hh + b_hh) + b_h)
-    fuses all three into one matmul, and has an extra recurrent bias `b_hh` (H,) because r
-    scales it. From PyTorch's nn.GRU (gate rows r, z, n): W_x* = W_ih.T blocks, W_h* = W_hh.T
-    blocks, b_r = b_ir + b_hr, b_z = b_iz + b_hz, b_h = b_in, b_hh = b_hn.
+        h~ = tanh(x W_xh + b_h + r*(h W_hh + b_hh))
+    fuses all three recurrent products into one matmul. It has one extra parameter, `b_hh`
+    (H,): the bias of the recurrent product h W_hh, which sits inside r*(...) and so, unlike
+    the biases of r and z, cannot be folded into b_h.
+
+    Copying weights from other libraries (tests check the Flax mapping):
+    - flax.linen.GRUCell (Dense layers ir, iz, in with bias; hr, hz without; hn with bias):
+      W_x{r,z,h} = {ir,iz,in}.kernel, W_h{r,z,h} = {hr,hz,hn}.kernel,
+      b_{r,z,h} = {ir,iz,in}.bias, b_hh = hn.bias.
+    - torch.nn.GRU (gate rows r, z, n): W_x* = W_ih.T blocks, W_h* = W_hh.T blocks,
+      b_r = b_ir + b_hr, b_z = b_iz + b_hz, b_h = b_in, b_hh = b_hn.
+    All three use h' = z*h + (1-z)*h~ as here.
     """
 
     reset_after: bool = False
@@ -149,7 +166,15 @@ class LSTMCell(_Cell):
     """Long short-term memory (Hochreiter & Schmidhuber 1997; D2L 10.1), carry (c, h):
         i, f, o = sigmoid(x W_x* + h W_h* + b_*),  c~ = tanh(x W_xc + h W_hc + b_c),
         c' = f*c + i*c~,  h' = o*tanh(c'),  y = h'.
-    `forget_bias` is added to the initial b_f (1.0 is the usual choice, Jozefowicz et al. 2015).
+    `forget_bias` is added to the initial b_f (1.0 is the usual choice, Jozefowicz et al. 2015;
+    Keras's unit_forget_bias=True; Flax and PyTorch add nothing, as the default 0.0 here).
+
+    Conventions shared with flax.linen.LSTMCell: the carry is (c, h), y = h', and the gates
+    have the same equations; Flax calls the candidate c~ "g". Copying weights from it
+    (Dense layers ii, if, ig, io without bias; hi, hf, hg, ho with bias):
+    W_x{i,f,o,c} = {ii,if,io,ig}.kernel, W_h{i,f,o,c} = {hi,hf,ho,hg}.kernel,
+    b_{i,f,o,c} = {hi,hf,ho,hg}.bias. From torch.nn.LSTM (gate rows i, f, g, o; carry (h, c)):
+    W_x* = W_ih.T blocks, W_h* = W_hh.T blocks, b_* = b_i* + b_h*.
     """
 
     forget_bias: float = 0.0
@@ -186,6 +211,39 @@ class LSTMCell(_Cell):
 CELLS = {"rnn": RNNCell, "gru": GRUCell, "lstm": LSTMCell}
 
 
+def _check_inputs(inputs_BxTxF, seq_lengths=None):
+    """Raises a ValueError for inputs `Recurrent` cannot run: fewer than two axes, an empty time
+    axis, or `seq_lengths` whose shape is not the batch shape, whose dtype is not integer, or
+    (when its values are concrete, i.e. not traced under jit/vmap) with entries outside
+    [0, time]. Traced lengths cannot be checked; out-of-range ones act as if clipped."""
+    shape = tuple(inputs_BxTxF.shape)
+    if len(shape) < 2:
+        raise ValueError(f"inputs have shape {shape}; expected [*batch, time, features]")
+    T, batch_shape = shape[-2], shape[:-2]
+    if T == 0:
+        raise ValueError(f"inputs have shape {shape}: the time axis (-2) has length 0; a "
+                         f"recurrent layer needs at least one step")
+    if seq_lengths is None:
+        return
+    if not isinstance(seq_lengths, (jax.Array, np.ndarray)):  # a list, say
+        seq_lengths = np.asarray(seq_lengths)
+    if tuple(seq_lengths.shape) != batch_shape:
+        raise ValueError(f"seq_lengths has shape {tuple(seq_lengths.shape)}; expected the "
+                         f"batch shape {batch_shape} of inputs with shape {shape}")
+    if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
+        raise ValueError(f"seq_lengths has dtype {seq_lengths.dtype}; expected integers")
+    try:
+        lengths = np.asarray(seq_lengths)
+    except jax.errors.TracerArrayConversionError:  # traced: the values exist only at run time
+        return
+    bad = np.flatnonzero((lengths < 0) | (lengths > T))
+    if bad.size:
+        index = np.unravel_index(bad[0], lengths.shape)
+        raise ValueError(f"seq_lengths[{', '.join(str(int(i)) for i in index)}] = "
+                         f"{lengths[index]} is outside [0, time] = [0, {T}] for inputs of "
+                         f"shape {shape} ({bad.size} of {lengths.size} entries are)")
+
+
 class Recurrent(nn.Module):
     """Runs `cell` over inputs [*batch, time, features] with one `jax.lax.scan`.
 
@@ -199,6 +257,11 @@ class Recurrent(nn.Module):
     `reverse=True` the scan runs from t = T-1 down to 0 and padded steps leave the carry
     untouched, so each sequence starts at its own last valid token; outputs keep the
     original time order.
+
+    Bad inputs raise a ValueError before anything runs (see `_check_inputs`): an empty time
+    axis, `seq_lengths` of the wrong shape or dtype, concrete lengths outside [0, T], and
+    inputs whose feature size differs from the one the parameters were made for. Lengths
+    traced under jit cannot be checked; there a length above T acts as T and one below 0 as 0.
     """
 
     cell: nn.Module
@@ -208,6 +271,7 @@ class Recurrent(nn.Module):
 
     def __call__(self, inputs_BxTxF, initial_carry=None, *, seq_lengths=None, return_carry=None):
         """Returns outputs_BxTxH, or (final_carry, outputs_BxTxH) if `return_carry`."""
+        _check_inputs(inputs_BxTxF, seq_lengths)
         cell, F = self.cell, inputs_BxTxF.shape[-1]
         if initial_carry is None:
             initial_carry = cell.initialize_carry(None, inputs_BxTxF.shape[:-2] + (F,))

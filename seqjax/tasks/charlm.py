@@ -19,6 +19,7 @@ import optax
 
 from seqjax import config as config_lib
 from seqjax.data import text as text_lib
+from seqjax.nn import initializers
 from seqjax.nn.lm import RecurrentLM
 from seqjax.nn.recurrent import CELLS
 from seqjax.tasks import Task
@@ -43,6 +44,12 @@ def validate(config):
         config_lib.expect(value >= 0, key, value, "must be >= 0")
     config_lib.expect(m.cell in CELLS, "model.cell", m.cell, f"expected one of {sorted(CELLS)}")
     config_lib.expect(m.dtype in DTYPES, "model.dtype", m.dtype, f"expected one of {sorted(DTYPES)}")
+    for key in ("kernel", "recurrent", "bias", "head"):
+        try:
+            initializers.from_spec(m.init[key])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config.model.init.{key}: {e}") from None
+    config_lib.expect_type(config, "model.init.forget_bias", (int, float))
     if config.get("sample"):
         unknown = set(config.sample) - {"prefix", "length", "temperature"}
         config_lib.expect(not unknown, "sample", config.sample.to_dict(),
@@ -65,9 +72,12 @@ def _check_sample_options(prefix="time traveller", length=100, temperature=1.0, 
 
 def make_model(config, vocab_size: int) -> RecurrentLM:
     m = config.model
+    init = {f"{key}_init": initializers.from_spec(m.init[key])
+            for key in ("kernel", "recurrent", "bias", "head")}
     return RecurrentLM(vocab_size=vocab_size, cell=m.cell, hidden=m.hidden,
                        num_layers=m.num_layers, embed_dim=m.embed_dim, dropout_rate=m.dropout,
-                       unroll=m.unroll, dtype=DTYPES[m.dtype])
+                       unroll=m.unroll, dtype=DTYPES[m.dtype], forget_bias=m.init.forget_bias,
+                       **init)
 
 
 def _vocabulary(config, tokens, workdir):
@@ -80,12 +90,18 @@ def _vocabulary(config, tokens, workdir):
     return text_lib.Vocab(tokens, min_freq=config.data.min_freq)
 
 
-def build(config, workdir=None) -> Task:
-    validate(config)
+def load_corpus(config, workdir=None):
+    """(vocab, train_ids, valid_ids) of `config.data`, with the workdir's vocabulary if it has one."""
     d = config.data
     tokens = text_lib.tokenize(text_lib.preprocess(text_lib.load_text(d.path), d.preprocess), "char")
     vocab = _vocabulary(config, tokens, workdir)
-    train_ids, valid_ids = text_lib.split_train_valid(vocab.encode(tokens), d.valid_fraction)
+    return (vocab, *text_lib.split_train_valid(vocab.encode(tokens), d.valid_fraction))
+
+
+def build(config, workdir=None) -> Task:
+    validate(config)
+    d = config.data
+    vocab, train_ids, valid_ids = load_corpus(config, workdir)
     batches = text_lib.LMBatches(train_ids, d.batch_size, d.num_steps, partition=d.partition,
                                  seed=config.seed, shard_index=jax.process_index(),
                                  num_shards=jax.process_count())

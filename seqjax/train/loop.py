@@ -101,7 +101,8 @@ def _to_host(state: TrainState) -> dict:
 # Validation of the engine's part of the config; tasks validate their own sections.
 # ---------------------------------------------------------------------------------------------
 
-def _validate(config):
+def validate(config):
+    """Checks the engine's part of a config: steps, devices, optimizer."""
     config_lib.expect_positive_int(config, "num_train_steps", "log_every", "eval_every",
                                    "checkpoint_every", "keep_checkpoints")
     config_lib.expect_type(config, "seed", int)
@@ -201,13 +202,17 @@ def _train_summary(fetched: list[dict]) -> dict:
 # evaluation, logging) may change.
 RESUME_KEYS = ("task", "model", "data.preprocess", "data.min_freq", "data.batch_size",
                "opt.name", "opt.grad_accum_steps")
-RESUME_FREE = ("model.dropout", "model.unroll", "model.dtype")
+RESUME_FREE = ("model.dropout", "model.unroll", "model.dtype", "model.init")
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
 def _resume_signature(config) -> dict:
     flat = config_lib.flatten(config)
-    signature = {k: v for k, v in flat.items() if k not in RESUME_FREE
-                 and any(k == key or k.startswith(key + ".") for key in RESUME_KEYS)}
+    signature = {k: v for k, v in flat.items() if not _under(k, RESUME_FREE)
+                 and _under(k, RESUME_KEYS)}
     # Switches that add or remove optimizer state.
     signature["opt.clip_norm > 0"] = bool(flat.get("opt.clip_norm"))
     if flat.get("opt.name") == "sgd":
@@ -226,7 +231,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     job scheduler's time slot). Everything that can be wrong with the config, the data or the
     workdir is checked before anything is written. A finished run is evaluated, not retrained.
     """
-    _validate(config)
+    validate(config)
     devices = _devices(config)
     workdir = os.path.abspath(workdir)
     saved = config_lib.load(workdir)
