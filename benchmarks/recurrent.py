@@ -19,7 +19,13 @@ to 8x slower at these sizes.
 Rows: seqjax `StackedRecurrent` (GRU in its textbook form, and with `reset_after=True`, the
 form Flax and PyTorch use); Flax `nn.RNN` over `nn.SimpleCell`, `nn.GRUCell`, `nn.LSTMCell`
 and `nn.OptimizedLSTMCell`, stacked once per layer; and, when torch can be imported,
-`torch.nn.RNN` (tanh), `torch.nn.GRU` and `torch.nn.LSTM` with as many threads as JAX uses.
+`torch.nn.RNN` (tanh), `torch.nn.GRU` and `torch.nn.LSTM`, one row per `--torch_threads` count.
+
+Threads: XLA's CPU backend runs each matmul on a thread pool of os.cpu_count() threads. At the
+per-step sizes of a recurrence ([32, 512] @ [512, 2048] is 67 MFLOP) the synchronisation can
+cost more than the second thread gains: on a 2-vCPU virtual machine the scan's matmuls ran at
+98 GFLOP/s single-threaded against 80 with two threads. Compare both settings with
+    XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python benchmarks/recurrent.py --torch_threads=1,2
 """
 
 import os
@@ -43,6 +49,8 @@ flags.DEFINE_integer("batch", 32, "Batch size B.")
 flags.DEFINE_integer("repeats", 7, "Timed rounds; each runs every row of a size once.")
 flags.DEFINE_list("cells", ["rnn", "gru", "lstm"], "Cell types: rnn, gru, lstm.")
 flags.DEFINE_bool("torch", True, "Include PyTorch rows when torch is importable.")
+flags.DEFINE_list("torch_threads", [], "torch thread counts, one torch row per count; default: "
+                  "os.cpu_count(), the cores XLA's CPU thread pool uses.")
 flags.DEFINE_string(
     "omp_wait_policy", "PASSIVE",
     "OMP_WAIT_POLICY for torch's OpenMP threads, unless the environment sets it; '' leaves "
@@ -127,13 +135,14 @@ def jax_step(module: nn.Module, x_BxTxF):
     return lambda: jax.block_until_ready(grad_fn(params, x_BxTxF))
 
 
-def torch_step(kind: str, H: int, L: int, B: int, T: int):
+def torch_step(kind: str, H: int, L: int, B: int, T: int, threads: int):
     """The same training step for torch.nn.{RNN,GRU,LSTM}: forward, mean(out**2), backward."""
     torch.manual_seed(0)
     layer = getattr(torch.nn, kind)(H, H, num_layers=L, batch_first=True)
     x = torch.randn(B, T, H, requires_grad=True)
 
     def step():
+        torch.set_num_threads(threads)
         layer.zero_grad(set_to_none=True)
         x.grad = None
         out, _ = layer(x)
@@ -142,6 +151,10 @@ def torch_step(kind: str, H: int, L: int, B: int, T: int):
         return loss.item()
 
     return step
+
+
+def _torch_name(kind: str, threads: int) -> str:
+    return f"torch nn.{kind} ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def _import_torch() -> bool:
@@ -169,13 +182,12 @@ def main(argv):
         raise app.UsageError(f"unknown cells {sorted(unknown)}; expected {sorted(JAX_ROWS)}")
     use_torch = FLAGS.torch and _import_torch()
 
-    threads = os.cpu_count()
+    torch_threads = [int(n) for n in FLAGS.torch_threads] or [os.cpu_count()]
     print(f"jax {jax.__version__}, flax {flax.__version__}; backend {jax.default_backend()}, "
-          f"devices {jax.devices()}")
+          f"devices {jax.devices()}; os.cpu_count() {os.cpu_count()}; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')!r}")
     if use_torch:
-        torch.set_num_threads(threads)  # as many as JAX's CPU thread pool (os.cpu_count())
-        print(f"torch {torch.__version__}: set_num_threads({threads}) = os.cpu_count(), the "
-              f"cores JAX uses; torch reports {torch.get_num_threads()} threads; "
+        print(f"torch {torch.__version__}: rows with set_num_threads({torch_threads}); "
               f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     else:
         print("torch: " + ("disabled by --notorch" if not FLAGS.torch else "not importable")
@@ -196,9 +208,9 @@ def main(argv):
                 for T in seq_lens:
                     x = jax.random.normal(jax.random.PRNGKey(1), (B, T, H), jnp.float32)
                     steps = {name: jax_step(build(H, L), x) for name, build in JAX_ROWS[cell]}
-                    if use_torch:
+                    for n in torch_threads if use_torch else []:
                         kind = TORCH_ROWS[cell]
-                        steps[f"torch nn.{kind}"] = torch_step(kind, H, L, B, T)
+                        steps[_torch_name(kind, n)] = torch_step(kind, H, L, B, T, n)
                     times = interleaved_times(steps, repeats)
                     got = results[(cell, L, H, T)] = {}
                     for name, ts in times.items():
@@ -212,7 +224,8 @@ def main(argv):
     for cell in FLAGS.cells:
         parts = []
         for label, names in (("best Flax", [n for n, _ in JAX_ROWS[cell] if n.startswith("flax")]),
-                             ("torch", [f"torch nn.{TORCH_ROWS[cell]}"] if use_torch else [])):
+                             ("best torch", [_torch_name(TORCH_ROWS[cell], n)
+                                             for n in torch_threads] if use_torch else [])):
             if not names:
                 continue
             ratios = {key: min(got[n] for n in names)  # the fastest of `names`

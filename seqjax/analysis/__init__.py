@@ -1,10 +1,18 @@
 """Experiments that measure models instead of training one: `run(config, workdir)` dispatches on
-`config.task`; each analysis trains what it needs through the engine."""
+`config.task`; each analysis trains (or reads) what it needs through the engine."""
 
-ANALYSES = ("gradient_flow",)
+ANALYSES = ("gradient_flow", "attention_maps")
 
 
 def run(config, workdir: str) -> dict:
-    from seqjax.analysis import gradient_flow
-    runners = {"gradient_flow": gradient_flow.run}
+    from seqjax.analysis import attention_maps, gradient_flow
+    runners = {"gradient_flow": gradient_flow.run, "attention_maps": attention_maps.run}
     return runners[config.task](config, workdir)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt

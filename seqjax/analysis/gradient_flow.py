@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from seqjax import config as config_lib
+from seqjax.analysis import pyplot
 from seqjax.nn.recurrent import CELLS
 from seqjax.tasks import charlm
 from seqjax.train import loop
@@ -243,15 +244,8 @@ def _write_csv(path, rows):
         writer.writerows(rows)
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _plot_gradient_flow(rows, path):
-    plt = _pyplot()
+    plt = pyplot()
     panels = sorted({(r["state"], r["recurrent_scale"]) for r in rows},
                     key=lambda p: (p[0] == "trained", p[1]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), sharey=True,
@@ -272,7 +266,7 @@ def _plot_gradient_flow(rows, path):
 
 
 def _plot_clipping(curves, c, path):
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for theta, (curve, error) in curves.items():
         label = f"clip_norm={theta:g}" if theta else "no clipping"

@@ -31,8 +31,8 @@ class Task:
 
 
 def build(config, workdir: str | None = None) -> Task:
-    from seqjax.tasks import charlm
-    builders = {"charlm": charlm.build}
+    from seqjax.tasks import charlm, charlm_transformer
+    builders = {"charlm": charlm.build, "charlm_transformer": charlm_transformer.build}
     if config.task not in builders:
         raise ValueError(f"config.task={config.task!r}: expected one of {sorted(builders)}")
     return builders[config.task](config, workdir)

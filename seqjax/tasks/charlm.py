@@ -8,7 +8,6 @@ With sequential partitioning the hidden state is carried from one minibatch to t
 same way.
 """
 
-import functools
 import math
 import os
 
@@ -28,36 +27,44 @@ VOCAB_FILE = "vocab.json"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def validate(config):
-    d, m = config.data, config.model
+def validate_data_and_sample(config):
+    """Checks config.data and config.sample, which every character-level LM task shares."""
+    d = config.data
     config_lib.expect(d.preprocess in text_lib.PREPROCESS_MODES, "data.preprocess", d.preprocess,
                       f"expected one of {text_lib.PREPROCESS_MODES}")
     config_lib.expect(d.partition in text_lib.PARTITIONS, "data.partition", d.partition,
                       f"expected one of {text_lib.PARTITIONS}")
     config_lib.expect_positive_int(config, "data.batch_size", "data.num_steps",
-                                   "data.eval_batch_size", "model.hidden", "model.num_layers",
-                                   "model.unroll")
+                                   "data.eval_batch_size")
     config_lib.expect_fraction(config, "data.valid_fraction", low_open=True)
+    value = config_lib.expect_type(config, "data.min_freq", int)
+    config_lib.expect(value >= 0, "data.min_freq", value, "must be >= 0")
+    config_lib.expect(config.model.dtype in DTYPES, "model.dtype", config.model.dtype,
+                      f"expected one of {sorted(DTYPES)}")
+    if config.get("sample"):
+        unknown = set(config.sample) - {"prefix", "length", "temperature"}
+        config_lib.expect(not unknown, "sample", config.sample.to_dict(),
+                          f"unknown options {sorted(unknown)}; expected prefix, length, temperature")
+        check_sample_options(prefix_key="config.sample.", **config.sample)
+
+
+def validate(config):
+    validate_data_and_sample(config)
+    m = config.model
+    config_lib.expect_positive_int(config, "model.hidden", "model.num_layers", "model.unroll")
     config_lib.expect_fraction(config, "model.dropout")
-    for key in ("data.min_freq", "model.embed_dim"):
-        value = config_lib.expect_type(config, key, int)
-        config_lib.expect(value >= 0, key, value, "must be >= 0")
+    value = config_lib.expect_type(config, "model.embed_dim", int)
+    config_lib.expect(value >= 0, "model.embed_dim", value, "must be >= 0")
     config_lib.expect(m.cell in CELLS, "model.cell", m.cell, f"expected one of {sorted(CELLS)}")
-    config_lib.expect(m.dtype in DTYPES, "model.dtype", m.dtype, f"expected one of {sorted(DTYPES)}")
     for key in ("kernel", "recurrent", "bias", "head"):
         try:
             initializers.from_spec(m.init[key])
         except (TypeError, ValueError) as e:
             raise ValueError(f"config.model.init.{key}: {e}") from None
     config_lib.expect_type(config, "model.init.forget_bias", (int, float))
-    if config.get("sample"):
-        unknown = set(config.sample) - {"prefix", "length", "temperature"}
-        config_lib.expect(not unknown, "sample", config.sample.to_dict(),
-                          f"unknown options {sorted(unknown)}; expected prefix, length, temperature")
-        _check_sample_options(prefix_key="config.sample.", **config.sample)
 
 
-def _check_sample_options(prefix="time traveller", length=100, temperature=1.0, prefix_key=""):
+def check_sample_options(prefix="time traveller", length=100, temperature=1.0, prefix_key=""):
     """Raises a ValueError naming the option (`prefix_key` + name) that is out of range."""
     def expect(ok, name, value, what):
         if not ok:
@@ -121,44 +128,64 @@ def build(config, workdir=None) -> Task:
         carry = jax.tree.map(lambda c: jnp.where(batch["reset"], jnp.zeros_like(c), c), carry)
         logits_BxTxV, carry = model.apply(params, batch["inputs"], carry, deterministic=not train,
                                           rngs={"dropout": rng} if train else {})
-        ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
-        weights_BxT = batch.get("weights", jnp.ones_like(ce_BxT))
-        sums = {"loss": jnp.sum(ce_BxT * weights_BxT), "weight": jnp.sum(weights_BxT)}
-        return sums, jax.lax.stop_gradient(carry)
+        return lm_sums(logits_BxTxV, batch), jax.lax.stop_gradient(carry)
 
-    def report(means):
-        return dict(means, perplexity=math.exp(min(means["loss"], 700.0)))
-
-    sample_fn = jax.jit(functools.partial(_sample, model), static_argnames="length")
-
-    def generate(params, rng, *, prefix="time traveller", length=100, temperature=1.0):
-        _check_sample_options(prefix, length, temperature)
-        prefix_tokens = text_lib.tokenize(text_lib.preprocess(prefix, d.preprocess), "char")
-        if not prefix_tokens:
-            raise ValueError(f"prefix={prefix!r} holds no character the model reads")
-        ids = sample_fn(params, jnp.asarray(vocab.encode(prefix_tokens))[None], rng,
-                        jnp.float32(temperature), length=length)
-        return "".join(prefix_tokens) + "".join(vocab.to_tokens(np.asarray(ids).tolist()))
+    def sample_fn(params, prefix_1xP, rng, temperature, length):
+        logits_1xPxV, carry = model.apply(params, prefix_1xP, model.initialize_carry(1))
+        return sample_tokens(lambda token_1, carry: model.apply(params, token_1[:, None], carry),
+                             logits_1xPxV[:, -1], carry, rng, temperature, length)
 
     return Task(init_params=init_params, init_carry=init_carry, loss=loss,
                 train_batch=batches, eval_batches=lambda: eval_batches,
                 batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
                 tokens_per_batch=d.batch_size * d.num_steps, report=report,
-                files={VOCAB_FILE: vocab.to_json()}, generate=generate)
+                files={VOCAB_FILE: vocab.to_json()},
+                generate=text_generator(sample_fn, vocab, d.preprocess))
 
 
-def _sample(model, params, prefix_1xP, rng, temperature, *, length):
-    """Reads the prefix, then draws `length` tokens from softmax(logits / temperature), feeding
-    each back in; temperature 0 takes the most likely token."""
-    logits_1xPxV, carry = model.apply(params, prefix_1xP, model.initialize_carry(1))
+# ----------------------------------------------------------------------------- shared by LM tasks
 
-    def step(state, key):
-        logits_1xV, carry = state
+def lm_sums(logits_BxTxV, batch) -> dict:
+    """Summed next-token cross-entropy and its weight (padding has weight 0 in eval batches)."""
+    ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+    weights_BxT = batch.get("weights", jnp.ones_like(ce_BxT))
+    return {"loss": jnp.sum(ce_BxT * weights_BxT), "weight": jnp.sum(weights_BxT)}
+
+
+def report(means):
+    return dict(means, perplexity=math.exp(min(means["loss"], 700.0)))
+
+
+def sample_tokens(step_fn, logits_1xV, state, rng, temperature, length):
+    """Draws `length` tokens from softmax(logits / temperature), feeding each back in with
+    `step_fn(token_1, state) -> (logits_1x1xV, state)`; temperature 0 takes the most likely."""
+    def step(carry, key):
+        logits_1xV, state = carry
         scaled = logits_1xV / jnp.maximum(temperature, 1e-6)
         token_1 = jnp.where(temperature > 0, jax.random.categorical(key, scaled),
                             jnp.argmax(logits_1xV, axis=-1))
-        logits_1x1xV, carry = model.apply(params, token_1[:, None], carry)
-        return (logits_1x1xV[:, -1], carry), token_1[0]
+        logits_1x1xV, state = step_fn(token_1, state)
+        return (logits_1x1xV[:, -1], state), token_1[0]
 
-    _, tokens = jax.lax.scan(step, (logits_1xPxV[:, -1], carry), jax.random.split(rng, length))
+    _, tokens = jax.lax.scan(step, (logits_1xV, state), jax.random.split(rng, length))
     return tokens
+
+
+def text_generator(sample_fn, vocab, preprocess_mode, max_tokens=None):
+    """`Task.generate` around a jitted `sample_fn(params, prefix_1xP, rng, temperature, length)`:
+    the prefix is read as the corpus was, and the result is the prefix plus the sample."""
+    sample_fn = jax.jit(sample_fn, static_argnames="length")
+
+    def generate(params, rng, *, prefix="time traveller", length=100, temperature=1.0):
+        check_sample_options(prefix, length, temperature)
+        prefix_tokens = text_lib.tokenize(text_lib.preprocess(prefix, preprocess_mode), "char")
+        if not prefix_tokens:
+            raise ValueError(f"prefix={prefix!r} holds no character the model reads")
+        if max_tokens and len(prefix_tokens) + length > max_tokens:
+            raise ValueError(f"prefix ({len(prefix_tokens)} characters) plus length={length} is "
+                             f"longer than the model's context of {max_tokens}")
+        ids = sample_fn(params, jnp.asarray(vocab.encode(prefix_tokens))[None], rng,
+                        jnp.float32(temperature), length=length)
+        return "".join(prefix_tokens) + "".join(vocab.to_tokens(np.asarray(ids).tolist()))
+
+    return generate
