@@ -32,7 +32,7 @@ def get_config(arg=None):
         min_freq=0,
         valid_fraction=0.1,
         partition="random",
-        batch_size=32,
+        batch_size=16,
         num_steps=args.context,
         eval_batch_size=16,
     )
@@ -70,7 +70,7 @@ def get_config(arg=None):
     config.sample = dict(prefix="time traveller", length=200, temperature=0.7)
 
     if args.context > 256:  # the same number of characters per batch
-        config.data.batch_size = max(1, 32 * 256 // args.context)
+        config.data.batch_size = max(1, 16 * 256 // args.context)
     if args.tiny:
         config.data.batch_size = 8
         config.data.num_steps = 32

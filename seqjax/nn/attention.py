@@ -302,7 +302,7 @@ class MultiHeadAttention(nn.Module):
         start = (0, index, 0, 0)
         cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, start)
         cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, start)
-        cache_index.value = index + 1
+        cache_index.value = index + L
         keys, values = cached_key.value, cached_value.value
         k_positions = jnp.arange(max_length)
         if self.attention == "local" and L == 1:  # only the query's window: O(block_size)
