@@ -26,7 +26,9 @@ def sinusoidal_encoding(length: int, dim: int, base: float = 10000.0) -> np.ndar
 
 class LearnedPosition(nn.Module):
     """A learned embedding P [max_length, E] added to inputs [B, L, E] at positions
-    offset..offset+L-1; a sequence longer than `max_length` is a clear error."""
+    offset..offset+L-1; a sequence longer than `max_length` is a clear error. A traced
+    `offset` (cached decoding) cannot be checked: past the table, rows are clamped, so decoders
+    check the total length before they start (as `charlm_transformer` does)."""
 
     max_length: int
     param_dtype: jnp.dtype = jnp.float32
