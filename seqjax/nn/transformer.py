@@ -54,12 +54,15 @@ class AddNorm(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Self-attention and FFN with residuals: [B, L, E] -> [B, L, E]. `attention_kwargs` go to
-    `MultiHeadAttention` (attention='local', block_size, look_back, causal, rotary, decode)."""
+    """Self-attention and FFN with residuals: [B, L, E] -> [B, L, E]. `dropout_rate` applies
+    to each sublayer's output (and embeddings), `attention_dropout_rate` to the attention
+    weights. `attention_kwargs` go to `MultiHeadAttention` (attention='local', block_size,
+    look_back, causal, rotary, decode)."""
 
     num_heads: int
     ffn_hiddens: int
     dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
     norm: str = "post"
     activation: str = "relu"
     attention_kwargs: Any = ()
@@ -71,7 +74,7 @@ class EncoderBlock(nn.Module):
         if self.norm not in NORMS:
             raise ValueError(f"norm={self.norm!r}: expected one of {NORMS}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attention = MultiHeadAttention(self.num_heads, dropout_rate=self.dropout_rate,
+        attention = MultiHeadAttention(self.num_heads, dropout_rate=self.attention_dropout_rate,
                                        name="attention", **dict(self.attention_kwargs), **kw)
         ffn = PositionwiseFFN(self.ffn_hiddens, activation=self.activation, name="ffn", **kw)
         sublayers = (lambda x: attention(x, mask=mask, deterministic=deterministic), ffn)
@@ -108,6 +111,7 @@ class TransformerLM(nn.Module):
     block_size: int = 128
     look_back: int = 0
     dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
     norm: str = "pre"
     activation: str = "gelu"
     decode: bool = False
@@ -144,7 +148,8 @@ class TransformerLM(nn.Module):
                                 look_back=self.look_back, causal=True,
                                 rotary=self.position == "rotary", decode=self.decode)
         for i in range(self.num_layers):
-            x = EncoderBlock(self.num_heads, self.ffn_hiddens, self.dropout_rate, norm=self.norm,
+            x = EncoderBlock(self.num_heads, self.ffn_hiddens, self.dropout_rate,
+                             attention_dropout_rate=self.attention_dropout_rate, norm=self.norm,
                              activation=self.activation,
                              attention_kwargs=tuple(attention_kwargs.items()),
                              name=f"block{i}", **kw)(x, deterministic=deterministic)

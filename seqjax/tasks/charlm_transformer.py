@@ -26,6 +26,7 @@ def validate(config):
     config_lib.expect_positive_int(config, "model.num_layers", "model.d_model",
                                    "model.num_heads", "model.ffn_hiddens", "model.block_size")
     config_lib.expect_fraction(config, "model.dropout")
+    config_lib.expect_fraction(config, "model.attention_dropout")
     look_back = config_lib.expect_type(config, "model.look_back", int)
     config_lib.expect(look_back >= 0, "model.look_back", look_back, "must be >= 0")
     config_lib.expect(m.d_model % m.num_heads == 0, "model.d_model", m.d_model,
@@ -54,7 +55,8 @@ def make_model(config, vocab_size: int, **kwargs) -> TransformerLM:
         vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
         num_heads=m.num_heads, ffn_hiddens=m.ffn_hiddens, max_length=config.data.num_steps,
         position=m.position, attention=m.attention, block_size=m.block_size,
-        look_back=m.look_back, dropout_rate=m.dropout, norm=m.norm, activation=m.activation,
+        look_back=m.look_back, dropout_rate=m.dropout,
+        attention_dropout_rate=m.attention_dropout, norm=m.norm, activation=m.activation,
         dtype=DTYPES[m.dtype], **kwargs)
 
 

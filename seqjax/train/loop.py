@@ -202,7 +202,8 @@ def _train_summary(fetched: list[dict]) -> dict:
 # evaluation, logging) may change.
 RESUME_KEYS = ("task", "model", "data.preprocess", "data.min_freq", "data.batch_size",
                "opt.name", "opt.grad_accum_steps")
-RESUME_FREE = ("model.dropout", "model.unroll", "model.dtype", "model.init")
+RESUME_FREE = ("model.dropout", "model.attention_dropout", "model.unroll", "model.dtype",
+               "model.init")
 
 
 def _under(key: str, prefixes) -> bool:
