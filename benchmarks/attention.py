@@ -1,0 +1,574 @@
+r"""Time and compiled peak memory of seqjax's block-local attention against full attention.
+
+    python benchmarks/attention.py              # the full table: about 7 minutes on 2 CPU cores
+    python benchmarks/attention.py --quick      # tiny sizes, a smoke test (under a minute)
+    python benchmarks/attention.py --lengths=4096,16384 --block_sizes=256 --look_backs=0,1
+    python benchmarks/attention.py --nobreakdown --repeats=9
+
+Rows, at each length N (self-attention, q, k, v of shape [B, N, H, D], float32, causal unless
+--nocausal): seqjax `dot_product_attention` (full, with a causal [N, N] mask; the reference
+row), `jax.nn.dot_product_attention` (implementation='xla', is_causal) with and without
+`local_window_size` (whose XLA path still builds the [N, N] scores and mask), Flax's
+`flax.linen.dot_product_attention` (the core of `nn.MultiHeadDotProductAttention`) with the
+same mask, and seqjax `local_attention` for every --block_sizes S and --look_backs.
+
+Columns: the median seconds of one call of the forward (jitted, outputs ready) and of the
+forward plus backward (jax.grad of sum(out * a fixed random cotangent) w.r.t. q, k and v);
+the compiled peak memory of each, from XLA's memory analysis (argument + output + temp -
+alias bytes: temp is the buffer the executable allocates for its intermediates); "speed-up"
+= seqjax full attention's time / this row's time (for a local row: the speed-up of local over
+full attention at the same N), the median over rounds of the per-round ratio; "memory /"
+= full attention's peak / this row's peak; and "% peak" = useful FLOPs / time as a fraction
+of this machine's float32 matmul peak, measured in the same run (a jitted P x P @ P x P
+matmul, P = --peak_size, best of 3, before the table; measured again after it, and the
+summary uses the higher). Useful FLOPs: 4 B H N N D for full attention, 4 B H N W D for
+local attention with W = (1 + look_back) S keys per query (nothing halved for causal
+masking), 3x that forward plus backward.
+
+What does not fit is skipped and says so: a function runs only if its compiled memory
+analysis needs at most --memory_fraction of the memory available (MemAvailable in
+/proc/meminfo, plus what this process holds above its starting size), else 'skipped: needs
+X GiB'; a forward plus backward runs only if about 3x the forward's time is at most
+--max_seconds, and a forward only if its time extrapolated from the previous length (x
+(N'/N)^2 for full attention, x N'/N for local) is at most 4 --max_seconds.
+
+Timing: every function is compiled ahead of time and run once (a warm-up); then the rows of a
+length run in turn, round after round, so that a change of load on a shared machine hits
+all rows alike. A row gets min(--repeats, --row_seconds / its warm-up time) rounds, at least
+one; a row slower than --row_seconds (full attention at 16k) is timed by its warm-up run
+alone. Ratios pair the rows' samples in round order. The ratios are the result, not the
+absolute numbers.
+
+After the table, a summary checks the targets of the issue on CPU (at N=16384, S=256, or in
+--quick at the largest length and block size): local attention (look_back 0) at least 50x
+faster forward and at least 20x less memory than full attention; doubling N at most 2.2x
+the time of local attention; look_back=1 at most 1.7x the time of look_back=0; N=65536
+forward and forward plus backward within 2 GB; and local attention's forward plus backward
+reaching at least 40% of the matmul peak. Then --breakdown times the stages of
+`local_attention`'s forward at that size (the scores einsum, the masked softmax, the weights
+@ values einsum) separately, in its layout and in a head-major layout, against a prototype
+(`head_major_local_attention` below: head-major blocks, an additive finite mask, the softmax
+normalised after the second einsum).
+"""
+
+import dataclasses
+import math
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+from absl import app, flags
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seqjax.nn.attention import dot_product_attention, local_attention, softmax_where
+
+flags.DEFINE_list("lengths", ["1024", "4096", "16384", "65536"], "Sequence lengths N.")
+flags.DEFINE_list("block_sizes", ["128", "256"], "Block sizes S of local attention.")
+flags.DEFINE_list("look_backs", ["0", "1"], "look_back values of local attention.")
+flags.DEFINE_integer("repeats", 5, "Most timed rounds at a length (slow rows get fewer).")
+flags.DEFINE_integer("d_model", 256, "Model width E = heads * head_dim.")
+flags.DEFINE_integer("heads", 4, "Attention heads H (head_dim D = d_model / heads).")
+flags.DEFINE_integer("batch", 1, "Batch size B.")
+flags.DEFINE_bool("causal", True, "Causal attention (every row); --nocausal: bidirectional.")
+flags.DEFINE_float("row_seconds", 8.0, "Timing budget of one row at one length: it gets "
+                   "min(--repeats, row_seconds / one call) rounds, at least 1.")
+flags.DEFINE_float("max_seconds", 30.0, "Skip a forward+backward whose estimated time per call "
+                   "(3x the forward's) is above this, and a forward whose time extrapolated "
+                   "from the previous length is above 4x this.")
+flags.DEFINE_float("memory_fraction", 0.7, "Run a function only if its compiled peak memory is "
+                   "at most this fraction of the memory available.")
+flags.DEFINE_integer("peak_size", 4096, "P of the P x P @ P x P float32 matmul that measures "
+                     "the machine's peak FLOP rate.")
+flags.DEFINE_bool("breakdown", True, "After the summary, time the stages of local attention's "
+                  "forward and a prototype variant at the target size.")
+flags.DEFINE_bool("quick", False, "Tiny sizes and 2 repeats, a smoke test.")
+FLAGS = flags.FLAGS
+
+FULL = "seqjax dot_product_attention"  # the reference row
+FWD, GRAD = "fwd", "fwd+bwd"
+GB = 10 ** 9
+
+
+# ----------------------------------------------------------------------------- rows
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    fn: Callable  # (q, k, v) -> out, all [B, N, H, D]
+    flops: float  # useful FLOPs of the forward
+    kind: str  # "full" or "local"
+    block_size: Optional[int] = None
+    look_back: Optional[int] = None
+
+
+def causal_mask(n):
+    return jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]
+
+
+def make_rows(N, B, H, D, block_sizes, look_backs, causal):
+    full_flops = 4.0 * B * H * N * N * D
+    S_win = max(block_sizes)
+    window = (S_win - 1, 0) if causal else (S_win // 2, S_win // 2)
+    mask = (lambda: causal_mask(N)) if causal else (lambda: None)
+    flax_mask = (lambda: causal_mask(N)[None, None]) if causal else (lambda: None)
+    rows = [
+        Row(FULL, lambda q, k, v: dot_product_attention(q, k, v, mask=mask()),
+            full_flops, "full"),
+        Row("jax.nn.dot_product_attention",
+            lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                         implementation="xla"),
+            full_flops, "full"),
+        Row(f"jax.nn.dot_product_attention local_window_size={window}",
+            lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, is_causal=causal, local_window_size=window, implementation="xla"),
+            full_flops, "full"),
+        Row("flax.linen.dot_product_attention",
+            lambda q, k, v: nn.dot_product_attention(q, k, v, mask=flax_mask(),
+                                                     deterministic=True),
+            full_flops, "full"),
+    ]
+    for S in block_sizes:
+        for lb in look_backs:
+            rows.append(Row(
+                f"seqjax local_attention S={S} look_back={lb}",
+                lambda q, k, v, S=S, lb=lb: local_attention(q, k, v, block_size=S,
+                                                            causal=causal, look_back=lb),
+                4.0 * B * H * N * (1 + lb) * S * D, "local", S, lb))
+    return rows
+
+
+def with_grad(fn):
+    """(q, k, v, ct) -> the gradients of sum(fn(q, k, v) * ct) w.r.t. q, k and v."""
+    def grads(q, k, v, ct):
+        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * ct), argnums=(0, 1, 2))(q, k, v)
+    return grads
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def own_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+BASE_RSS = own_rss_bytes()
+
+
+def memory_budget() -> float:
+    """--memory_fraction of what this process could use now: the memory available, plus what
+    it holds above its size at import (freed buffers it may keep and reuse)."""
+    return FLAGS.memory_fraction * (available_bytes() + max(0, own_rss_bytes() - BASE_RSS))
+
+
+def compiled_bytes(compiled) -> int:
+    """The executable's peak memory by XLA's memory analysis: its arguments, outputs and temp
+    buffer (its intermediates, as buffer assignment packed them), less aliased bytes. (On CPU
+    the analysis' peak_memory_in_bytes leaves out the temp buffer.)"""
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes)
+
+
+def fmt_bytes(n) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def block(f, *args):
+    return lambda: jax.block_until_ready(f(*args))
+
+
+def timed(step) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def matmul_peak(P: int) -> float:
+    """FLOP/s of a jitted float32 [P, P] @ [P, P], the best of 3 runs after a warm-up."""
+    a, b = (jax.random.normal(key, (P, P), jnp.float32)
+            for key in jax.random.split(jax.random.PRNGKey(7)))
+    step = block(jax.jit(jnp.matmul).lower(a, b).compile(), a, b)
+    step()
+    return 2.0 * P ** 3 / min(timed(step) for _ in range(3))
+
+
+@dataclasses.dataclass
+class Result:
+    nbytes: int  # compiled peak memory
+    samples: list = dataclasses.field(default_factory=list)  # seconds, in round order
+    skipped: Optional[str] = None
+
+    @property
+    def seconds(self):
+        return statistics.median(self.samples) if self.samples else None
+
+
+def paired_ratio(num: Result, den: Result):
+    """median over rounds of num's time / den's time, pairing samples in round order."""
+    pairs = list(zip(num.samples, den.samples))
+    return statistics.median(a / b for a, b in pairs) if pairs else None
+
+
+def measure_length(N, rows, B, H, D, previous):
+    """{(row name, FWD or GRAD): Result} at length N. `previous` maps row name to (length,
+    forward seconds) of the last length measured, for extrapolating."""
+    keys = jax.random.split(jax.random.PRNGKey(N), 4)
+    q, k, v, ct = (jax.random.normal(key, (B, N, H, D), jnp.float32) for key in keys)
+    steps, results = {}, {}
+    for row in rows:
+        for mode, fn, args in ((FWD, row.fn, (q, k, v)), (GRAD, with_grad(row.fn), (q, k, v, ct))):
+            compiled = jax.jit(fn).lower(*args).compile()
+            results[row.name, mode] = Result(compiled_bytes(compiled))
+            steps[row.name, mode] = block(compiled, *args)
+
+    def fits(key):
+        result, budget = results[key], memory_budget()
+        if result.nbytes > budget:
+            result.skipped = (f"skipped: needs {result.nbytes / 2**30:.1f} GiB "
+                              f"(> {budget / 2**30:.1f})")
+        return result.skipped is None
+
+    warm = {}  # key -> seconds of the warm-up run
+    for row in rows:  # forwards first: a forward+backward's estimate is 3x its forward
+        key = (row.name, FWD)
+        if not fits(key):
+            continue
+        if row.name in previous:
+            n0, t0 = previous[row.name]
+            estimate = t0 * (N / n0) ** (2 if row.kind == "full" else 1)
+            if estimate > 4 * FLAGS.max_seconds:
+                results[key].skipped = f"skipped: ~{estimate:.0f} s a call"
+                continue
+        warm[key] = timed(steps[key])
+    for row in rows:
+        key = (row.name, GRAD)
+        if not fits(key):
+            continue
+        if (row.name, FWD) not in warm:
+            results[key].skipped = results[row.name, FWD].skipped
+            continue
+        estimate = 3 * warm[row.name, FWD]
+        if estimate > FLAGS.max_seconds:
+            results[key].skipped = f"skipped: ~{estimate:.0f} s a call"
+            continue
+        warm[key] = timed(steps[key])
+
+    rounds = {}
+    for key, seconds in warm.items():
+        if seconds >= FLAGS.row_seconds:  # too slow to repeat: the warm-up run is the sample
+            results[key].samples.append(seconds)
+            rounds[key] = 0
+        else:
+            rounds[key] = min(FLAGS.repeats, max(1, int(FLAGS.row_seconds / seconds)))
+    for r in range(max(rounds.values(), default=0)):
+        for key, n in rounds.items():
+            if r < n:
+                results[key].samples.append(timed(steps[key]))
+    for row in rows:
+        if results[row.name, FWD].samples:
+            previous[row.name] = (N, results[row.name, FWD].seconds)
+    return results
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def table_line(N, row, results, peak):
+    cells = [str(N), row.name]
+    for mode in (FWD, GRAD):
+        r = results[row.name, mode]
+        cells.append(f"{1e3 * r.seconds:,.1f}" if r.samples else r.skipped or "-")
+    cells += [fmt_bytes(results[row.name, mode].nbytes) for mode in (FWD, GRAD)]
+    for mode in (FWD, GRAD):
+        ratio = paired_ratio(results[FULL, mode], results[row.name, mode])
+        cells.append("-" if ratio is None else f"{ratio:,.2f}")
+    for mode in (FWD, GRAD):
+        cells.append(f"{results[FULL, mode].nbytes / results[row.name, mode].nbytes:,.1f}")
+    for mode, factor in ((FWD, 1), (GRAD, 3)):
+        r = results[row.name, mode]
+        cells.append(f"{100 * factor * row.flops / r.seconds / peak:.1f}" if r.samples else "-")
+    return "| " + " | ".join(cells) + " |"
+
+
+def verdict(ok):
+    return "met" if ok else "NOT met"
+
+
+def summary(all_results, lengths, block_sizes, look_backs, target_N, target_S, memory_N, peak):
+    """Prints the issue's targets, met or not, with the numbers."""
+    def local(N, S, lb, mode):
+        return all_results.get(N, {}).get((f"seqjax local_attention S={S} look_back={lb}", mode))
+
+    def full(N, mode):
+        return all_results.get(N, {}).get((FULL, mode))
+
+    print(f"\nSummary: the issue's CPU targets (N={target_N}, S={target_S} unless said; "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s):")
+    # 1. speed and memory of local (look_back 0) against full attention
+    lo, fu = local(target_N, target_S, 0, FWD), full(target_N, FWD)
+    if lo is None or fu is None:
+        print(f"  local vs full: not measured (N={target_N} or S={target_S} not in the flags)")
+    else:
+        speed = paired_ratio(fu, lo)
+        if speed is None:
+            print(f"  forward speed-up >= 50x: not measured ({fu.skipped or lo.skipped})")
+        else:
+            print(f"  forward speed-up of local (look_back 0) over full >= 50x: "
+                  f"{verdict(speed >= 50)}, {speed:,.1f}x ({1e3 * fu.seconds:,.0f} ms vs "
+                  f"{1e3 * lo.seconds:,.1f} ms)")
+        mem = fu.nbytes / lo.nbytes
+        lo_g, fu_g = local(target_N, target_S, 0, GRAD), full(target_N, GRAD)
+        print(f"  memory of full / local >= 20x: {verdict(mem >= 20)}, {mem:,.1f}x forward "
+              f"({fmt_bytes(fu.nbytes)} vs {fmt_bytes(lo.nbytes)}); forward+backward "
+              f"{fu_g.nbytes / lo_g.nbytes:,.1f}x ({fmt_bytes(fu_g.nbytes)} vs "
+              f"{fmt_bytes(lo_g.nbytes)})")
+    # 2. doubling N: time factor per doubling between consecutive lengths, the worst
+    for mode in (FWD, GRAD):
+        factors = []  # (factor per doubling, S, lb, N1, N2)
+        for S in block_sizes:
+            for lb in look_backs:
+                timed_lengths = [N for N in lengths if (r := local(N, S, lb, mode)) and r.samples]
+                for n1, n2 in zip(timed_lengths, timed_lengths[1:]):
+                    t1, t2 = local(n1, S, lb, mode).seconds, local(n2, S, lb, mode).seconds
+                    factors.append(((t2 / t1) ** (1 / math.log2(n2 / n1)), S, lb, n1, n2))
+        if not factors:
+            print(f"  doubling N <= 2.2x the time ({mode}): not measured (one length)")
+            continue
+        worst = max(factors)
+        large = [f for f in factors if f[3] > min(lengths)]  # without the smallest length
+        at_target = [f for f in factors if f[1] == target_S and f[2] == 0]
+        print(f"  doubling N <= 2.2x the time of local attention ({mode}): "
+              f"{verdict(worst[0] <= 2.2)}, worst {worst[0]:.2f}x per doubling "
+              f"(S={worst[1]} look_back={worst[2]}, N {worst[3]} -> {worst[4]})"
+              + (f"; from N={min(f[3] for f in large)} on: worst {max(large)[0]:.2f}x "
+                 f"(S={max(large)[1]} look_back={max(large)[2]}, N {max(large)[3]} -> "
+                 f"{max(large)[4]})" if large else "")
+              + (f"; S={target_S} look_back=0: "
+                 + ", ".join(f"{f[3]}->{f[4]} {f[0]:.2f}x" for f in at_target)
+                 if at_target else ""))
+    # 3. look_back 1 against look_back 0
+    if 0 in look_backs and 1 in look_backs:
+        for mode in (FWD, GRAD):
+            ratios = {}  # (N, S) -> paired ratio
+            for N in lengths:
+                for S in block_sizes:
+                    r0, r1 = local(N, S, 0, mode), local(N, S, 1, mode)
+                    if r0 and r1 and (x := paired_ratio(r1, r0)) is not None:
+                        ratios[N, S] = x
+            if not ratios:
+                continue
+            worst = max(ratios, key=ratios.get)
+            here = ratios.get((target_N, target_S))
+            print(f"  look_back=1 <= 1.7x the time of look_back=0 ({mode}): "
+                  f"{verdict(max(ratios.values()) <= 1.7)}, "
+                  + (f"{here:.2f}x at N={target_N} S={target_S}; " if here else "")
+                  + f"worst {ratios[worst]:.2f}x (N={worst[0]} S={worst[1]}); all: "
+                  + ", ".join(f"{n}/{s} {x:.2f}" for (n, s), x in ratios.items()))
+    else:
+        print("  look_back=1 vs 0: not measured (--look_backs lacks 0 or 1)")
+    # 4. memory at memory_N, for each local configuration
+    if memory_N in all_results:
+        for mode in (FWD, GRAD):
+            sizes = {(S, lb): local(memory_N, S, lb, mode).nbytes
+                     for S in block_sizes for lb in look_backs}
+            print(f"  N={memory_N} {mode} within 2 GB: "
+                  f"{verdict(max(sizes.values()) <= 2 * GB)} for all; "
+                  + "; ".join(f"S={S} look_back={lb}: {verdict(n <= 2 * GB)}, {n / GB:.2f} GB"
+                              for (S, lb), n in sizes.items()))
+    else:
+        print(f"  N={memory_N} within 2 GB: not measured (N={memory_N} not in --lengths)")
+    # 5. FLOP rate of local attention's forward+backward
+    r = local(target_N, target_S, 0, GRAD)
+    if r is None or not r.samples:
+        print(f"  local forward+backward >= 40% of matmul peak: not measured")
+    else:
+        flops = 3 * 4.0 * FLAGS.batch * FLAGS.heads * target_N * target_S * (
+            FLAGS.d_model // FLAGS.heads)
+        rate = flops / r.seconds
+        print(f"  local forward+backward (look_back 0) >= 40% of the matmul peak: "
+              f"{verdict(rate >= 0.4 * peak)}, {100 * rate / peak:.1f}% "
+              f"({rate / 1e9:.1f} GFLOP/s)")
+
+
+# ----------------------------------------------------------------------------- breakdown
+
+def head_major_local_attention(q_BxNxHxD, k_BxNxHxD, v_BxNxHxD, *, block_size: int,
+                               look_back: int = 0, causal: bool = False):
+    """A prototype of `local_attention` (no key mask, no dropout, N a multiple of block_size):
+    blocks in head-major layout [B, H, C, S, D], so that both einsums are batched matmuls
+    over the leading axes with no transposes inside them; the mask as an additive finite
+    bias (one add, no select); and the softmax normalised after the weights @ values einsum
+    (a divide over [S, D] instead of [S, W])."""
+    B, N, H, D = q_BxNxHxD.shape
+    S, W = block_size, (1 + look_back) * block_size
+    if N % S:
+        raise ValueError(f"N={N} is not a multiple of block_size={S}")
+    C = N // S
+
+    def blocks(x):  # [B, N, H, D] -> [B, H, C, S, D]
+        return jnp.transpose(x.reshape(B, C, S, H, D), (0, 3, 1, 2, 4))
+
+    def windows(x):  # [B, H, C, S, D] -> [B, H, C, W, D], the look_back blocks first
+        if look_back == 0:
+            return x
+        padded = jnp.pad(x, [(0, 0), (0, 0), (look_back, 0), (0, 0), (0, 0)])
+        return jnp.concatenate([padded[:, :, j:j + C] for j in range(look_back + 1)], axis=3)
+
+    neg = np.float32(-1e30)  # finite: exp(neg - max) is 0, and no inf - inf
+    bias_SxW = np.zeros((S, W), np.float32)
+    if causal:
+        bias_SxW[np.arange(W)[None, :] > np.arange(S)[:, None] + look_back * S] = neg
+    bias_Cx1xW = np.zeros((C, 1, W), np.float32)  # keys before the sequence's start
+    for c in range(min(look_back, C)):
+        bias_Cx1xW[c, :, :(look_back - c) * S] = neg
+
+    q = blocks(q_BxNxHxD * np.float32(1 / np.sqrt(D)))
+    k, v = windows(blocks(k_BxNxHxD)), windows(blocks(v_BxNxHxD))
+    scores = jnp.einsum("bhcqd,bhckd->bhcqk", q, k) + bias_SxW
+    if look_back:
+        scores = scores + bias_Cx1xW
+    exp = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    out = jnp.einsum("bhcqk,bhckd->bhcqd", exp, v) / jnp.sum(exp, axis=-1, keepdims=True)
+    return jnp.transpose(out, (0, 2, 3, 1, 4)).reshape(B, N, H, D)
+
+
+def breakdown(N, S, B, H, D, causal, peak, repeats):
+    """Times the stages of local_attention's forward (look_back 0) at N, S separately, each
+    jitted on its own (so each reads its input from and writes its output to memory), in
+    turn for `repeats` rounds after a warm-up, and the prototype against the library."""
+    C = N // S
+    keys = jax.random.split(jax.random.PRNGKey(N + 1), 4)
+    q, k, v, ct = (jax.random.normal(key, (B, N, H, D), jnp.float32) for key in keys)
+    qb, kb, vb = ((x * (1 / np.sqrt(D)) if x is q else x).reshape(B, C, S, H, D)
+                  for x in (q, k, v))
+    qh, kh, vh = (jnp.transpose(x, (0, 3, 1, 2, 4)) for x in (qb, kb, vb))
+    allowed_SxW = (np.arange(S)[None, :] <= np.arange(S)[:, None]) if causal else None
+    bias_SxW = (np.where(allowed_SxW, 0, -1e30).astype(np.float32) if causal
+                else np.zeros((S, S), np.float32))
+    scores = jnp.einsum("bcqhd,bckhd->bchqk", qb, kb)
+    weights = softmax_where(scores, allowed_SxW)
+    scores_h = jnp.einsum("bhcqd,bhckd->bhcqk", qh, kh)
+    weights_h = jax.nn.softmax(scores_h + bias_SxW, axis=-1)
+    library = lambda q, k, v: local_attention(q, k, v, block_size=S, causal=causal)
+    proto = lambda q, k, v: head_major_local_attention(q, k, v, block_size=S, causal=causal)
+    einsum_flops = 2.0 * B * H * N * S * D
+    stages = [  # name, function, arguments, useful FLOPs
+        ("local_attention forward (the library)", library, (q, k, v), 2 * einsum_flops),
+        ("  scores einsum bcqhd,bckhd->bchqk", lambda a, b: jnp.einsum(
+            "bcqhd,bckhd->bchqk", a, b), (qb, kb), einsum_flops),
+        ("  softmax_where(scores, causal mask)", lambda s: softmax_where(s, allowed_SxW),
+         (scores,), None),
+        ("  weights einsum bchqk,bckhd->bcqhd", lambda w, b: jnp.einsum(
+            "bchqk,bckhd->bcqhd", w, b), (weights, vb), einsum_flops),
+        ("  layout: q, k, v -> blocks [B, C, S, H, D], q scaled",
+         lambda q, k, v: tuple(x.reshape(B, C, S, H, D) for x in (q * (1 / np.sqrt(D)), k, v)),
+         (q, k, v), None),
+        ("head-major scores einsum bhcqd,bhckd->bhcqk", lambda a, b: jnp.einsum(
+            "bhcqd,bhckd->bhcqk", a, b), (qh, kh), einsum_flops),
+        ("softmax(scores + finite bias)", lambda s: jax.nn.softmax(s + bias_SxW, axis=-1),
+         (scores_h,), None),
+        ("head-major weights einsum bhcqk,bhckd->bhcqd", lambda w, b: jnp.einsum(
+            "bhcqk,bhckd->bhcqd", w, b), (weights_h, vh), einsum_flops),
+        ("layout: q, k, v -> head-major blocks [B, H, C, S, D]",
+         lambda q, k, v: tuple(jnp.transpose(x.reshape(B, C, S, H, D), (0, 3, 1, 2, 4))
+                               for x in (q, k, v)), (q, k, v), None),
+        ("prototype head_major_local_attention forward", proto, (q, k, v), 2 * einsum_flops),
+        ("local_attention forward+backward (the library)", with_grad(library), (q, k, v, ct),
+         6 * einsum_flops),
+        ("prototype forward+backward", with_grad(proto), (q, k, v, ct), 6 * einsum_flops),
+    ]
+    steps = {name: block(jax.jit(fn).lower(*args).compile(), *args)
+             for name, fn, args, _ in stages}
+    for step in steps.values():
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(timed(step))
+    error = float(jnp.max(jnp.abs(jax.jit(proto)(q, k, v) - jax.jit(library)(q, k, v))))
+    base = times[stages[0][0]]
+    print(f"\nBreakdown of local_attention (look_back 0) at N={N}, S={S}, causal={causal}: each "
+          f"stage jitted alone, {repeats} rounds in turn; 'share' = median over rounds of its "
+          f"time / the library forward's. The prototype's forward differs from the library's "
+          f"by at most {error:.1e}.\n")
+    print("| stage | ms | share of library forward | GFLOP/s | % peak |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, _, _, flops in stages:
+        seconds = statistics.median(times[name])
+        share = statistics.median(t / t0 for t, t0 in zip(times[name], base))
+        rate = "-" if flops is None else f"{flops / seconds / 1e9:.1f}"
+        frac = "-" if flops is None else f"{100 * flops / seconds / peak:.1f}"
+        print(f"| {name} | {1e3 * seconds:,.1f} | {share:.2f} | {rate} | {frac} |", flush=True)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv):
+    del argv
+    start = time.perf_counter()
+    if FLAGS.quick:
+        lengths, block_sizes, look_backs, repeats = [256, 1024], [32, 64], [0, 1], 2
+        FLAGS.repeats, FLAGS.row_seconds, peak_size = repeats, 1.0, 1024
+    else:
+        lengths = [int(n) for n in FLAGS.lengths]
+        block_sizes = [int(s) for s in FLAGS.block_sizes]
+        look_backs = [int(lb) for lb in FLAGS.look_backs]
+        repeats, peak_size = FLAGS.repeats, FLAGS.peak_size
+    B, H = FLAGS.batch, FLAGS.heads
+    if FLAGS.d_model % H:
+        raise app.UsageError(f"--d_model={FLAGS.d_model} is not divisible by --heads={H}")
+    D = FLAGS.d_model // H
+    target_N = max(lengths) if FLAGS.quick else 16384
+    target_S = max(block_sizes) if FLAGS.quick else 256
+    memory_N = max(lengths) if FLAGS.quick else 65536
+
+    print(f"jax {jax.__version__}, flax {flax.__version__}; backend {jax.default_backend()}, "
+          f"devices {jax.devices()}; os.cpu_count() {os.cpu_count()}; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')!r}; memory available "
+          f"{available_bytes() / 2**30:.1f} GiB; load average {os.getloadavg()[0]:.1f}")
+    peaks = [matmul_peak(peak_size)]
+    print(f"matmul peak: float32 [{peak_size}, {peak_size}] @ [{peak_size}, {peak_size}], "
+          f"best of 3: {peaks[0] / 1e9:.1f} GFLOP/s")
+    print(f"float32; B={B}, H={H}, D={D} (d_model {FLAGS.d_model}); causal={FLAGS.causal}; "
+          f"fwd+bwd = grad of sum(out * cotangent) w.r.t. q, k, v; up to {repeats} rounds "
+          f"(--row_seconds={FLAGS.row_seconds:g} per row) after a warm-up; ms = median.")
+    print("speed-up = seqjax full attention's time / this row's (local rows: the speed-up of "
+          "local over full); memory / = full's compiled peak / this row's; % peak = useful "
+          "FLOP/s as a percentage of the matmul peak above.\n")
+    header = ["N", "implementation", "fwd ms", "fwd+bwd ms", "fwd peak memory",
+              "fwd+bwd peak memory", "speed-up fwd", "speed-up fwd+bwd", "memory / fwd",
+              "memory / fwd+bwd", "% peak fwd", "% peak fwd+bwd"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
+
+    all_results, previous = {}, {}
+    for N in lengths:
+        rows = make_rows(N, B, H, D, block_sizes, look_backs, FLAGS.causal)
+        all_results[N] = results = measure_length(N, rows, B, H, D, previous)
+        for row in rows:
+            print(table_line(N, row, results, peaks[0]), flush=True)
+    peaks.append(matmul_peak(peak_size))
+    peak = max(peaks)
+    print(f"\nmatmul peak again after the table: {peaks[1] / 1e9:.1f} GFLOP/s (the table used "
+          f"{peaks[0] / 1e9:.1f}; the summary and breakdown use the higher, {peak / 1e9:.1f}); "
+          f"load average {os.getloadavg()[0]:.1f}")
+    summary(all_results, lengths, block_sizes, look_backs, target_N, target_S, memory_N, peak)
+    if FLAGS.breakdown and target_N in lengths:
+        breakdown(target_N, target_S, B, H, D, FLAGS.causal, peak, repeats)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)
