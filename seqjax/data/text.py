@@ -69,12 +69,13 @@ class Vocab:
     """d2l `Vocab`: `<unk>` is id 0, then the reserved tokens in order, then the other tokens by
     descending frequency, ties broken by the token so the ids do not depend on the corpus order
     (d2l's own tie order follows `Counter` insertion). Tokens seen fewer than `min_freq` times
-    have no id of their own and map to `<unk>`."""
+    have no id of their own and map to `<unk>`; with `max_size`, so do all but the most frequent
+    ones beyond `max_size` ids in all."""
 
     unk = 0
     UNK_TOKEN = "<unk>"
 
-    def __init__(self, tokens=(), min_freq: int = 0, reserved_tokens=()):
+    def __init__(self, tokens=(), min_freq: int = 0, reserved_tokens=(), max_size: int | None = None):
         tokens = list(tokens)
         if tokens and isinstance(tokens[0], (list, tuple)):  # lines of tokens, as d2l allows
             tokens = [token for line in tokens for token in line]
@@ -85,6 +86,11 @@ class Vocab:
         self.token_freqs = sorted(counts.items(), key=lambda pair: (-pair[1], pair[0]))
         taken = {self.UNK_TOKEN, *reserved}
         kept = [t for t, freq in self.token_freqs if freq >= min_freq and t not in taken]
+        if max_size is not None:
+            if max_size < len(taken):
+                raise ValueError(f"max_size={max_size} leaves no room for the {len(taken)} "
+                                 f"reserved tokens")
+            kept = kept[:max_size - len(taken)]
         self._set_tokens([self.UNK_TOKEN, *reserved, *kept])
 
     def _set_tokens(self, idx_to_token):

@@ -1,11 +1,14 @@
-"""Transformer blocks (Vaswani et al. 2017, the textbook's chapter) and a decoder-only LM.
+"""Transformer blocks (Vaswani et al. 2017, the textbook's chapter), the encoder-decoder for
+sequence-to-sequence tasks, and a decoder-only LM.
 
-Dimension letters: B batch, L length, E model dimension (`d_model`), V vocabulary.
+Dimension letters: B batch, L length, S source length, T target length, E model dimension
+(`d_model`), V vocabulary.
 
-`EncoderBlock` is self-attention then a position-wise FFN, each followed by Add&Norm
+Every sublayer (self-attention, cross-attention, position-wise FFN) is followed by Add&Norm
 (residual plus LayerNorm: `norm='post'`, the original) or preceded by LayerNorm
-(`norm='pre'`, which trains deep stacks without warm-up tricks). With `causal=True` the same
-block is a decoder-only (GPT-style) block.
+(`norm='pre'`, which trains deep stacks without warm-up tricks). An `EncoderBlock` with
+causal self-attention is a decoder-only (GPT-style) block; a `DecoderBlock` adds
+cross-attention to the encoder's output between the two.
 """
 
 import functools
@@ -53,6 +56,21 @@ class AddNorm(nn.Module):
         return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln")(x + y)
 
 
+def _residual(i: int, x, sublayer, norm: str, dropout_rate: float, deterministic: bool, kw):
+    """Sublayer i with its residual: Add&Norm after it ('post') or LayerNorm before it ('pre').
+    Called inside a block's compact `__call__`, so the norms are that block's submodules."""
+    if norm == "post":
+        return AddNorm(dropout_rate, name=f"addnorm{i}", **kw)(x, sublayer(x),
+                                                                deterministic=deterministic)
+    y = sublayer(nn.LayerNorm(name=f"ln{i}", **kw)(x))
+    return x + nn.Dropout(dropout_rate)(y, deterministic=deterministic)
+
+
+def _check_norm(norm: str):
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r}: expected one of {NORMS}")
+
+
 class EncoderBlock(nn.Module):
     """Self-attention and FFN with residuals: [B, L, E] -> [B, L, E]. `dropout_rate` applies
     to each sublayer's output (and embeddings), `attention_dropout_rate` to the attention
@@ -71,33 +89,26 @@ class EncoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxE, mask=None, *, deterministic: bool = True):
-        if self.norm not in NORMS:
-            raise ValueError(f"norm={self.norm!r}: expected one of {NORMS}")
+        _check_norm(self.norm)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attention = MultiHeadAttention(self.num_heads, dropout_rate=self.attention_dropout_rate,
                                        name="attention", **dict(self.attention_kwargs), **kw)
         ffn = PositionwiseFFN(self.ffn_hiddens, activation=self.activation, name="ffn", **kw)
         sublayers = (lambda x: attention(x, mask=mask, deterministic=deterministic), ffn)
         for i, sublayer in enumerate(sublayers):
-            if self.norm == "post":
-                x_BxLxE = AddNorm(self.dropout_rate, name=f"addnorm{i + 1}", **kw)(
-                    x_BxLxE, sublayer(x_BxLxE), deterministic=deterministic)
-            else:
-                y = sublayer(nn.LayerNorm(name=f"ln{i + 1}", **kw)(x_BxLxE))
-                x_BxLxE = x_BxLxE + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+            x_BxLxE = _residual(i + 1, x_BxLxE, sublayer, self.norm, self.dropout_rate,
+                                deterministic, kw)
         return x_BxLxE
 
 
-class TransformerLM(nn.Module):
-    """Decoder-only Transformer language model: tokens [B, L] -> logits [B, L, V] (float32).
+class _Stack(nn.Module):
+    """The hyperparameters and input layer that every Transformer stack shares.
 
     Token embeddings scaled by sqrt(E) plus a positional encoding ('sinusoidal' or 'learned';
-    'rotary' rotates queries and keys inside attention instead), dropout, `num_layers` causal
-    `EncoderBlock`s (full or block-local attention), a final LayerNorm for pre-norm stacks,
-    and a linear head. A sequence longer than `max_length` is a clear error.
-
-    With `decode=True`, `init` on [B, max_length] tokens creates the key/value caches; each
-    later call (with 'cache' mutable) continues the sequence from where the last one stopped.
+    'rotary' rotates queries and keys inside self-attention instead), then dropout. A
+    sequence longer than `max_length` is a clear error. With `decode=True`, `init` on
+    [B, max_length] tokens creates the key/value caches; each later call (with 'cache'
+    mutable) continues the sequence from where the last one stopped.
     """
 
     vocab_size: int
@@ -118,15 +129,33 @@ class TransformerLM(nn.Module):
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, tokens_BxL, *, deterministic: bool = True):
+    @nn.nowrap
+    def _kw(self) -> dict:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    @nn.nowrap
+    def _block_kwargs(self, causal: bool) -> dict:
+        attention_kwargs = dict(attention=self.attention, block_size=self.block_size,
+                                look_back=self.look_back, rotary=self.position == "rotary")
+        if causal:
+            attention_kwargs.update(causal=True, decode=self.decode)
+        return dict(num_heads=self.num_heads, ffn_hiddens=self.ffn_hiddens,
+                    dropout_rate=self.dropout_rate,
+                    attention_dropout_rate=self.attention_dropout_rate, norm=self.norm,
+                    activation=self.activation, attention_kwargs=tuple(attention_kwargs.items()),
+                    **self._kw())
+
+    @nn.nowrap
+    def _embed(self, tokens_BxL, deterministic: bool):
+        """Embedded tokens [B, L, E] at their positions (offset by the cache when decoding).
+        Called inside the subclass's compact `__call__`: the layers are its submodules."""
         if self.position not in position.ENCODINGS:
             raise ValueError(f"position={self.position!r}: expected one of {position.ENCODINGS}")
+        _check_norm(self.norm)
         L = tokens_BxL.shape[-1]
         if L > self.max_length:
             raise ValueError(f"sequence of length {L} is longer than the model's max_length "
                              f"{self.max_length}")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         offset = 0
         if self.decode:  # the position of this call's first token in the decoded sequence
             is_initialized = self.has_variable("cache", "position")
@@ -134,25 +163,147 @@ class TransformerLM(nn.Module):
             if is_initialized:
                 offset = index.value
                 index.value = offset + L
-
-        x = nn.Embed(self.vocab_size, self.d_model, name="embed", **kw)(tokens_BxL)
+        x = nn.Embed(self.vocab_size, self.d_model, name="embed", **self._kw())(tokens_BxL)
         x = x * jnp.asarray(np.sqrt(self.d_model), x.dtype)
         if self.position == "sinusoidal":
             pe = jnp.asarray(position.sinusoidal_encoding(self.max_length, self.d_model))
             x = x + jax.lax.dynamic_slice_in_dim(pe, offset, L).astype(x.dtype)
         elif self.position == "learned":
             x = position.LearnedPosition(self.max_length, self.param_dtype, name="pos")(x, offset)
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
-        attention_kwargs = dict(attention=self.attention, block_size=self.block_size,
-                                look_back=self.look_back, causal=True,
-                                rotary=self.position == "rotary", decode=self.decode)
-        for i in range(self.num_layers):
-            x = EncoderBlock(self.num_heads, self.ffn_hiddens, self.dropout_rate,
-                             attention_dropout_rate=self.attention_dropout_rate, norm=self.norm,
-                             activation=self.activation,
-                             attention_kwargs=tuple(attention_kwargs.items()),
-                             name=f"block{i}", **kw)(x, deterministic=deterministic)
+    @nn.nowrap
+    def _head(self, x_BxLxE):
+        """Final LayerNorm (pre-norm stacks) and the linear head: logits [B, L, V] in float32."""
         if self.norm == "pre":
-            x = nn.LayerNorm(name="ln_final", **kw)(x)
-        return nn.Dense(self.vocab_size, name="head", **kw)(x).astype(jnp.float32)
+            x_BxLxE = nn.LayerNorm(name="ln_final", **self._kw())(x_BxLxE)
+        return nn.Dense(self.vocab_size, name="head", **self._kw())(x_BxLxE).astype(jnp.float32)
+
+
+class TransformerLM(_Stack):
+    """Decoder-only Transformer language model: tokens [B, L] -> logits [B, L, V] (float32):
+    the input layer of `_Stack`, `num_layers` causal `EncoderBlock`s (full or block-local
+    attention), a final LayerNorm for pre-norm stacks, and a linear head."""
+
+    @nn.compact
+    def __call__(self, tokens_BxL, *, deterministic: bool = True):
+        x = self._embed(tokens_BxL, deterministic)
+        for i in range(self.num_layers):
+            x = EncoderBlock(**self._block_kwargs(causal=True), name=f"block{i}")(
+                x, deterministic=deterministic)
+        return self._head(x)
+
+
+class DecoderBlock(nn.Module):
+    """Causal self-attention, cross-attention to the encoder's output `memory` [B, S, E']
+    (queries from the decoder, keys and values from the encoder; `memory_mask` [B, S] marks
+    real source tokens), and an FFN, each with its residual: [B, T, E] -> [B, T, E].
+    `attention_kwargs` go to the self-attention (attention='local', block_size, look_back,
+    rotary, decode); cross-attention is always full attention over the source."""
+
+    num_heads: int
+    ffn_hiddens: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    norm: str = "post"
+    activation: str = "relu"
+    attention_kwargs: Any = ()
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxE, memory_BxSxE, memory_mask_BxS=None, *,
+                 deterministic: bool = True):
+        _check_norm(self.norm)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attention = functools.partial(MultiHeadAttention, self.num_heads,
+                                      dropout_rate=self.attention_dropout_rate, **kw)
+        self_attention = attention(name="self_attention",
+                                   **{**dict(self.attention_kwargs), "causal": True})
+        cross_attention = attention(name="cross_attention")
+        ffn = PositionwiseFFN(self.ffn_hiddens, activation=self.activation, name="ffn", **kw)
+        sublayers = (
+            lambda x: self_attention(x, deterministic=deterministic),
+            lambda x: cross_attention(x, memory_BxSxE, mask=memory_mask_BxS,
+                                      deterministic=deterministic),
+            ffn)
+        for i, sublayer in enumerate(sublayers):
+            x_BxTxE = _residual(i + 1, x_BxTxE, sublayer, self.norm, self.dropout_rate,
+                                deterministic, kw)
+        return x_BxTxE
+
+
+class TransformerEncoder(_Stack):
+    """Source tokens [B, S] with `valid_len` [B] -> memory [B, S, E]: the input layer and
+    `num_layers` `EncoderBlock`s whose attention ignores padded positions (full, or
+    block-local for long inputs), with a final LayerNorm for pre-norm stacks."""
+
+    norm: str = "post"
+    activation: str = "relu"
+
+    @nn.compact
+    def __call__(self, tokens_BxS, valid_len_B=None, *, deterministic: bool = True):
+        mask_BxS = None if valid_len_B is None else source_mask(valid_len_B, tokens_BxS.shape[1])
+        x = self._embed(tokens_BxS, deterministic)
+        for i in range(self.num_layers):
+            x = EncoderBlock(**self._block_kwargs(causal=False), name=f"block{i}")(
+                x, mask_BxS, deterministic=deterministic)
+        if self.norm == "pre":
+            x = nn.LayerNorm(name="ln_final", **self._kw())(x)
+        return x
+
+
+class TransformerDecoder(_Stack):
+    """Target tokens [B, T] (teacher forcing: `<bos>` and the target shifted right) and the
+    `memory` from `init_state` -> (logits [B, T, V] in float32, memory): the input layer,
+    `num_layers` `DecoderBlock`s and the head. With `decode=True` it continues from its
+    cache, one or more tokens per call; the memory does not change."""
+
+    norm: str = "post"
+    activation: str = "relu"
+
+    @nn.nowrap
+    def init_state(self, memory_BxSxE, src_valid_len_B):
+        """The decoder's memory: (encoder output [B, S, E], source mask [B, S])."""
+        return memory_BxSxE, source_mask(src_valid_len_B, memory_BxSxE.shape[1])
+
+    @nn.compact
+    def __call__(self, tokens_BxT, memory, *, deterministic: bool = True):
+        x = self._embed(tokens_BxT, deterministic)
+        for i in range(self.num_layers):
+            x = DecoderBlock(**self._block_kwargs(causal=True), name=f"block{i}")(
+                x, *memory, deterministic=deterministic)
+        return self._head(x), memory
+
+
+def source_mask(valid_len_B, length: int):
+    """[B, length] bool: True at the first valid_len positions of each row (real tokens)."""
+    return jnp.arange(length)[None, :] < jnp.asarray(valid_len_B)[:, None]
+
+
+class EncoderDecoder(nn.Module):
+    """The encoder-decoder architecture: source [B, S] with valid lengths [B] and target
+    [B, T] -> logits [B, T, V].
+
+    `encoder(src_BxS, src_valid_len_B) -> outputs`; `decoder.init_state(outputs,
+    src_valid_len_B) -> memory`, a pytree whose leaves have the batch first;
+    `decoder(tgt_BxT, memory) -> (logits_BxTxV, memory)`. `encode` and `decode` are separate
+    so that a search encodes once and then decodes step by step, the Transformer decoder
+    from its key/value cache (`decode=True`, 'cache' mutable), the recurrent one from the
+    hidden state it keeps in its memory.
+    """
+
+    encoder: nn.Module
+    decoder: nn.Module
+
+    def encode(self, src_BxS, src_valid_len_B, *, deterministic: bool = True):
+        outputs = self.encoder(src_BxS, src_valid_len_B, deterministic=deterministic)
+        return self.decoder.init_state(outputs, src_valid_len_B)
+
+    def decode(self, tgt_BxT, memory, *, deterministic: bool = True):
+        return self.decoder(tgt_BxT, memory, deterministic=deterministic)
+
+    def __call__(self, src_BxS, src_valid_len_B, tgt_BxT, *, deterministic: bool = True):
+        """Teacher-forced logits [B, T, V] (float32)."""
+        memory = self.encode(src_BxS, src_valid_len_B, deterministic=deterministic)
+        return self.decode(tgt_BxT, memory, deterministic=deterministic)[0]

@@ -1,0 +1,270 @@
+"""Sentence pairs for machine translation: loading, the textbook's preprocessing, word or
+subword tokenizers, a split whose test sources never occur in training, and minibatches.
+
+Follows the chapter "Machine Translation and the Dataset" of Dive into Deep Learning (d2l:
+`preprocess_nmt`, `tokenize_nmt`, `truncate_pad`, `build_array_nmt`) with `<eos>` always kept:
+a sentence is cut to `num_steps - 1` tokens before `<eos>` is appended, so the model always
+sees where a sentence ends. Every tokenizer has the same four reserved ids, `<unk>` 0,
+`<pad>` 1, `<bos>` 2, `<eos>` 3, so models, searches and checkpoints do not depend on the kind.
+
+The shipped corpus is the 167,130 English-French pairs of the Tatoeba project, distributed
+by manythings.org (CC BY 2.0 FR; attribution: "www.manythings.org/anki and tatoeba.org"; see
+`fra_eng/SOURCE.md` and `fra_eng/_about.txt`). Any file of `source<TAB>target` lines, plain
+or gzipped, works the same way (further tab-separated columns are ignored).
+
+Dimension letters: N sentences, B batch, T num_steps.
+"""
+
+import gzip
+import importlib.resources
+import json
+import numbers
+import pathlib
+import re
+
+import numpy as np
+
+from seqjax.data.text import Vocab
+
+UNK, PAD, BOS, EOS = "<unk>", "<pad>", "<bos>", "<eos>"
+UNK_ID, PAD_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+RESERVED = (UNK, PAD, BOS, EOS)
+TOKENIZER_KINDS = ("word", "bpe", "wordpiece")
+
+
+def load_pairs(path=None, max_pairs: int | None = None) -> list[tuple[str, str]]:
+    """(source, target) pairs from the shipped English-French file, or from `path` (UTF-8,
+    `.gz` read compressed). Blank lines are skipped; a line without a tab, or with an empty
+    side, is an error naming the line. `max_pairs` keeps the first ones."""
+    if path is None:
+        name = "the shipped English-French pairs"
+        resource = importlib.resources.files("seqjax.data").joinpath("fra_eng/fra.txt.gz")
+        lines = gzip.decompress(resource.read_bytes()).decode("utf-8").splitlines()
+    else:
+        path = pathlib.Path(path).expanduser()
+        name = repr(str(path))
+        try:
+            raw = path.read_bytes()
+            text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"sentence-pair file not found: {name}") from None
+        except IsADirectoryError:
+            raise ValueError(f"{name} is a directory, not a sentence-pair file") from None
+        except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
+            raise ValueError(f"sentence-pair file {name} is not UTF-8 text ({e})") from None
+        lines = text.splitlines()
+    pairs = []
+    for number, line in enumerate(lines, 1):
+        if max_pairs is not None and len(pairs) >= max_pairs:
+            break
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or not fields[0].strip() or not fields[1].strip():
+            raise ValueError(f"line {number} of {name} is not 'source<TAB>target': {line[:80]!r}")
+        pairs.append((fields[0], fields[1]))
+    if not pairs:
+        raise ValueError(f"{name} holds no sentence pair")
+    return pairs
+
+
+def preprocess_nmt(text: str) -> str:
+    """d2l `preprocess_nmt`: no-break spaces become spaces, lower case, and a space before each
+    of `,.!?` that does not follow one."""
+    text = text.replace("\u202f", " ").replace("\xa0", " ").lower()
+    return re.sub(r"(?<=\S)([,.!?])", r" \1", text)
+
+
+def tokenize_words(text: str) -> list[str]:
+    return text.split()
+
+
+class Tokenizer:
+    """Text to ids and back, trained on a list of sentences: the textbook's word vocabulary
+    (`Vocab` with `min_freq`, at most `vocab_size` ids), or byte-pair / WordPiece subwords from
+    the `tokenizers` library (a `vocab_size` budget and `min_freq` for merges) for corpora whose
+    words are too many for a word vocabulary. Text is preprocessed (`preprocess_nmt`) before it
+    is split, and `decode` returns preprocessed words joined by spaces."""
+
+    def __init__(self, kind: str, model):
+        if kind not in TOKENIZER_KINDS:
+            raise ValueError(f"tokenizer kind {kind!r}: expected one of {TOKENIZER_KINDS}")
+        self.kind, self.model = kind, model
+
+    @classmethod
+    def train(cls, texts, *, kind: str = "word", min_freq: int = 2,
+              vocab_size: int | None = None) -> "Tokenizer":
+        texts = [preprocess_nmt(t) for t in texts]
+        if kind == "word":
+            vocab = Vocab([tokenize_words(t) for t in texts], min_freq=min_freq,
+                          reserved_tokens=RESERVED[1:], max_size=vocab_size)
+            return cls(kind, vocab)
+        if kind not in TOKENIZER_KINDS:
+            raise ValueError(f"tokenizer kind {kind!r}: expected one of {TOKENIZER_KINDS}")
+        import tokenizers
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+        options = dict(vocab_size=vocab_size or 8000, min_frequency=min_freq,
+                       special_tokens=list(RESERVED), show_progress=False)
+        if kind == "bpe":
+            hf = tokenizers.Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix="</w>"))
+            trainer = trainers.BpeTrainer(end_of_word_suffix="</w>", **options)
+            hf.decoder = decoders.BPEDecoder(suffix="</w>")
+        else:
+            hf = tokenizers.Tokenizer(models.WordPiece(unk_token=UNK))
+            trainer = trainers.WordPieceTrainer(**options)
+            hf.decoder = decoders.WordPiece(cleanup=False)
+        hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        hf.train_from_iterator(texts, trainer)
+        return cls(kind, hf)
+
+    def __len__(self) -> int:
+        return len(self.model) if self.kind == "word" else self.model.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        text = preprocess_nmt(text)
+        if self.kind == "word":
+            return self.model[tokenize_words(text)]
+        return self.model.encode(text, add_special_tokens=False).ids
+
+    def tokens(self, ids) -> list[str]:
+        if self.kind == "word":
+            return self.model.to_tokens(list(ids))
+        return [self.model.id_to_token(int(i)) for i in ids]
+
+    def decode(self, ids) -> str:
+        """The text of `ids` up to the first `<eos>`, without `<pad>` and `<bos>`."""
+        ids = [int(i) for i in ids]
+        ids = ids[:ids.index(EOS_ID)] if EOS_ID in ids else ids
+        ids = [i for i in ids if i not in (PAD_ID, BOS_ID)]
+        if self.kind == "word":
+            return " ".join(self.model.to_tokens(ids))
+        return self.model.decode(ids, skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        model = self.model.to_json() if self.kind == "word" else self.model.to_str()
+        return json.dumps({"format": "seqjax.Tokenizer", "version": 1, "kind": self.kind,
+                           "model": model}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, s: str) -> "Tokenizer":
+        try:
+            data = json.loads(s)
+            fmt, kind, model = data.get("format"), data["kind"], data["model"]
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as err:
+            raise ValueError(f"malformed tokenizer JSON: {err!r}") from None
+        if fmt != "seqjax.Tokenizer" or data.get("version") != 1:
+            raise ValueError(f"not a version-1 seqjax.Tokenizer: format={fmt!r}")
+        if kind == "word":
+            return cls(kind, Vocab.from_json(model))
+        import tokenizers
+        try:
+            return cls(kind, tokenizers.Tokenizer.from_str(model))
+        except Exception as err:  # tokenizers raises plain Exception
+            raise ValueError(f"malformed {kind} tokenizer JSON: {err}") from None
+
+    def __eq__(self, other):
+        return isinstance(other, Tokenizer) and self.to_json() == other.to_json()
+
+    __hash__ = None
+
+
+def split_pairs(pairs, *, num_valid: int, num_test: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Indices of a seeded train / valid / test split in which no source sentence is shared
+    between splits (Tatoeba has several translations of one English sentence, and a test
+    source seen in training would flatter BLEU). Distinct sources are shuffled and dealt whole
+    to test, then valid, then train; the group that crosses a split's size is cut and its
+    remaining pairs are dropped, so test and valid have exactly `num_test` and `num_valid`."""
+    for name, value in (("num_valid", num_valid), ("num_test", num_test)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{name}={value!r}: must be an integer >= 0")
+    groups: dict[str, list[int]] = {}
+    for i, (source, _) in enumerate(pairs):
+        groups.setdefault(preprocess_nmt(source).strip(), []).append(i)
+    order = np.random.default_rng(seed).permutation(len(groups))
+    sources = list(groups)
+    splits, sizes, current = {"test": [], "valid": [], "train": []}, iter([num_test, num_valid]), "test"
+    target = next(sizes)
+    for g in order:
+        members = groups[sources[g]]
+        while current != "train" and len(splits[current]) >= target:
+            current, target = ("valid", next(sizes)) if current == "test" else ("train", None)
+        if current == "train":
+            splits["train"].extend(members)
+        else:
+            splits[current].extend(members[:target - len(splits[current])])
+    if len(splits["test"]) < num_test or len(splits["valid"]) < num_valid or not splits["train"]:
+        raise ValueError(f"{len(pairs)} pairs ({len(groups)} distinct sources) are too few for "
+                         f"num_test={num_test}, num_valid={num_valid} and a training split")
+    return {name: np.sort(np.asarray(idx, np.int64)) for name, idx in splits.items()}
+
+
+def build_array(id_lists, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """int32 ids [N, T]: each sentence cut to T - 1 tokens, then `<eos>`, then `<pad>`; and
+    the valid lengths [N] (tokens plus `<eos>`)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 2:
+        raise ValueError(f"num_steps={num_steps!r}: must be an integer >= 2 (a token and <eos>)")
+    ids_NxT = np.full((len(id_lists), num_steps), PAD_ID, np.int32)
+    valid_N = np.zeros(len(id_lists), np.int32)
+    for n, ids in enumerate(id_lists):
+        ids = list(ids)[:num_steps - 1] + [EOS_ID]
+        ids_NxT[n, :len(ids)] = ids
+        valid_N[n] = len(ids)
+    return ids_NxT, valid_N
+
+
+def _batch(src_BxT, src_len_B, tgt_BxT, tgt_len_B) -> dict:
+    """Teacher forcing: the decoder reads `<bos>` and the target shifted right, and predicts
+    the target; `weights` is 1 on the target's valid positions."""
+    tgt_in = np.concatenate([np.full((len(tgt_BxT), 1), BOS_ID, np.int32), tgt_BxT[:, :-1]], 1)
+    weights = (np.arange(tgt_BxT.shape[1]) < tgt_len_B[:, None]).astype(np.float32)
+    return {"src": src_BxT, "src_valid_len": src_len_B, "tgt_in": tgt_in, "tgt_out": tgt_BxT,
+            "weights": weights}
+
+
+class TranslationBatches:
+    """Training minibatches as a pure function of the step (as `text.LMBatches`): epoch
+    step // steps_per_epoch shuffles the pairs with `default_rng((seed, epoch))`, and minibatch
+    k takes pairs [kB, (k+1)B) of that order (the last partial minibatch of an epoch is left
+    out). With `num_shards` > 1 a host gets its rows of the global minibatch."""
+
+    def __init__(self, src, src_len, tgt, tgt_len, batch_size: int, *, seed: int = 0,
+                 shard_index: int = 0, num_shards: int = 1):
+        self.arrays = tuple(np.asarray(a) for a in (src, src_len, tgt, tgt_len))
+        n = len(self.arrays[0])
+        if batch_size % num_shards:
+            raise ValueError(f"batch_size={batch_size} is not divisible by num_shards={num_shards}")
+        if n < batch_size:
+            raise ValueError(f"{n} training pairs are too few for one minibatch of batch_size="
+                             f"{batch_size}")
+        self.batch_size, self.seed = batch_size, seed
+        self.local = batch_size // num_shards
+        self.rows = np.arange(shard_index * self.local, (shard_index + 1) * self.local)
+        self.steps_per_epoch = n // batch_size
+        self._order = (None, None)
+
+    def __call__(self, step: int) -> dict:
+        if not (isinstance(step, numbers.Integral) and step >= 0):
+            raise ValueError(f"step={step!r}: must be an integer >= 0")
+        epoch, k = divmod(int(step), self.steps_per_epoch)
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng((self.seed, epoch)).permutation(
+                len(self.arrays[0])))
+        idx = self._order[1][k * self.batch_size + self.rows]
+        return _batch(*(a[idx] for a in self.arrays))
+
+
+def eval_batches(src, src_len, tgt, tgt_len, batch_size: int) -> list[dict]:
+    """Every pair once, in order; the last minibatch is filled with copies of its first pair
+    carrying zero weight."""
+    arrays = tuple(np.asarray(a) for a in (src, src_len, tgt, tgt_len))
+    n = len(arrays[0])
+    if n == 0:
+        raise ValueError("no pairs to evaluate")
+    batches = []
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        real = idx < n
+        batch = _batch(*(a[np.where(real, idx, start)] for a in arrays))
+        batch["weights"] = batch["weights"] * real[:, None]
+        batches.append(batch)
+    return batches
