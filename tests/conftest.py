@@ -15,6 +15,8 @@ assert jax.local_device_count() == 4, "XLA_FLAGS was set after jax initialised i
 
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -32,3 +34,9 @@ def load_config(name: str, arg: str | None = None):
 @pytest.fixture
 def tiny_charlm():
     return load_config("charlm", "tiny")
+
+
+def launch(*args, timeout=120) -> subprocess.CompletedProcess:
+    """`python launch.py *args` in a subprocess, its output captured."""
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_config
+from conftest import ROOT, launch, load_config
 from seqjax import train as engine
 from seqjax.data import text as text_lib
 from seqjax.train.checkpoint import Checkpoints
@@ -94,11 +94,6 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny_charlm, tmp_path, monkeyp
     assert results["best_val_perplexity"] == pytest.approx(np.exp(min(val.values())))
 
 
-def _launch(*args, timeout=120):
-    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def _terminate_when_logged(metrics, *args):
     """Starts a long tiny run, sends SIGTERM once `metrics` has a line; its stdout, after
     checking that it exited cleanly."""
@@ -137,24 +132,24 @@ def test_sigterm_saves_and_resumes(tmp_path, capsys):
 def test_launch_tiny_end_to_end(tmp_path):
     workdir = str(tmp_path / "run")
     start = time.time()
-    run = _launch("--config", "experiments/charlm.py:tiny", "--workdir", workdir)
+    run = launch("--config", "experiments/charlm.py:tiny", "--workdir", workdir)
     assert run.returncode == 0, run.stderr
     assert time.time() - start < 60
     assert "val_perplexity" in run.stdout and "sample: time traveller" in run.stdout
     final_val = [r for r in _metrics(workdir, "val")][-1]
     assert final_val["step"] == 20
 
-    again = _launch("--config", "experiments/charlm.py:tiny", "--workdir", workdir,
+    again = launch("--config", "experiments/charlm.py:tiny", "--workdir", workdir,
                     "--config.num_train_steps=25")
     assert again.returncode == 0 and "resumed from step 20" in again.stdout, again.stderr
 
-    ev = _launch("--config", "experiments/charlm.py:tiny", "--workdir", workdir, "--mode", "eval",
+    ev = launch("--config", "experiments/charlm.py:tiny", "--workdir", workdir, "--mode", "eval",
                  "--step", "20")
     assert ev.returncode == 0, ev.stderr
     ppl = float(next(l for l in ev.stdout.splitlines() if l.startswith("perplexity:")).split()[1])
     assert ppl == pytest.approx(final_val["perplexity"], rel=1e-5)
 
-    sample = _launch("--config", "experiments/charlm.py:tiny", "--workdir", workdir, "--mode", "sample",
+    sample = launch("--config", "experiments/charlm.py:tiny", "--workdir", workdir, "--mode", "sample",
                      "--prefix", "the time machine", "--length", "30", "--temperature", "0")
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("the time machine") and len(sample.stdout.strip()) == len("the time machine") + 30
@@ -168,7 +163,7 @@ def test_launch_tiny_end_to_end(tmp_path):
     ("--config.sample.temperature=-1", "config.sample.temperature=-1.0"),
 ])
 def test_bad_config_is_a_clear_error(override, message, tmp_path):
-    run = _launch("--config", "experiments/charlm.py:tiny", "--workdir", str(tmp_path / "w"), override)
+    run = launch("--config", "experiments/charlm.py:tiny", "--workdir", str(tmp_path / "w"), override)
     assert run.returncode != 0
     assert message in run.stderr
     assert "Traceback" not in run.stderr
@@ -257,7 +252,7 @@ def test_sweep_summarises_and_resumes(tmp_path):
     workdir = tmp_path / "sweep"
     args = ("--config", "experiments/charlm.py:tiny", "--workdir", str(workdir), "--sweep",
             "--config.num_train_steps=4", "--config.eval_every=2", "--config.sample.length=5")
-    run = _launch(*args, timeout=300)
+    run = launch(*args, timeout=300)
     assert run.returncode == 0, run.stderr
     with open(workdir / "summary.csv") as f:
         rows = list(csv.DictReader(f))
@@ -267,7 +262,7 @@ def test_sweep_summarises_and_resumes(tmp_path):
     assert best == sorted(best)
     table = (workdir / "summary.md").read_text()
     assert table in run.stdout and table.count("\n") == 2 + len(rows)
-    again = _launch(*args, timeout=300)  # every point is finished: evaluated, not retrained
+    again = launch(*args, timeout=300)  # every point is finished: evaluated, not retrained
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("has finished its 4 steps") == 3
 
