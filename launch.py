@@ -1,4 +1,5 @@
-r"""Runs an experiment: train (default; resumes from the workdir's checkpoint), eval or sample.
+r"""Runs an experiment: train (default; resumes from the workdir's checkpoint), eval, sample or
+translate.
 
     python launch.py --config experiments/charlm.py --workdir runs/charlm
     python launch.py --config experiments/charlm.py:cell=gru --workdir runs/gru --config.opt.lr=1e-3
@@ -6,6 +7,8 @@ r"""Runs an experiment: train (default; resumes from the workdir's checkpoint), 
     python launch.py --config experiments/charlm.py --workdir runs/charlm --mode sample \
         --prefix "the time machine" --length 200 --temperature 0.8
     python launch.py --config experiments/charlm.py --workdir runs/cells --sweep
+    python launch.py --config experiments/translate.py --workdir runs/translate --mode translate \
+        --text "he is calm ." --beam_size 4
 """
 
 import csv
@@ -20,7 +23,7 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/X.py[:args]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the saved config.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "translate"], "What to do.")
 flags.DEFINE_bool("sweep", False, "Train every point of the config file's get_sweep().")
 flags.DEFINE_integer("step", None, "eval/sample: the checkpoint step (default: the latest).")
 flags.DEFINE_bool("best", False, "eval/sample: use the checkpoint with the best validation loss.")
@@ -28,6 +31,10 @@ flags.DEFINE_string("prefix", None, "sample: the text to continue (default: conf
 flags.DEFINE_integer("length", None, "sample: number of tokens to generate.")
 flags.DEFINE_float("temperature", None, "sample: softmax temperature; 0 is greedy.")
 flags.DEFINE_integer("seed", 0, "sample: random seed.")
+flags.DEFINE_string("text", None, "translate: a sentence to translate.")
+flags.DEFINE_string("input_file", None, "translate: a file of sentences, one per line.")
+flags.DEFINE_integer("beam_size", None, "translate: beam size; 1 is greedy "
+                     "(default: config.decode.beam_size).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -115,6 +122,21 @@ def _markdown_table(rows: list[dict], keys: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sentences() -> list[str]:
+    """--text, or the non-blank lines of --input_file."""
+    if (FLAGS.text is None) == (FLAGS.input_file is None):
+        raise ValueError("--mode translate needs exactly one of --text and --input_file")
+    if FLAGS.beam_size is not None and FLAGS.beam_size < 1:
+        raise ValueError(f"--beam_size={FLAGS.beam_size}: must be >= 1")
+    if FLAGS.text is not None:
+        return [FLAGS.text]
+    with open(FLAGS.input_file, encoding="utf-8") as f:
+        sentences = [line.strip() for line in f if line.strip()]
+    if not sentences:
+        raise ValueError(f"--input_file {FLAGS.input_file!r} holds no sentence")
+    return sentences
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -133,6 +155,10 @@ def main(argv):
         elif FLAGS.mode == "eval":
             _print_results(train.evaluate(config, FLAGS.workdir, step=FLAGS.step,
                                           which="best" if FLAGS.best else "latest"))
+        elif FLAGS.mode == "translate":
+            options = {} if FLAGS.beam_size is None else {"beam_size": FLAGS.beam_size}
+            print("\n".join(train.translate(FLAGS.workdir, _sentences(), step=FLAGS.step,
+                                             which="best" if FLAGS.best else "latest", **options)))
         else:
             options = {k: v for k in ("prefix", "length", "temperature")
                        if (v := getattr(FLAGS, k)) is not None}

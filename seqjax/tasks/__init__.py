@@ -28,11 +28,16 @@ class Task:
     report: Callable[[dict], dict] = lambda means: means  # adds derived metrics (perplexity, ...)
     files: dict = dataclasses.field(default_factory=dict)  # name -> text, saved in the workdir
     generate: Callable | None = None  # (params, rng, **options) -> str
+    translate: Callable | None = None  # (params, sentences, **options) -> list[str]
+    # (params, final) -> metrics from a search on the host (BLEU), added to each validation;
+    # with final (the end of training, and eval) also test metrics and files in the workdir
+    decode_eval: Callable | None = None
 
 
 def build(config, workdir: str | None = None) -> Task:
-    from seqjax.tasks import charlm, charlm_transformer
-    builders = {"charlm": charlm.build, "charlm_transformer": charlm_transformer.build}
+    from seqjax.tasks import charlm, charlm_transformer, translate
+    builders = {"charlm": charlm.build, "charlm_transformer": charlm_transformer.build,
+                "translate": translate.build}
     if config.task not in builders:
         raise ValueError(f"config.task={config.task!r}: expected one of {sorted(builders)}")
     return builders[config.task](config, workdir)

@@ -201,7 +201,8 @@ def _train_summary(fetched: list[dict]) -> dict:
 # is an error. The rest (steps, schedule, learning rate, dropout, unroll, computation dtype,
 # evaluation, logging) may change.
 RESUME_KEYS = ("task", "model", "data.preprocess", "data.min_freq", "data.batch_size",
-               "opt.name", "opt.grad_accum_steps")
+               "data.tokenizer", "data.vocab_size", "data.max_pairs", "data.num_valid",
+               "data.num_test", "opt.name", "opt.grad_accum_steps")
 RESUME_FREE = ("model.dropout", "model.attention_dropout", "model.unroll", "model.dtype",
                "model.init")
 
@@ -315,7 +316,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                     progress.update(done, **{k: v for k, v in last_train.items() if k != "grad_norm"})
                     results.update(_prefixed("train", last_train))
                 if do_eval:
-                    val = task.report(evaluate_params(state.params))
+                    val = _validate(task, evaluate_params, state.params, final=done == total_steps)
                     writer.write(done, "val", val)
                     results.update(_prefixed("val", val))
                     if best["loss"] is None or val["loss"] < best["loss"]:
@@ -337,7 +338,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     # Time in the training loop (evaluation included) of the runs that led to this state.
     results["train_time_s"] = meta_now()["train_time_s"]
     if start >= total_steps:  # nothing left to train: report the final checkpoint
-        results.update(_prefixed("val", task.report(evaluate_params(state.params))))
+        results.update(_prefixed("val", _validate(task, evaluate_params, state.params, final=True)))
     if best["loss"] is not None:
         results.update(_prefixed("best_val", task.report({"loss": best["loss"]})),
                        best_step=best["step"])
@@ -345,6 +346,15 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         results["sample"] = task.generate(_to_host(state)["params"], jax.random.PRNGKey(config.seed),
                                           **config.sample)
     return results
+
+
+def _validate(task, evaluate_params, params, *, final: bool) -> dict:
+    """Validation metrics of replicated `params`: the task's loss metrics, and those of its
+    `decode_eval` (a search on the host: BLEU; with `final`, also its test metrics)."""
+    metrics = task.report(evaluate_params(params))
+    if task.decode_eval is not None:
+        metrics.update(task.decode_eval(jax.tree.map(lambda x: x[0], params), final))
+    return metrics
 
 
 def _evaluator(task, devices):
@@ -381,7 +391,24 @@ def restore_run(workdir: str, step: int | None = None, which: str = "latest"):
     if restored is None:
         raise FileNotFoundError(f"{workdir} has no {which} checkpoint")
     state, _ = restored
-    return config, tasks.build(config, workdir), state["params"], int(state["step"])
+    task = tasks.build(config, workdir)
+    check_params(state["params"], jax.eval_shape(task.init_params, jax.random.PRNGKey(0)),
+                 f"the checkpoint in {workdir}")
+    return config, task, state["params"], int(state["step"])
+
+
+def check_params(params, expected, what: str):
+    """Raises a ValueError naming the first parameter of `params` whose shape differs from
+    `expected` (arrays or shape structs), or that one of them lacks."""
+    have = {jax.tree_util.keystr(path): np.shape(x)
+            for path, x in jax.tree_util.tree_leaves_with_path(params)}
+    want = {jax.tree_util.keystr(path): tuple(x.shape)
+            for path, x in jax.tree_util.tree_leaves_with_path(expected)}
+    for name in sorted(have.keys() | want.keys()):
+        if have.get(name) != want.get(name):
+            raise ValueError(f"{what} does not fit this model: parameter {name} has shape "
+                             f"{have.get(name, 'missing')} where the model needs "
+                             f"{want.get(name, 'none')} (a different vocabulary or model size?)")
 
 
 def evaluate(config, workdir: str, step: int | None = None, which: str = "latest") -> dict:
@@ -392,7 +419,7 @@ def evaluate(config, workdir: str, step: int | None = None, which: str = "latest
     devices = _devices(saved)
     _check_divisible("config.data.eval_batch_size", task.eval_batch_size, devices)
     replicated = jax.tree.map(lambda x: np.broadcast_to(x, (len(devices), *np.shape(x))), params)
-    return {"step": step, **task.report(_evaluator(task, devices)(replicated))}
+    return {"step": step, **_validate(task, _evaluator(task, devices), replicated, final=True)}
 
 
 def generate(workdir: str, *, step: int | None = None, which: str = "latest", seed: int = 0,
@@ -402,3 +429,12 @@ def generate(workdir: str, *, step: int | None = None, which: str = "latest", se
     if task.generate is None:
         raise ValueError(f"task {saved.task!r} does not generate text")
     return task.generate(params, jax.random.PRNGKey(seed), **{**saved.sample.to_dict(), **options})
+
+
+def translate(workdir: str, sentences: list[str], *, step: int | None = None,
+              which: str = "latest", **options) -> list[str]:
+    """Translations of `sentences` by a saved checkpoint (`options`: beam_size, length_penalty)."""
+    saved, task, params, _ = restore_run(workdir, step, which)
+    if task.translate is None:
+        raise ValueError(f"task {saved.task!r} does not translate")
+    return task.translate(params, sentences, **options)

@@ -1,0 +1,302 @@
+"""Machine translation: an encoder-decoder (Transformer, or GRU with additive attention)
+trained with teacher forcing on sentence pairs, decoded greedily or with beam search, and
+scored with corpus BLEU (sacrebleu) on held-out pairs.
+
+The textbook's pipeline: preprocessed, lowercased sentences split into words (or subwords),
+source and target vocabularies built from the training pairs and saved in the workdir, each
+sentence truncated or padded to `num_steps` tokens with `<eos>` and its valid length. The
+decoder reads `<bos>` plus the target shifted right and predicts the target; padded target
+positions carry no loss, and padded source positions are masked out of every attention.
+
+Input to `translate`: a sentence longer than `num_steps - 1` tokens is truncated with a
+warning (the model never saw longer sources); an empty sentence or one whose words are all
+unknown to the source vocabulary is a ValueError naming it.
+
+Dimension letters: B batch, K beam, S source length, T target length, V vocabulary.
+"""
+
+import math
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import sacrebleu
+
+from seqjax import config as config_lib
+from seqjax import decoding
+from seqjax.data import translation as data_lib
+from seqjax.nn import attention, position
+from seqjax.nn.seq2seq import Seq2SeqAttentionDecoder, Seq2SeqEncoder
+from seqjax.nn.recurrent import CELLS
+from seqjax.nn.transformer import NORMS, EncoderDecoder, TransformerDecoder, TransformerEncoder
+from seqjax.tasks import Task
+from seqjax.tasks.charlm import DTYPES
+
+MODELS = ("transformer", "seq2seq_attention")
+TOKENIZER_FILES = {"src": "src_tokenizer.json", "tgt": "tgt_tokenizer.json"}
+
+
+def validate(config):
+    d, m, s = config.data, config.model, config.decode
+    config_lib.expect(d.tokenizer in data_lib.TOKENIZER_KINDS, "data.tokenizer", d.tokenizer,
+                      f"expected one of {data_lib.TOKENIZER_KINDS}")
+    config_lib.expect_positive_int(config, "data.batch_size", "data.eval_batch_size",
+                                   "data.vocab_size", "data.num_test", "data.num_valid")
+    config_lib.expect(config_lib.expect_type(config, "data.num_steps", int) >= 2,
+                      "data.num_steps", d.num_steps, "must be >= 2 (a token and <eos>)")
+    config_lib.expect(config_lib.expect_type(config, "data.min_freq", int) >= 0,
+                      "data.min_freq", d.min_freq, "must be >= 0")
+    if d.max_pairs is not None:
+        config_lib.expect_positive_int(config, "data.max_pairs")
+    config_lib.expect(m.name in MODELS, "model.name", m.name, f"expected one of {MODELS}")
+    config_lib.expect(m.dtype in DTYPES, "model.dtype", m.dtype, f"expected one of {sorted(DTYPES)}")
+    config_lib.expect_fraction(config, "model.dropout")
+    config_lib.expect_positive_int(config, "model.num_layers")
+    if m.name == "transformer":
+        config_lib.expect_positive_int(config, "model.d_model", "model.num_heads",
+                                       "model.ffn_hiddens", "model.block_size")
+        config_lib.expect_fraction(config, "model.attention_dropout")
+        config_lib.expect(config_lib.expect_type(config, "model.look_back", int) >= 0,
+                          "model.look_back", m.look_back, "must be >= 0")
+        config_lib.expect(m.d_model % m.num_heads == 0, "model.d_model", m.d_model,
+                          f"must be divisible by model.num_heads={m.num_heads}")
+        config_lib.expect(m.attention in attention.ATTENTION_KINDS, "model.attention",
+                          m.attention, f"expected one of {attention.ATTENTION_KINDS}")
+        config_lib.expect(m.position in position.ENCODINGS, "model.position", m.position,
+                          f"expected one of {position.ENCODINGS}")
+        config_lib.expect(m.position != "rotary" or (m.d_model // m.num_heads) % 2 == 0,
+                          "model.position", m.position, "rotary needs an even head dimension")
+        config_lib.expect(m.norm in NORMS, "model.norm", m.norm, f"expected one of {NORMS}")
+        config_lib.expect(m.activation in ("relu", "gelu"), "model.activation", m.activation,
+                          "expected 'relu' or 'gelu'")
+    else:
+        config_lib.expect_positive_int(config, "model.embed_size", "model.num_hiddens")
+        config_lib.expect(m.cell in CELLS, "model.cell", m.cell, f"expected one of {sorted(CELLS)}")
+    config_lib.expect_positive_int(config, "decode.beam_size", "decode.num_attention_maps")
+    config_lib.expect(config_lib.expect_type(config, "decode.val_sentences", int) >= 0,
+                      "decode.val_sentences", s.val_sentences, "must be >= 0 (0: no BLEU)")
+    value = config_lib.expect_type(config, "decode.length_penalty", (int, float))
+    config_lib.expect(math.isfinite(value) and value >= 0, "decode.length_penalty", value,
+                      "must be a finite number >= 0")
+
+
+def make_model(config, src_vocab_size: int, tgt_vocab_size: int) -> EncoderDecoder:
+    m, dtype = config.model, DTYPES[config.model.dtype]
+    if m.name == "transformer":
+        hp = dict(num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
+                  ffn_hiddens=m.ffn_hiddens, max_length=config.data.num_steps,
+                  position=m.position, attention=m.attention, block_size=m.block_size,
+                  look_back=m.look_back, dropout_rate=m.dropout,
+                  attention_dropout_rate=m.attention_dropout, norm=m.norm,
+                  activation=m.activation, dtype=dtype)
+        return EncoderDecoder(TransformerEncoder(src_vocab_size, **hp),
+                              TransformerDecoder(tgt_vocab_size, **hp))
+    hp = dict(embed_size=m.embed_size, num_hiddens=m.num_hiddens, num_layers=m.num_layers,
+              cell=m.cell, dropout_rate=m.dropout, dtype=dtype)
+    return EncoderDecoder(Seq2SeqEncoder(src_vocab_size, **hp),
+                          Seq2SeqAttentionDecoder(tgt_vocab_size, **hp))
+
+
+def _tokenizers(config, train_pairs, workdir):
+    """The workdir's saved tokenizers when it has them, so a run always reads text the way its
+    checkpoints were trained; else ones trained on the training pairs."""
+    d = config.data
+    paths = {side: workdir and os.path.join(workdir, name) for side, name in TOKENIZER_FILES.items()}
+    if all(path and os.path.exists(path) for path in paths.values()):
+        loaded = {}
+        for side, path in paths.items():
+            with open(path, encoding="utf-8") as f:
+                loaded[side] = data_lib.Tokenizer.from_json(f.read())
+        return loaded["src"], loaded["tgt"]
+    return tuple(data_lib.Tokenizer.train([pair[i] for pair in train_pairs], kind=d.tokenizer,
+                                          min_freq=d.min_freq, vocab_size=d.vocab_size)
+                 for i in (0, 1))
+
+
+def _arrays(tokenizer, texts, num_steps):
+    return data_lib.build_array([tokenizer.encode(text) for text in texts], num_steps)
+
+
+def build(config, workdir=None) -> Task:
+    validate(config)
+    d, s = config.data, config.decode
+    pairs = data_lib.load_pairs(d.path, max_pairs=d.max_pairs)
+    split = data_lib.split_pairs(pairs, num_valid=d.num_valid, num_test=d.num_test, seed=config.seed)
+    splits = {name: [pairs[i] for i in idx] for name, idx in split.items()}
+    src_tok, tgt_tok = _tokenizers(config, splits["train"], workdir)
+    arrays = {name: (*_arrays(src_tok, [p[0] for p in rows], d.num_steps),
+                     *_arrays(tgt_tok, [p[1] for p in rows], d.num_steps))
+              for name, rows in splits.items()}
+    batches = data_lib.TranslationBatches(*arrays["train"], d.batch_size, seed=config.seed,
+                                          shard_index=jax.process_index(),
+                                          num_shards=jax.process_count())
+    eval_batches = data_lib.eval_batches(*arrays["valid"], d.eval_batch_size)
+    model = make_model(config, len(src_tok), len(tgt_tok))
+    searcher = Searcher(model, d.num_steps, d.eval_batch_size)
+
+    def init_params(rng):
+        tokens = jnp.zeros((1, d.num_steps), jnp.int32)
+        return model.init(rng, tokens, jnp.ones((1,), jnp.int32), tokens)
+
+    def loss(params, batch, carry, rng, train):
+        logits_BxTxV = model.apply(params, batch["src"], batch["src_valid_len"], batch["tgt_in"],
+                                   deterministic=not train, rngs={"dropout": rng} if train else {})
+        ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["tgt_out"])
+        w_BxT = batch["weights"]
+        correct_BxT = jnp.argmax(logits_BxTxV, -1) == batch["tgt_out"]
+        return {"loss": jnp.sum(ce_BxT * w_BxT), "accuracy": jnp.sum(correct_BxT * w_BxT),
+                "weight": jnp.sum(w_BxT)}, carry
+
+    def translate(params, sentences, *, beam_size=None, length_penalty=None):
+        """Target sentences (preprocessed words, or subwords joined) of the source sentences."""
+        src, src_len = _encode_inputs(src_tok, sentences, d.num_steps)
+        tokens = searcher(params, src, src_len, beam_size or s.beam_size,
+                          s.length_penalty if length_penalty is None else length_penalty)
+        return [tgt_tok.decode(row) for row in tokens]
+
+    val_pairs = splits["valid"][:s.val_sentences]
+    test_pairs = splits["test"]
+
+    def decode_eval(params, final: bool) -> dict:
+        """Greedy BLEU on validation pairs; at the end, greedy and beam BLEU on the test pairs
+        and the attention maps of its first sentences."""
+        metrics = {}
+        if val_pairs:
+            metrics["bleu"] = _bleu(val_pairs, translate(params, [p[0] for p in val_pairs],
+                                                         beam_size=1))
+        if final:
+            sources = [p[0] for p in test_pairs]
+            metrics["test_bleu_greedy"] = _bleu(test_pairs, translate(params, sources, beam_size=1))
+            hypotheses = translate(params, sources)
+            metrics[f"test_bleu_beam{s.beam_size}"] = _bleu(test_pairs, hypotheses)
+            if workdir and jax.process_index() == 0:
+                _attention_maps(model, params, src_tok, tgt_tok, sources[:s.num_attention_maps],
+                                hypotheses[:s.num_attention_maps], d.num_steps,
+                                os.path.join(workdir, "attention_maps.png"))
+        return metrics
+
+    return Task(init_params=init_params, init_carry=lambda batch_size: (), loss=loss,
+                train_batch=batches, eval_batches=lambda: eval_batches,
+                batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
+                tokens_per_batch=d.batch_size * d.num_steps, report=_report,
+                files={TOKENIZER_FILES["src"]: src_tok.to_json(),
+                       TOKENIZER_FILES["tgt"]: tgt_tok.to_json()},
+                translate=translate, decode_eval=decode_eval)
+
+
+def _report(means):
+    return dict(means, perplexity=math.exp(min(means["loss"], 700.0)))
+
+
+def _bleu(pairs, hypotheses) -> float:
+    """Corpus BLEU (sacrebleu, 13a tokenisation) against the preprocessed, lowercased targets."""
+    references = [" ".join(data_lib.tokenize_words(data_lib.preprocess_nmt(p[1]))) for p in pairs]
+    return sacrebleu.corpus_bleu(hypotheses, [references]).score
+
+
+def _encode_inputs(src_tok, sentences, num_steps):
+    """Source ids [N, num_steps] and lengths [N] of user sentences, with the input checks."""
+    ids = []
+    for i, sentence in enumerate(sentences):
+        tokens = src_tok.encode(sentence)
+        if not tokens:
+            raise ValueError(f"sentence {i + 1} ({sentence!r}) is empty")
+        if all(t == data_lib.UNK_ID for t in tokens):
+            raise ValueError(f"sentence {i + 1} ({sentence!r}) holds no word of the source "
+                             f"vocabulary")
+        if len(tokens) > num_steps - 1:
+            warnings.warn(f"sentence {i + 1} has {len(tokens)} tokens; the model reads at most "
+                          f"{num_steps - 1} (data.num_steps - 1 for <eos>): truncated")
+        ids.append(tokens)
+    return data_lib.build_array(ids, num_steps)
+
+
+class Searcher:
+    """Greedy (beam 1) or beam search over an `EncoderDecoder`, jitted once per beam size and
+    run in batches of `batch_size` sentences (the last one padded), so any number of sentences
+    reuses one compiled search."""
+
+    def __init__(self, model: EncoderDecoder, num_steps: int, batch_size: int):
+        self.model, self.num_steps, self.batch_size = model, num_steps, batch_size
+        self.cached = model.clone(decoder=model.decoder.clone(decode=True)) \
+            if isinstance(model.decoder, TransformerDecoder) else None
+        self._search = jax.jit(self._search_batch, static_argnames=("beam_size",))
+
+    def _search_batch(self, params, src_BxS, src_len_B, length_penalty, *, beam_size):
+        model, B = self.cached or self.model, src_BxS.shape[0]
+        memory = model.apply(params, src_BxS, src_len_B, method=model.encode)
+        cache = {}
+        if self.cached is not None:
+            tokens = jnp.zeros((B, self.num_steps), jnp.int32)
+            shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), src_BxS, src_len_B, tokens)
+            cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes["cache"])
+
+        def step(tokens_B, state):
+            cache, memory = state
+            if cache:
+                (logits, memory), variables = model.apply(
+                    {**params, "cache": cache}, tokens_B[:, None], memory, method=model.decode,
+                    mutable=["cache"])
+                cache = variables["cache"]
+            else:
+                logits, memory = model.apply(params, tokens_B[:, None], memory,
+                                             method=model.decode)
+            return logits[:, -1], (cache, memory)
+
+        ids = dict(max_len=self.num_steps, bos_id=data_lib.BOS_ID, eos_id=data_lib.EOS_ID,
+                   pad_id=data_lib.PAD_ID)
+        if beam_size == 1:
+            tokens_BxL, _ = decoding.greedy_search(step, (cache, memory), batch_size=B, **ids)
+            return tokens_BxL
+        tokens_BxKxL, _ = decoding.beam_search(step, (cache, memory), batch_size=B,
+                                               beam_size=beam_size,
+                                               length_penalty=length_penalty, **ids)
+        return tokens_BxKxL[:, 0]
+
+    def __call__(self, params, src_NxS, src_len_N, beam_size: int, length_penalty: float):
+        N, B = len(src_NxS), self.batch_size
+        out = []
+        for start in range(0, N, B):
+            src, src_len = src_NxS[start:start + B], src_len_N[start:start + B]
+            pad = B - len(src)
+            src = np.concatenate([src, np.repeat(src[-1:], pad, 0)])
+            src_len = np.concatenate([src_len, np.repeat(src_len[-1:], pad, 0)])
+            tokens = self._search(params, src, src_len, jnp.float32(length_penalty),
+                                  beam_size=beam_size)
+            out.append(np.asarray(tokens)[:B - pad])
+        return np.concatenate(out).tolist()
+
+
+def cross_attention_weights(model: EncoderDecoder, params, src_1xS, src_len_1, tgt_in_1xT):
+    """[T, S] weights of each target position over the source: the recurrent decoder's
+    additive attention, or the Transformer's last cross-attention averaged over heads."""
+    _, variables = model.apply(params, src_1xS, src_len_1, tgt_in_1xT, mutable=["intermediates"])
+    decoder = variables["intermediates"]["decoder"]
+    if "step" in decoder:  # [T, B, 1, S]
+        return np.asarray(decoder["step"]["attention"]["attention_weights"][0][:, 0, 0])
+    last = decoder[f"block{model.decoder.num_layers - 1}"]  # [B, H, T, S]
+    return np.asarray(last["cross_attention"]["attention_weights"][0][0].mean(0))
+
+
+def _attention_maps(model, params, src_tok, tgt_tok, sources, hypotheses, num_steps, path):
+    """One heatmap per sentence: source tokens (columns, with <eos>) against the generated
+    target tokens (rows, each the prediction made from the attention in its row)."""
+    from seqjax.analysis import pyplot
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(sources), figsize=(4.5 * len(sources), 4.2), squeeze=False)
+    for ax, source, hypothesis in zip(axes[0], sources, hypotheses):
+        src, src_len = _encode_inputs(src_tok, [source], num_steps)
+        tgt = tgt_tok.encode(hypothesis)[:num_steps - 1] + [data_lib.EOS_ID]
+        tgt_in = np.asarray([[data_lib.BOS_ID] + tgt[:-1]], np.int32)
+        weights_TxS = cross_attention_weights(model, params, src, src_len, tgt_in)
+        S = int(src_len[0])
+        ax.imshow(weights_TxS[:, :S], cmap="Reds", vmin=0, vmax=1)
+        ax.set_xticks(range(S), src_tok.tokens(src[0, :S].tolist()), rotation=90, fontsize=8)
+        ax.set_yticks(range(len(tgt)), tgt_tok.tokens(tgt), fontsize=8)
+    fig.suptitle("Cross-attention: target tokens (rows) over source tokens (columns)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
