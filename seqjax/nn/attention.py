@@ -24,12 +24,14 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from seqjax.nn import position
 
 Dtype = Any
 ATTENTION_KINDS = ("full", "local")
+NEG = np.float32(-1e30)  # a finite -inf: exp(NEG - max) is 0, and no inf - inf
 
 
 # ----------------------------------------------------------------------------- softmax and scores
@@ -108,16 +110,14 @@ def _check_local(block_size, look_back):
             raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
 
 
-def _windows(x_BxCxS, look_back: int, fill):
-    """[B, C, (1 + look_back) * S, ...]: each block preceded by the `look_back` blocks before
-    it (blocks before the first are `fill`), oldest first."""
+def _windows(x_BxHxCxSxD, look_back: int):
+    """[B, H, C, (1 + look_back) * S, D]: each block preceded by the `look_back` blocks before
+    it (zeros before the first block), oldest first."""
     if look_back == 0:
-        return x_BxCxS
-    pad = [(0, 0)] * x_BxCxS.ndim
-    pad[1] = (look_back, 0)
-    padded = jnp.pad(x_BxCxS, pad, constant_values=fill)
-    C = x_BxCxS.shape[1]
-    return jnp.concatenate([padded[:, j:j + C] for j in range(look_back + 1)], axis=2)
+        return x_BxHxCxSxD
+    padded = jnp.pad(x_BxHxCxSxD, [(0, 0), (0, 0), (look_back, 0), (0, 0), (0, 0)])
+    C = x_BxHxCxSxD.shape[2]
+    return jnp.concatenate([padded[:, :, j:j + C] for j in range(look_back + 1)], axis=3)
 
 
 def local_window_mask(length: int, block_size: int, look_back: int = 0, causal: bool = False):
@@ -145,31 +145,44 @@ def local_attention(q_BxNxHxD, k_BxNxHxD, v_BxNxHxD, *, block_size: int, causal:
         raise ValueError(f"local_attention is self-attention: q, k, v must share [batch, length], "
                          f"got {q_BxNxHxD.shape}, {k_BxNxHxD.shape}, {v_BxNxHxD.shape}")
     B, N, H, D = q_BxNxHxD.shape
-    S = block_size
+    S, W = block_size, (1 + look_back) * block_size
     C = -(-N // S)
     P = C * S - N  # internal padding
 
-    def blocks(x):
-        return jnp.pad(x, [(0, 0), (0, P), (0, 0), (0, 0)]).reshape(B, C, S, *x.shape[2:])
+    def blocks(x):  # [B, N, H, D] -> head-major [B, H, C, S, D]: both einsums are plain matmuls
+        x = jnp.pad(x, [(0, 0), (0, P), (0, 0), (0, 0)]).reshape(B, C, S, H, x.shape[-1])
+        return jnp.transpose(x, (0, 3, 1, 2, 4))
 
-    key_ok_BxN = jnp.ones((B, N), bool) if mask is None else jnp.broadcast_to(mask, (B, N))
-    key_ok_BxCxS = jnp.pad(key_ok_BxN, [(0, 0), (0, P)]).reshape(B, C, S)
-    key_ok_BxCxW = _windows(key_ok_BxCxS, look_back, False)
-    k_BxCxWxHxD = _windows(blocks(k_BxNxHxD), look_back, 0)
-    v_BxCxWxHxD = _windows(blocks(v_BxNxHxD), look_back, 0)
-    q_BxCxSxHxD = blocks(_scaled(q_BxNxHxD))
-
-    scores = jnp.einsum("bcqhd,bckhd->bchqk", q_BxCxSxHxD, k_BxCxWxHxD)
-    allowed_BxCx1x1xW = key_ok_BxCxW[:, :, None, None, :]
+    # The mask is an additive finite bias (one add, no select over the scores): keys of
+    # padding, of blocks before the start, and (if causal) later keys get NEG.
+    bias_CxSxW = np.zeros((C, S, W), np.float32)
+    for c in range(min(look_back, C)):
+        bias_CxSxW[c, :, :(look_back - c) * S] = NEG
     if causal:  # key offset in the window <= query offset + the look_back blocks before it
-        W = (1 + look_back) * S
-        allowed_BxCx1x1xW = allowed_BxCx1x1xW & (
-            np.arange(W)[None, :] <= np.arange(S)[:, None] + look_back * S)
-    weights = softmax_where(scores, allowed_BxCx1x1xW)
-    weights = _dropout(weights, dropout_rate, dropout_rng).astype(v_BxNxHxD.dtype)
-    out_BxCxSxHxD = jnp.einsum("bchqk,bckhd->bcqhd", weights, v_BxCxWxHxD)
+        bias_CxSxW[:, np.arange(W)[None, :] > np.arange(S)[:, None] + look_back * S] = NEG
+    bias = jnp.asarray(bias_CxSxW)
+    if mask is not None or P:
+        key_ok_BxN = jnp.ones((B, N), bool) if mask is None else jnp.broadcast_to(mask, (B, N))
+        key_ok_BxCxS = jnp.pad(key_ok_BxN, [(0, 0), (0, P)]).reshape(B, 1, C, S, 1)
+        key_ok_BxCxW = _windows(key_ok_BxCxS, look_back)[..., 0]  # [B, 1, C, W]
+        bias = bias + jnp.where(key_ok_BxCxW, 0.0, NEG)[:, :, :, None, :]
+
+    q_BxHxCxSxD = blocks(_scaled(q_BxNxHxD))
+    k_BxHxCxWxD, v_BxHxCxWxD = _windows(blocks(k_BxNxHxD), look_back), _windows(blocks(v_BxNxHxD), look_back)
+    scores = jnp.einsum("bhcqd,bhckd->bhcqk", q_BxHxCxSxD, k_BxHxCxWxD).astype(jnp.float32) + bias
+    max_scores = lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    exp = jnp.exp(scores - max_scores)
+    seen = max_scores > NEG / 2  # a query with at least one key it may attend to
+    total = jnp.sum(exp, axis=-1, keepdims=True)
+    if dropout_rate and dropout_rng is not None:
+        weights = _dropout(jnp.where(seen, exp / total, 0.0), dropout_rate, dropout_rng)
+        out = jnp.einsum("bhcqk,bhckd->bhcqd", weights.astype(v_BxNxHxD.dtype), v_BxHxCxWxD)
+    else:  # normalise after the second einsum: a divide over [S, D] instead of [S, W]
+        out = jnp.einsum("bhcqk,bhckd->bhcqd", exp.astype(v_BxNxHxD.dtype), v_BxHxCxWxD)
+        out = jnp.where(seen, out / total.astype(out.dtype), 0.0).astype(out.dtype)
     # D of the values, which (as in dot_product_attention) may differ from the queries' D
-    return out_BxCxSxHxD.reshape(B, C * S, H, v_BxNxHxD.shape[-1])[:, :N]
+    out_BxNxHxD = jnp.transpose(out, (0, 2, 3, 1, 4)).reshape(B, C * S, H, v_BxNxHxD.shape[-1])
+    return out_BxNxHxD[:, :N]
 
 
 # ----------------------------------------------------------------------------- modules
