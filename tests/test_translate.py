@@ -114,3 +114,19 @@ def test_searcher_against_the_whole_model_on_each_prefix(name):
         assert tokens[n:] == [data_lib.PAD_ID] * (T - n)
         np.testing.assert_array_equal(np.argmax(log_probs(row, tokens)[:n], -1), tokens[:n])
         assert score(row, beam[row]) >= score(row, tokens) - 1e-5
+
+
+@pytest.mark.parametrize("arg, override, message", [
+    ("tiny", {"data.tokenizer": "chars"}, "config.data.tokenizer='chars'"),
+    ("tiny", {"data.num_steps": 1}, "config.data.num_steps=1: must be >= 2"),
+    ("tiny", {"decode.length_penalty": -1.0}, "config.decode.length_penalty=-1.0"),
+    ("tiny,model=seq2seq_attention", {"model.attention": "local"},
+     "config.model.attention='local': the recurrent decoder attends over the whole source"),
+    ("tiny", {"data.num_test": 3000}, "too few for num_test=3000"),
+])
+def test_bad_translate_config_is_a_clear_error(arg, override, message, tmp_path):
+    config = load_config("translate", arg)
+    config.update_from_flattened_dict(override)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()

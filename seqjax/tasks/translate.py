@@ -73,6 +73,10 @@ def validate(config):
         config_lib.expect(m.activation in ("relu", "gelu"), "model.activation", m.activation,
                           "expected 'relu' or 'gelu'")
     else:
+        config_lib.expect(m.attention == "full", "model.attention", m.attention,
+                          "the recurrent decoder attends over the whole source at every step "
+                          "(additive attention); 'local' applies to the Transformer's "
+                          "self-attention")
         config_lib.expect_positive_int(config, "model.embed_size", "model.num_hiddens")
         config_lib.expect(m.cell in CELLS, "model.cell", m.cell, f"expected one of {sorted(CELLS)}")
     config_lib.expect_positive_int(config, "decode.beam_size", "decode.num_attention_maps")
