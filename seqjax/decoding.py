@@ -11,12 +11,17 @@ Outputs hold the generated tokens without `<bos>`: a sequence ends with `eos_id`
 (a trained model does not emit `<pad>` or `<bos>`).
 
 Beam search keeps, per row, the K best unfinished hypotheses and the K best finished ones
-(ended by `<eos>`, or cut at `max_len`), as the Flax WMT example and T5X do: each step ranks
-the 2K best one-token extensions, those ending in `<eos>` join the finished set with score
-log p / ((5 + length) / 6) ** length_penalty (GNMT; length counts `<eos>`), the others form
-the next unfinished set. A row is done when its worst finished score beats the best score any
-unfinished hypothesis could still reach (its log-probability, which only falls, over the
-largest penalty, that of `max_len`).
+(ended by `<eos>`, or cut at `max_len`), as the Flax WMT example and T5X do. Each step ranks
+the 2K best one-token extensions of the unfinished ones (at most K of them end in `<eos>`, so
+K others always remain): the K best that do not end become the next unfinished set, and those
+that end and rank among the K best join the finished set with score
+log p / ((5 + length) / 6) ** length_penalty (GNMT; length counts `<eos>`). Admitting only the
+K best, as fairseq and Hugging Face do (Flax and T5X admit all 2K), makes a beam of one with
+`length_penalty=0` exactly greedy search. A row is done when its worst finished score beats
+the best score any unfinished hypothesis could still reach: its log-probability, which only
+falls, over the largest penalty, that of `max_len` (T5X's bound). Only beam 0 is live at the
+first step, the others start at `NEG_INF`: should a row have fewer than K distinct hypotheses,
+its last results descend from those and score near `NEG_INF`.
 
 The state of beam search is tiled to B * K rows (row b * K + k is beam k of sentence b) along
 axis 0 of every leaf with at least one dimension, and reordered by gathering along that axis
@@ -77,7 +82,7 @@ def beam_search(step_fn: StepFn, state, *, batch_size: int, beam_size: int, max_
     best first; scores are length-penalised log-probabilities (see the module docstring)."""
     B, K, L = batch_size, beam_size, max_len
     state = jax.tree.map(lambda x: jnp.repeat(x, K, axis=0) if jnp.ndim(x) >= 1 else x, state)
-    alive_logp_BxK = jnp.where(jnp.arange(K) == 0, 0.0, NEG_INF)[None].repeat(B, 0)
+    alive_logp_BxK = jnp.full((B, K), NEG_INF, jnp.float32).at[:, 0].set(0.0)
     max_factor = length_penalty_factor(jnp.float32(L), length_penalty)
 
     def body(carry):
@@ -93,7 +98,8 @@ def beam_search(step_fn: StepFn, state, *, batch_size: int, beam_size: int, max_
         seqs_Bx2KxL = lax.dynamic_update_slice(seqs_Bx2KxL, token_Bx2K[:, :, None], (0, 0, t))
         ends_Bx2K = (token_Bx2K == eos_id) | (t == L - 1)
         new_score_Bx2K = jnp.where(
-            ends_Bx2K, top_logp_Bx2K / length_penalty_factor(t + 1.0, length_penalty), NEG_INF)
+            ends_Bx2K & (jnp.arange(2 * K) < K),
+            top_logp_Bx2K / length_penalty_factor(t + 1.0, length_penalty), NEG_INF)
         fin_score_Bx3K = jnp.concatenate([fin_score_BxK, new_score_Bx2K], 1)
         fin_score_BxK, keep_BxK = lax.top_k(fin_score_Bx3K, K)
         fin_BxKxL = jnp.take_along_axis(jnp.concatenate([fin_BxKxL, seqs_Bx2KxL], 1),
@@ -110,6 +116,7 @@ def beam_search(step_fn: StepFn, state, *, batch_size: int, beam_size: int, max_
         return (t < L) & ~jnp.all(fin_score_BxK[:, -1] > best_reachable_B)
 
     init = (jnp.int32(0), jnp.full((B, K, L), pad_id, jnp.int32), alive_logp_BxK,
-            jnp.full((B, K, L), pad_id, jnp.int32), jnp.full((B, K), NEG_INF), state)
+            jnp.full((B, K, L), pad_id, jnp.int32), jnp.full((B, K), NEG_INF, jnp.float32),
+            state)
     _, _, _, fin_BxKxL, fin_score_BxK, _ = lax.while_loop(cond, body, init)
     return fin_BxKxL, fin_score_BxK
