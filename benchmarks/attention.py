@@ -45,10 +45,8 @@ faster forward and at least 20x less memory than full attention; doubling N at m
 the time of local attention; look_back=1 at most 1.7x the time of look_back=0; N=65536
 forward and forward plus backward within 2 GB; and local attention's forward plus backward
 reaching at least 40% of the matmul peak. Then --breakdown times the stages of
-`local_attention`'s forward at that size (the scores einsum, the masked softmax, the weights
-@ values einsum) separately, in its layout and in a head-major layout, against a prototype
-(`head_major_local_attention` below: head-major blocks, an additive finite mask, the softmax
-normalised after the second einsum).
+`local_attention`'s forward at that size (the layout into head-major blocks, the scores
+einsum with the mask bias, the exponentials, the values einsum) separately.
 """
 
 import dataclasses
@@ -65,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax.nn.attention import dot_product_attention, local_attention, softmax_where
+from seqjax.nn.attention import dot_product_attention, local_attention
 
 flags.DEFINE_list("lengths", ["1024", "4096", "16384", "65536"], "Sequence lengths N.")
 flags.DEFINE_list("block_sizes", ["128", "256"], "Block sizes S of local attention.")
@@ -404,90 +402,46 @@ def summary(all_results, lengths, block_sizes, look_backs, target_N, target_S, m
 
 # ----------------------------------------------------------------------------- breakdown
 
-def head_major_local_attention(q_BxNxHxD, k_BxNxHxD, v_BxNxHxD, *, block_size: int,
-                               look_back: int = 0, causal: bool = False):
-    """A prototype of `local_attention` (no key mask, no dropout, N a multiple of block_size):
-    blocks in head-major layout [B, H, C, S, D], so that both einsums are batched matmuls
-    over the leading axes with no transposes inside them; the mask as an additive finite
-    bias (one add, no select); and the softmax normalised after the weights @ values einsum
-    (a divide over [S, D] instead of [S, W])."""
-    B, N, H, D = q_BxNxHxD.shape
-    S, W = block_size, (1 + look_back) * block_size
-    if N % S:
-        raise ValueError(f"N={N} is not a multiple of block_size={S}")
-    C = N // S
-
-    def blocks(x):  # [B, N, H, D] -> [B, H, C, S, D]
-        return jnp.transpose(x.reshape(B, C, S, H, D), (0, 3, 1, 2, 4))
-
-    def windows(x):  # [B, H, C, S, D] -> [B, H, C, W, D], the look_back blocks first
-        if look_back == 0:
-            return x
-        padded = jnp.pad(x, [(0, 0), (0, 0), (look_back, 0), (0, 0), (0, 0)])
-        return jnp.concatenate([padded[:, :, j:j + C] for j in range(look_back + 1)], axis=3)
-
-    neg = np.float32(-1e30)  # finite: exp(neg - max) is 0, and no inf - inf
-    bias_SxW = np.zeros((S, W), np.float32)
-    if causal:
-        bias_SxW[np.arange(W)[None, :] > np.arange(S)[:, None] + look_back * S] = neg
-    bias_Cx1xW = np.zeros((C, 1, W), np.float32)  # keys before the sequence's start
-    for c in range(min(look_back, C)):
-        bias_Cx1xW[c, :, :(look_back - c) * S] = neg
-
-    q = blocks(q_BxNxHxD * np.float32(1 / np.sqrt(D)))
-    k, v = windows(blocks(k_BxNxHxD)), windows(blocks(v_BxNxHxD))
-    scores = jnp.einsum("bhcqd,bhckd->bhcqk", q, k) + bias_SxW
-    if look_back:
-        scores = scores + bias_Cx1xW
-    exp = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-    out = jnp.einsum("bhcqk,bhckd->bhcqd", exp, v) / jnp.sum(exp, axis=-1, keepdims=True)
-    return jnp.transpose(out, (0, 2, 3, 1, 4)).reshape(B, N, H, D)
-
-
 def breakdown(N, S, B, H, D, causal, peak, repeats):
     """Times the stages of local_attention's forward (look_back 0) at N, S separately, each
     jitted on its own (so each reads its input from and writes its output to memory), in
-    turn for `repeats` rounds after a warm-up, and the prototype against the library."""
+    turn for `repeats` rounds after a warm-up."""
     C = N // S
     keys = jax.random.split(jax.random.PRNGKey(N + 1), 4)
     q, k, v, ct = (jax.random.normal(key, (B, N, H, D), jnp.float32) for key in keys)
-    qb, kb, vb = ((x * (1 / np.sqrt(D)) if x is q else x).reshape(B, C, S, H, D)
-                  for x in (q, k, v))
-    qh, kh, vh = (jnp.transpose(x, (0, 3, 1, 2, 4)) for x in (qb, kb, vb))
-    allowed_SxW = (np.arange(S)[None, :] <= np.arange(S)[:, None]) if causal else None
-    bias_SxW = (np.where(allowed_SxW, 0, -1e30).astype(np.float32) if causal
-                else np.zeros((S, S), np.float32))
-    scores = jnp.einsum("bcqhd,bckhd->bchqk", qb, kb)
-    weights = softmax_where(scores, allowed_SxW)
-    scores_h = jnp.einsum("bhcqd,bhckd->bhcqk", qh, kh)
-    weights_h = jax.nn.softmax(scores_h + bias_SxW, axis=-1)
+
+    def blocks(x):  # the library's layout: head-major blocks [B, H, C, S, D]
+        return jnp.transpose(x.reshape(B, C, S, H, D), (0, 3, 1, 2, 4))
+
+    qh, kh, vh = blocks(q * (1 / np.sqrt(D))), blocks(k), blocks(v)
+    bias_SxS = np.zeros((S, S), np.float32)
+    if causal:
+        bias_SxS[np.arange(S)[None, :] > np.arange(S)[:, None]] = -1e30
+
+    def scores_fn(a, b):
+        return jnp.einsum("bhcqd,bhckd->bhcqk", a, b) + bias_SxS
+
+    def softmax_fn(s):  # unnormalised, as in the library: exp(s - max) and its row sums
+        e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+        return e, jnp.sum(e, axis=-1, keepdims=True)
+
+    def values_fn(e, total, b):
+        return jnp.einsum("bhcqk,bhckd->bhcqd", e, b) / total
+
+    scores = scores_fn(qh, kh)
+    exp, total = softmax_fn(scores)
     library = lambda q, k, v: local_attention(q, k, v, block_size=S, causal=causal)
-    proto = lambda q, k, v: head_major_local_attention(q, k, v, block_size=S, causal=causal)
     einsum_flops = 2.0 * B * H * N * S * D
     stages = [  # name, function, arguments, useful FLOPs
         ("local_attention forward (the library)", library, (q, k, v), 2 * einsum_flops),
-        ("  scores einsum bcqhd,bckhd->bchqk", lambda a, b: jnp.einsum(
-            "bcqhd,bckhd->bchqk", a, b), (qb, kb), einsum_flops),
-        ("  softmax_where(scores, causal mask)", lambda s: softmax_where(s, allowed_SxW),
-         (scores,), None),
-        ("  weights einsum bchqk,bckhd->bcqhd", lambda w, b: jnp.einsum(
-            "bchqk,bckhd->bcqhd", w, b), (weights, vb), einsum_flops),
-        ("  layout: q, k, v -> blocks [B, C, S, H, D], q scaled",
-         lambda q, k, v: tuple(x.reshape(B, C, S, H, D) for x in (q * (1 / np.sqrt(D)), k, v)),
-         (q, k, v), None),
-        ("head-major scores einsum bhcqd,bhckd->bhcqk", lambda a, b: jnp.einsum(
-            "bhcqd,bhckd->bhcqk", a, b), (qh, kh), einsum_flops),
-        ("softmax(scores + finite bias)", lambda s: jax.nn.softmax(s + bias_SxW, axis=-1),
-         (scores_h,), None),
-        ("head-major weights einsum bhcqk,bhckd->bhcqd", lambda w, b: jnp.einsum(
-            "bhcqk,bhckd->bhcqd", w, b), (weights_h, vh), einsum_flops),
-        ("layout: q, k, v -> head-major blocks [B, H, C, S, D]",
-         lambda q, k, v: tuple(jnp.transpose(x.reshape(B, C, S, H, D), (0, 3, 1, 2, 4))
-                               for x in (q, k, v)), (q, k, v), None),
-        ("prototype head_major_local_attention forward", proto, (q, k, v), 2 * einsum_flops),
+        ("  layout: q, k, v -> head-major blocks [B, H, C, S, D], q scaled",
+         lambda q, k, v: (blocks(q * (1 / np.sqrt(D))), blocks(k), blocks(v)), (q, k, v), None),
+        ("  scores einsum bhcqd,bhckd->bhcqk + mask bias", scores_fn, (qh, kh), einsum_flops),
+        ("  exp(scores - max) and row sums", softmax_fn, (scores,), None),
+        ("  values einsum bhcqk,bhckd->bhcqd, normalised", values_fn, (exp, total, vh),
+         einsum_flops),
         ("local_attention forward+backward (the library)", with_grad(library), (q, k, v, ct),
          6 * einsum_flops),
-        ("prototype forward+backward", with_grad(proto), (q, k, v, ct), 6 * einsum_flops),
     ]
     steps = {name: block(jax.jit(fn).lower(*args).compile(), *args)
              for name, fn, args, _ in stages}
@@ -497,12 +451,10 @@ def breakdown(N, S, B, H, D, causal, peak, repeats):
     for _ in range(repeats):
         for name, step in steps.items():
             times[name].append(timed(step))
-    error = float(jnp.max(jnp.abs(jax.jit(proto)(q, k, v) - jax.jit(library)(q, k, v))))
     base = times[stages[0][0]]
     print(f"\nBreakdown of local_attention (look_back 0) at N={N}, S={S}, causal={causal}: each "
           f"stage jitted alone, {repeats} rounds in turn; 'share' = median over rounds of its "
-          f"time / the library forward's. The prototype's forward differs from the library's "
-          f"by at most {error:.1e}.\n")
+          f"time / the library forward's.\n")
     print("| stage | ms | share of library forward | GFLOP/s | % peak |")
     print("| --- | --- | --- | --- | --- |")
     for name, _, _, flops in stages:

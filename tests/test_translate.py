@@ -30,6 +30,9 @@ def test_tiny_run_reports_bleu_and_writes_attention_maps(workdir):
     for key in ("bleu", "test_bleu_greedy", "test_bleu_beam2"):
         assert 0 <= final[0][key] <= 100
     assert (workdir / "attention_maps.png").stat().st_size > 1000
+    rows = (workdir / "test_translations.tsv").read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "source\treference\tgreedy\tbeam2"
+    assert len(rows) == 1 + load_config("translate", "tiny").data.num_test
     for name in task_lib.TOKENIZER_FILES.values():
         assert (workdir / name).exists()
 

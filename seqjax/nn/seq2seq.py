@@ -25,8 +25,8 @@ from seqjax.nn.recurrent import CELLS, StackedRecurrent
 Dtype = Any
 
 
-class Seq2SeqEncoder(nn.Module):
-    """Source tokens [B, S] with lengths [B] -> (outputs [B, S, H], final carries per layer)."""
+class _Seq2Seq(nn.Module):
+    """The hyperparameters shared by the encoder and the decoder."""
 
     vocab_size: int
     embed_size: int = 256
@@ -36,6 +36,10 @@ class Seq2SeqEncoder(nn.Module):
     dropout_rate: float = 0.0
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
+
+
+class Seq2SeqEncoder(_Seq2Seq):
+    """Source tokens [B, S] with lengths [B] -> (outputs [B, S, H], final carries per layer)."""
 
     @nn.compact
     def __call__(self, tokens_BxS, valid_len_B=None, *, deterministic: bool = True):
@@ -75,21 +79,12 @@ class _AttentionStep(nn.Module):
         return tuple(new_carries), x
 
 
-class Seq2SeqAttentionDecoder(nn.Module):
+class Seq2SeqAttentionDecoder(_Seq2Seq):
     """Target tokens [B, T] and memory -> (logits [B, T, V] in float32, memory after them).
 
     The attention weights of every step are sown into 'intermediates' under
     `step/attention/attention_weights`, stacked over time: [T, B, 1, S].
     """
-
-    vocab_size: int
-    embed_size: int = 256
-    num_hiddens: int = 256
-    num_layers: int = 2
-    cell: str = "gru"
-    dropout_rate: float = 0.0
-    dtype: Optional[Dtype] = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.nowrap
     def init_state(self, encoder_outputs, src_valid_len_B):

@@ -71,11 +71,11 @@ def _check_norm(norm: str):
         raise ValueError(f"norm={norm!r}: expected one of {NORMS}")
 
 
-class EncoderBlock(nn.Module):
-    """Self-attention and FFN with residuals: [B, L, E] -> [B, L, E]. `dropout_rate` applies
-    to each sublayer's output (and embeddings), `attention_dropout_rate` to the attention
-    weights. `attention_kwargs` go to `MultiHeadAttention` (attention='local', block_size,
-    look_back, causal, rotary, decode)."""
+class _Block(nn.Module):
+    """The hyperparameters of a Transformer block. `dropout_rate` applies to each sublayer's
+    output, `attention_dropout_rate` to the attention weights; `attention_kwargs` go to the
+    (self-)attention's `MultiHeadAttention` (attention='local', block_size, look_back, causal,
+    rotary, decode)."""
 
     num_heads: int
     ffn_hiddens: int
@@ -86,6 +86,10 @@ class EncoderBlock(nn.Module):
     attention_kwargs: Any = ()
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
+
+
+class EncoderBlock(_Block):
+    """Self-attention and FFN with residuals: [B, L, E] -> [B, L, E]."""
 
     @nn.compact
     def __call__(self, x_BxLxE, mask=None, *, deterministic: bool = True):
@@ -194,22 +198,12 @@ class TransformerLM(_Stack):
         return self._head(x)
 
 
-class DecoderBlock(nn.Module):
+class DecoderBlock(_Block):
     """Causal self-attention, cross-attention to the encoder's output `memory` [B, S, E']
     (queries from the decoder, keys and values from the encoder; `memory_mask` [B, S] marks
     real source tokens), and an FFN, each with its residual: [B, T, E] -> [B, T, E].
     `attention_kwargs` go to the self-attention (attention='local', block_size, look_back,
     rotary, decode); cross-attention is always full attention over the source."""
-
-    num_heads: int
-    ffn_hiddens: int
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    norm: str = "post"
-    activation: str = "relu"
-    attention_kwargs: Any = ()
-    dtype: Optional[Dtype] = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x_BxTxE, memory_BxSxE, memory_mask_BxS=None, *,

@@ -165,20 +165,26 @@ def build(config, workdir=None) -> Task:
     test_pairs = splits["test"]
 
     def decode_eval(params, final: bool) -> dict:
-        """Greedy BLEU on validation pairs; at the end, greedy and beam BLEU on the test pairs
-        and the attention maps of its first sentences."""
+        """Greedy BLEU on validation pairs; at the end, greedy and beam BLEU on the test pairs,
+        their translations (`test_translations.tsv`) and the attention maps of a few."""
         metrics = {}
         if val_pairs:
             metrics["bleu"] = _bleu(val_pairs, translate(params, [p[0] for p in val_pairs],
                                                          beam_size=1))
         if final:
             sources = [p[0] for p in test_pairs]
-            metrics["test_bleu_greedy"] = _bleu(test_pairs, translate(params, sources, beam_size=1))
-            hypotheses = translate(params, sources)
-            metrics[f"test_bleu_beam{s.beam_size}"] = _bleu(test_pairs, hypotheses)
+            greedy = translate(params, sources, beam_size=1)
+            metrics["test_bleu_greedy"] = _bleu(test_pairs, greedy)
+            beam = translate(params, sources)
+            metrics[f"test_bleu_beam{s.beam_size}"] = _bleu(test_pairs, beam)
             if workdir and jax.process_index() == 0:
-                _attention_maps(model, params, src_tok, tgt_tok, sources[:s.num_attention_maps],
-                                hypotheses[:s.num_attention_maps], d.num_steps,
+                with open(os.path.join(workdir, "test_translations.tsv"), "w", encoding="utf-8") as f:
+                    f.write(f"source\treference\tgreedy\tbeam{s.beam_size}\n")
+                    f.writelines(f"{p[0]}\t{p[1]}\t{g}\t{b}\n"
+                                 for p, g, b in zip(test_pairs, greedy, beam))
+                shown = _spread(sources, s.num_attention_maps)
+                _attention_maps(model, params, src_tok, tgt_tok, [sources[i] for i in shown],
+                                [beam[i] for i in shown], d.num_steps,
                                 os.path.join(workdir, "attention_maps.png"))
         return metrics
 
@@ -195,10 +201,17 @@ def _report(means):
     return dict(means, perplexity=math.exp(min(means["loss"], 700.0)))
 
 
+def _spread(sources, n: int) -> list[int]:
+    """Indices of n distinct sources at evenly spaced quantiles of the list (for the shipped
+    pairs, sorted by length: from short to long sentences)."""
+    first = list({source: i for i, source in reversed(list(enumerate(sources)))}.values())[::-1]
+    return [first[int(q * len(first))] for q in (np.arange(n) + 1) / (n + 1)]
+
+
 def _bleu(pairs, hypotheses) -> float:
     """Corpus BLEU (sacrebleu, 13a tokenisation) against the preprocessed, lowercased targets."""
     references = [" ".join(data_lib.tokenize_words(data_lib.preprocess_nmt(p[1]))) for p in pairs]
-    return sacrebleu.corpus_bleu(hypotheses, [references]).score
+    return sacrebleu.corpus_bleu(hypotheses, [references], force=True).score
 
 
 def _encode_inputs(src_tok, sentences, num_steps):
@@ -262,6 +275,8 @@ class Searcher:
 
     def __call__(self, params, src_NxS, src_len_N, beam_size: int, length_penalty: float):
         N, B = len(src_NxS), self.batch_size
+        if N == 0:
+            return []
         out = []
         for start in range(0, N, B):
             src, src_len = src_NxS[start:start + B], src_len_N[start:start + B]
