@@ -110,6 +110,16 @@ def _check_local(block_size, look_back):
             raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
 
 
+def _windows(x_BxHxCxSxD, look_back: int):
+    """[B, H, C, (1 + look_back) * S, D]: each block preceded by the `look_back` blocks before
+    it (zeros before the first block), oldest first."""
+    if look_back == 0:
+        return x_BxHxCxSxD
+    padded = jnp.pad(x_BxHxCxSxD, [(0, 0), (0, 0), (look_back, 0), (0, 0), (0, 0)])
+    C = x_BxHxCxSxD.shape[2]
+    return jnp.concatenate([padded[:, :, j:j + C] for j in range(look_back + 1)], axis=3)
+
+
 def local_window_mask(length: int, block_size: int, look_back: int = 0, causal: bool = False):
     """The [N, N] mask that `local_attention` applies without building it: query i may see key
     j iff j's block is i's block or one of the `look_back` before it (and j <= i if causal).
@@ -135,7 +145,7 @@ def local_attention(q_BxNxHxD, k_BxNxHxD, v_BxNxHxD, *, block_size: int, causal:
         raise ValueError(f"local_attention is self-attention: q, k, v must share [batch, length], "
                          f"got {q_BxNxHxD.shape}, {k_BxNxHxD.shape}, {v_BxNxHxD.shape}")
     B, N, H, D = q_BxNxHxD.shape
-    S = block_size
+    S, W = block_size, (1 + look_back) * block_size
     C = -(-N // S)
     P = C * S - N  # internal padding
 
@@ -143,48 +153,32 @@ def local_attention(q_BxNxHxD, k_BxNxHxD, v_BxNxHxD, *, block_size: int, causal:
         x = jnp.pad(x, [(0, 0), (0, P), (0, 0), (0, 0)]).reshape(B, C, S, H, x.shape[-1])
         return jnp.transpose(x, (0, 3, 1, 2, 4))
 
-    def back(x_BxHxCx, j):  # block c - j at block c, zeros before the first: [B, H, C, ...]
-        return x_BxHxCx[:, :, look_back - j:look_back - j + C]
-
-    def padded(x_BxHxCx):  # look_back zero blocks in front, sliced by `back` without a copy
-        return jnp.pad(x_BxHxCx, [(0, 0), (0, 0), (look_back, 0)] + [(0, 0)] * (x_BxHxCx.ndim - 3))
-
-    # A query's window is its own block (j = 0) and the look_back blocks before it (j >= 1),
-    # each a separate [S, S] score matrix: no [W, D] window of keys or values is copied. The
-    # masks are additive finite biases (one add, no select over the scores): keys of padding,
-    # of blocks before the start, and (if causal) later keys of the own block get NEG.
-    q_BxHxCxSxD = blocks(_scaled(q_BxNxHxD))
-    k_BxHxCxSxD, v_BxHxCxSxD = padded(blocks(k_BxNxHxD)), padded(blocks(v_BxNxHxD))
-    key_bias_BxHxCx1xS = None
+    # The mask is an additive finite bias (one add, no select over the scores): keys of
+    # padding, of blocks before the start, and (if causal) later keys get NEG.
+    bias_CxSxW = np.zeros((C, S, W), np.float32)
+    for c in range(min(look_back, C)):
+        bias_CxSxW[c, :, :(look_back - c) * S] = NEG
+    if causal:  # key offset in the window <= query offset + the look_back blocks before it
+        bias_CxSxW[:, np.arange(W)[None, :] > np.arange(S)[:, None] + look_back * S] = NEG
+    bias = jnp.asarray(bias_CxSxW)
     if mask is not None or P:
         key_ok_BxN = jnp.ones((B, N), bool) if mask is None else jnp.broadcast_to(mask, (B, N))
-        key_ok_Bx1xCxS = jnp.pad(key_ok_BxN, [(0, 0), (0, P)]).reshape(B, 1, C, S)
-        key_bias_BxHxCx1xS = padded(jnp.where(key_ok_Bx1xCxS, 0.0, NEG))[:, :, :, None, :]
-    scores = []
-    for j in range(look_back + 1):
-        bias_CxSxS = np.zeros((C, S, S), np.float32)
-        bias_CxSxS[:j] = NEG
-        if causal and j == 0:
-            bias_CxSxS[:, np.arange(S)[None, :] > np.arange(S)[:, None]] = NEG
-        scores_j = jnp.einsum("bhcqd,bhckd->bhcqk", q_BxHxCxSxD, back(k_BxHxCxSxD, j))
-        scores_j = scores_j.astype(jnp.float32) + bias_CxSxS
-        if key_bias_BxHxCx1xS is not None:
-            scores_j = scores_j + back(key_bias_BxHxCx1xS, j)
-        scores.append(scores_j)
-    max_scores = lax.stop_gradient(
-        functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in scores]))
-    exps = [jnp.exp(x - max_scores) for x in scores]
+        key_ok_BxCxS = jnp.pad(key_ok_BxN, [(0, 0), (0, P)]).reshape(B, 1, C, S, 1)
+        key_ok_BxCxW = _windows(key_ok_BxCxS, look_back)[..., 0]  # [B, 1, C, W]
+        bias = bias + jnp.where(key_ok_BxCxW, 0.0, NEG)[:, :, :, None, :]
+
+    q_BxHxCxSxD = blocks(_scaled(q_BxNxHxD))
+    k_BxHxCxWxD, v_BxHxCxWxD = _windows(blocks(k_BxNxHxD), look_back), _windows(blocks(v_BxNxHxD), look_back)
+    scores = jnp.einsum("bhcqd,bhckd->bhcqk", q_BxHxCxSxD, k_BxHxCxWxD).astype(jnp.float32) + bias
+    max_scores = lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    exp = jnp.exp(scores - max_scores)
     seen = max_scores > NEG / 2  # a query with at least one key it may attend to
-    total = sum(jnp.sum(e, axis=-1, keepdims=True) for e in exps)
-    dtype = v_BxNxHxD.dtype
+    total = jnp.sum(exp, axis=-1, keepdims=True)
     if dropout_rate and dropout_rng is not None:
-        weights = [_dropout(jnp.where(seen, e / total, 0.0), dropout_rate,
-                            jax.random.fold_in(dropout_rng, j)) for j, e in enumerate(exps)]
-        out = sum(jnp.einsum("bhcqk,bhckd->bhcqd", w.astype(dtype), back(v_BxHxCxSxD, j))
-                  for j, w in enumerate(weights))
-    else:  # normalise after the values einsum: a divide over [S, D] instead of [S, W]
-        out = sum(jnp.einsum("bhcqk,bhckd->bhcqd", e.astype(dtype), back(v_BxHxCxSxD, j))
-                  for j, e in enumerate(exps))
+        weights = _dropout(jnp.where(seen, exp / total, 0.0), dropout_rate, dropout_rng)
+        out = jnp.einsum("bhcqk,bhckd->bhcqd", weights.astype(v_BxNxHxD.dtype), v_BxHxCxWxD)
+    else:  # normalise after the second einsum: a divide over [S, D] instead of [S, W]
+        out = jnp.einsum("bhcqk,bhckd->bhcqd", exp.astype(v_BxNxHxD.dtype), v_BxHxCxWxD)
         out = jnp.where(seen, out / total.astype(out.dtype), 0.0).astype(out.dtype)
     # D of the values, which (as in dot_product_attention) may differ from the queries' D
     out_BxNxHxD = jnp.transpose(out, (0, 2, 3, 1, 4)).reshape(B, C * S, H, v_BxNxHxD.shape[-1])
