@@ -83,7 +83,7 @@ flags.DEFINE_float("memory_fraction", 0.7, "Run a function only if its compiled 
 flags.DEFINE_integer("peak_size", 4096, "P of the P x P @ P x P float32 matmul that measures "
                      "the machine's peak FLOP rate.")
 flags.DEFINE_bool("breakdown", True, "After the summary, time the stages of local attention's "
-                  "forward and a prototype variant at the target size.")
+                  "forward at the target size.")
 flags.DEFINE_bool("quick", False, "Tiny sizes and 2 repeats, a smoke test.")
 FLAGS = flags.FLAGS
 

@@ -10,6 +10,7 @@ Dimension letters: B batch (rows), T num_steps (time), N tokens in the stream.
 """
 
 import collections
+import gzip
 import importlib.resources
 import json
 import math
@@ -29,21 +30,33 @@ def load_text(path=None) -> str:
     if path is None:
         resource = importlib.resources.files("seqjax.data").joinpath("timemachine/timemachine.txt")
         return resource.read_text(encoding="utf-8")
+    text = read_text_file(path, "text file")
+    if not text.strip():
+        raise ValueError(f"text file {str(pathlib.Path(path).expanduser())!r} is empty (or holds "
+                         f"only whitespace)")
+    return text
+
+
+def read_text_file(path, what: str) -> str:
+    """The UTF-8 text of the file at `path` (gunzipped if it ends in `.gz`), with universal
+    newlines as `Path.read_text` reads them, and errors that name the file as `what` instead of
+    raw OS or codec tracebacks."""
     path = pathlib.Path(path).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
+        return text.replace("\r\n", "\n").replace("\r", "\n")
     except FileNotFoundError:
-        raise FileNotFoundError(f"text file not found: {str(path)!r}") from None
+        raise FileNotFoundError(f"{what} not found: {str(path)!r}") from None
     except IsADirectoryError:
-        raise ValueError(f"{str(path)!r} is a directory, not a text file") from None
+        raise ValueError(f"{str(path)!r} is a directory, not a {what}") from None
     except PermissionError:
-        raise ValueError(f"text file {str(path)!r} is not readable (permission denied)") from None
+        raise ValueError(f"{what} {str(path)!r} is not readable (permission denied)") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"text file {str(path)!r} is not UTF-8 text ({e.reason} at byte "
+        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text ({e.reason} at byte "
                          f"{e.start})") from None
-    if not text.strip():
-        raise ValueError(f"text file {str(path)!r} is empty (or holds only whitespace)")
-    return text
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise ValueError(f"{what} {str(path)!r} is not a valid gzip file ({e})") from None
 
 
 def preprocess(text: str, mode: str = "letters") -> str:
@@ -184,15 +197,10 @@ class LMBatches:
 
     def __init__(self, ids, batch_size: int, num_steps: int, *, partition: str = "random",
                  seed: int = 0, shard_index: int = 0, num_shards: int = 1):
-        _check_positive_int(batch_size=batch_size, num_steps=num_steps, num_shards=num_shards)
+        _check_positive_int(num_steps=num_steps)
         if partition not in PARTITIONS:
             raise ValueError(f"partition {partition!r}: expected one of {PARTITIONS}")
-        if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0):
-            raise ValueError(f"seed={seed!r}: must be an integer >= 0")
-        if batch_size % num_shards:
-            raise ValueError(f"batch_size={batch_size} is not divisible by num_shards={num_shards}")
-        if not (isinstance(shard_index, numbers.Integral) and 0 <= shard_index < num_shards):
-            raise ValueError(f"shard_index={shard_index!r}: must be an integer in [0, {num_shards})")
+        check_sharding(batch_size, seed, shard_index, num_shards)
         self.ids = _as_ids(ids)
         self.batch_size, self.num_steps, self.partition = int(batch_size), int(num_steps), partition
         self.seed, self.shard_index, self.num_shards = int(seed), int(shard_index), int(num_shards)
@@ -269,6 +277,18 @@ def eval_batches(ids, batch_size: int, num_steps: int) -> list[dict]:
     columns = [slice(k * T, (k + 1) * T) for k in range(num_batches)]
     return [{"inputs": inputs_BxL[:, c], "targets": targets_BxL[:, c], "weights": weights_BxL[:, c],
              "reset": k == 0} for k, c in enumerate(columns)]
+
+
+def check_sharding(batch_size, seed, shard_index, num_shards):
+    """The arguments that every minibatch source takes: a global batch size that splits evenly
+    over `num_shards` hosts, this host's `shard_index`, and a seed."""
+    _check_positive_int(batch_size=batch_size, num_shards=num_shards)
+    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0):
+        raise ValueError(f"seed={seed!r}: must be an integer >= 0")
+    if batch_size % num_shards:
+        raise ValueError(f"batch_size={batch_size} is not divisible by num_shards={num_shards}")
+    if not (isinstance(shard_index, numbers.Integral) and 0 <= shard_index < num_shards):
+        raise ValueError(f"shard_index={shard_index!r}: must be an integer in [0, {num_shards})")
 
 
 def _as_ids(ids) -> np.ndarray:

@@ -24,7 +24,7 @@ import re
 
 import numpy as np
 
-from seqjax.data.text import Vocab
+from seqjax.data.text import Vocab, check_sharding, read_text_file
 
 UNK, PAD, BOS, EOS = "<unk>", "<pad>", "<bos>", "<eos>"
 UNK_ID, PAD_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -41,18 +41,8 @@ def load_pairs(path=None, max_pairs: int | None = None) -> list[tuple[str, str]]
         resource = importlib.resources.files("seqjax.data").joinpath("fra_eng/fra.txt.gz")
         lines = gzip.decompress(resource.read_bytes()).decode("utf-8").splitlines()
     else:
-        path = pathlib.Path(path).expanduser()
-        name = repr(str(path))
-        try:
-            raw = path.read_bytes()
-            text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"sentence-pair file not found: {name}") from None
-        except IsADirectoryError:
-            raise ValueError(f"{name} is a directory, not a sentence-pair file") from None
-        except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
-            raise ValueError(f"sentence-pair file {name} is not UTF-8 text ({e})") from None
-        lines = text.splitlines()
+        name = repr(str(pathlib.Path(path).expanduser()))
+        lines = read_text_file(path, "sentence-pair file").splitlines()
     pairs = []
     for number, line in enumerate(lines, 1):
         if max_pairs is not None and len(pairs) >= max_pairs:
@@ -103,8 +93,9 @@ class Tokenizer:
             raise ValueError(f"tokenizer kind {kind!r}: expected one of {TOKENIZER_KINDS}")
         import tokenizers
         from tokenizers import decoders, models, pre_tokenizers, trainers
-        options = dict(vocab_size=vocab_size or 8000, min_frequency=min_freq,
-                       special_tokens=list(RESERVED), show_progress=False)
+        options = dict(min_frequency=min_freq, special_tokens=list(RESERVED), show_progress=False)
+        if vocab_size is not None:
+            options["vocab_size"] = vocab_size
         if kind == "bpe":
             hf = tokenizers.Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix="</w>"))
             trainer = trainers.BpeTrainer(end_of_word_suffix="</w>", **options)
@@ -180,18 +171,17 @@ def split_pairs(pairs, *, num_valid: int, num_test: int, seed: int = 0) -> dict[
     groups: dict[str, list[int]] = {}
     for i, (source, _) in enumerate(pairs):
         groups.setdefault(preprocess_nmt(source).strip(), []).append(i)
-    order = np.random.default_rng(seed).permutation(len(groups))
-    sources = list(groups)
-    splits, sizes, current = {"test": [], "valid": [], "train": []}, iter([num_test, num_valid]), "test"
-    target = next(sizes)
-    for g in order:
-        members = groups[sources[g]]
-        while current != "train" and len(splits[current]) >= target:
-            current, target = ("valid", next(sizes)) if current == "test" else ("train", None)
-        if current == "train":
-            splits["train"].extend(members)
+    members = list(groups.values())
+    quotas = [("test", num_test), ("valid", num_valid)]
+    splits = {"test": [], "valid": [], "train": []}
+    for g in np.random.default_rng(seed).permutation(len(members)):
+        while quotas and len(splits[quotas[0][0]]) >= quotas[0][1]:
+            quotas.pop(0)
+        if quotas:
+            name, size = quotas[0]
+            splits[name].extend(members[g][:size - len(splits[name])])
         else:
-            splits[current].extend(members[:target - len(splits[current])])
+            splits["train"].extend(members[g])
     if len(splits["test"]) < num_test or len(splits["valid"]) < num_valid or not splits["train"]:
         raise ValueError(f"{len(pairs)} pairs ({len(groups)} distinct sources) are too few for "
                          f"num_test={num_test}, num_valid={num_valid} and a training split")
@@ -229,10 +219,9 @@ class TranslationBatches:
 
     def __init__(self, src, src_len, tgt, tgt_len, batch_size: int, *, seed: int = 0,
                  shard_index: int = 0, num_shards: int = 1):
+        check_sharding(batch_size, seed, shard_index, num_shards)
         self.arrays = tuple(np.asarray(a) for a in (src, src_len, tgt, tgt_len))
         n = len(self.arrays[0])
-        if batch_size % num_shards:
-            raise ValueError(f"batch_size={batch_size} is not divisible by num_shards={num_shards}")
         if n < batch_size:
             raise ValueError(f"{n} training pairs are too few for one minibatch of batch_size="
                              f"{batch_size}")

@@ -4,6 +4,7 @@
 """
 
 import dataclasses
+import os
 from typing import Any, Callable, Iterable
 
 
@@ -32,6 +33,16 @@ class Task:
     # (params, final) -> metrics from a search on the host (BLEU), added to each validation;
     # with final (the end of training, and eval) also test metrics and files in the workdir
     decode_eval: Callable | None = None
+
+
+def saved_file(workdir: str | None, name: str) -> str | None:
+    """The text of a file a run saved in its workdir (`Task.files`: a vocabulary, a tokenizer),
+    or None: a task rebuilt from a workdir reads text the way its checkpoints were trained."""
+    path = workdir and os.path.join(workdir, name)
+    if not (path and os.path.exists(path)):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def build(config, workdir: str | None = None) -> Task:

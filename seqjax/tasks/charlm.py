@@ -9,7 +9,6 @@ same way.
 """
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,7 @@ from seqjax.data import text as text_lib
 from seqjax.nn import initializers
 from seqjax.nn.lm import RecurrentLM
 from seqjax.nn.recurrent import CELLS
-from seqjax.tasks import Task
+from seqjax.tasks import Task, saved_file
 
 VOCAB_FILE = "vocab.json"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -90,10 +89,9 @@ def make_model(config, vocab_size: int) -> RecurrentLM:
 def _vocabulary(config, tokens, workdir):
     """The workdir's saved vocabulary when there is one, so a run always reads its text the way
     its checkpoints were trained; else one built from the corpus."""
-    path = workdir and os.path.join(workdir, VOCAB_FILE)
-    if path and os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            return text_lib.Vocab.from_json(f.read())
+    saved = saved_file(workdir, VOCAB_FILE)
+    if saved is not None:
+        return text_lib.Vocab.from_json(saved)
     return text_lib.Vocab(tokens, min_freq=config.data.min_freq)
 
 

@@ -22,7 +22,6 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import sacrebleu
 
 from seqjax import config as config_lib
@@ -32,8 +31,8 @@ from seqjax.nn import attention, position
 from seqjax.nn.seq2seq import Seq2SeqAttentionDecoder, Seq2SeqEncoder
 from seqjax.nn.recurrent import CELLS
 from seqjax.nn.transformer import NORMS, EncoderDecoder, TransformerDecoder, TransformerEncoder
-from seqjax.tasks import Task
-from seqjax.tasks.charlm import DTYPES
+from seqjax.tasks import Task, saved_file
+from seqjax.tasks.charlm import DTYPES, lm_sums, report
 
 MODELS = ("transformer", "seq2seq_attention")
 TOKENIZER_FILES = {"src": "src_tokenizer.json", "tgt": "tgt_tokenizer.json"}
@@ -108,13 +107,9 @@ def _tokenizers(config, train_pairs, workdir):
     """The workdir's saved tokenizers when it has them, so a run always reads text the way its
     checkpoints were trained; else ones trained on the training pairs."""
     d = config.data
-    paths = {side: workdir and os.path.join(workdir, name) for side, name in TOKENIZER_FILES.items()}
-    if all(path and os.path.exists(path) for path in paths.values()):
-        loaded = {}
-        for side, path in paths.items():
-            with open(path, encoding="utf-8") as f:
-                loaded[side] = data_lib.Tokenizer.from_json(f.read())
-        return loaded["src"], loaded["tgt"]
+    saved = [saved_file(workdir, TOKENIZER_FILES[side]) for side in ("src", "tgt")]
+    if all(text is not None for text in saved):
+        return tuple(data_lib.Tokenizer.from_json(text) for text in saved)
     return tuple(data_lib.Tokenizer.train([pair[i] for pair in train_pairs], kind=d.tokenizer,
                                           min_freq=d.min_freq, vocab_size=d.vocab_size)
                  for i in (0, 1))
@@ -148,11 +143,9 @@ def build(config, workdir=None) -> Task:
     def loss(params, batch, carry, rng, train):
         logits_BxTxV = model.apply(params, batch["src"], batch["src_valid_len"], batch["tgt_in"],
                                    deterministic=not train, rngs={"dropout": rng} if train else {})
-        ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["tgt_out"])
-        w_BxT = batch["weights"]
+        sums = lm_sums(logits_BxTxV, {"targets": batch["tgt_out"], "weights": batch["weights"]})
         correct_BxT = jnp.argmax(logits_BxTxV, -1) == batch["tgt_out"]
-        return {"loss": jnp.sum(ce_BxT * w_BxT), "accuracy": jnp.sum(correct_BxT * w_BxT),
-                "weight": jnp.sum(w_BxT)}, carry
+        return dict(sums, accuracy=jnp.sum(correct_BxT * batch["weights"])), carry
 
     def translate(params, sentences, *, beam_size=None, length_penalty=None):
         """Target sentences (preprocessed words, or subwords joined) of the source sentences."""
@@ -191,14 +184,10 @@ def build(config, workdir=None) -> Task:
     return Task(init_params=init_params, init_carry=lambda batch_size: (), loss=loss,
                 train_batch=batches, eval_batches=lambda: eval_batches,
                 batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
-                tokens_per_batch=d.batch_size * d.num_steps, report=_report,
+                tokens_per_batch=d.batch_size * d.num_steps, report=report,
                 files={TOKENIZER_FILES["src"]: src_tok.to_json(),
                        TOKENIZER_FILES["tgt"]: tgt_tok.to_json()},
                 translate=translate, decode_eval=decode_eval)
-
-
-def _report(means):
-    return dict(means, perplexity=math.exp(min(means["loss"], 700.0)))
 
 
 def _spread(sources, n: int) -> list[int]:
