@@ -63,6 +63,22 @@ def expect_fraction(config, key: str, low_open=False):
     expect(ok, key, value, f"must be in {'(' if low_open else '['}0, 1)")
 
 
+# The published BERT shapes (Turc et al. 2019, "Well-Read Students Learn Better"):
+# layers, d_model, heads; the FFN is 4 * d_model wide.
+BERT_SIZES = {"tiny": (2, 128, 2), "mini": (4, 256, 4), "small": (4, 512, 8),
+              "medium": (8, 512, 8), "base": (12, 768, 12)}
+
+
+def bert_model_config(size: str) -> dict:
+    """The `model` section of a BERT experiment of one of `BERT_SIZES`."""
+    if size not in BERT_SIZES:
+        raise ValueError(f"size={size!r}: expected one of {sorted(BERT_SIZES)}")
+    num_layers, d_model, num_heads = BERT_SIZES[size]
+    return dict(size=size, num_layers=num_layers, d_model=d_model, num_heads=num_heads,
+                ffn_hiddens=4 * d_model, max_position=512, norm="post", attention="full",
+                block_size=64, look_back=1, dropout=0.1, attention_dropout=0.1, dtype="float32")
+
+
 CONFIG_FILE = "config.json"
 
 

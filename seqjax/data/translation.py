@@ -24,7 +24,8 @@ import re
 
 import numpy as np
 
-from seqjax.data.text import Vocab, check_sharding, read_text_file
+from seqjax.data.batching import RowBatches, padded_batches
+from seqjax.data.text import Vocab, read_text_file
 
 UNK, PAD, BOS, EOS = "<unk>", "<pad>", "<bos>", "<eos>"
 UNK_ID, PAD_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -212,48 +213,28 @@ def _batch(src_BxT, src_len_B, tgt_BxT, tgt_len_B) -> dict:
 
 
 class TranslationBatches:
-    """Training minibatches as a pure function of the step (as `text.LMBatches`): epoch
-    step // steps_per_epoch shuffles the pairs with `default_rng((seed, epoch))`, and minibatch
-    k takes pairs [kB, (k+1)B) of that order (the last partial minibatch of an epoch is left
-    out). With `num_shards` > 1 a host gets its rows of the global minibatch."""
+    """Training minibatches as a pure function of the step (`batching.RowBatches` over the
+    pairs), with teacher forcing's inputs and weights."""
 
     def __init__(self, src, src_len, tgt, tgt_len, batch_size: int, *, seed: int = 0,
                  shard_index: int = 0, num_shards: int = 1):
-        check_sharding(batch_size, seed, shard_index, num_shards)
-        self.arrays = tuple(np.asarray(a) for a in (src, src_len, tgt, tgt_len))
-        n = len(self.arrays[0])
-        if n < batch_size:
-            raise ValueError(f"{n} training pairs are too few for one minibatch of batch_size="
-                             f"{batch_size}")
-        self.batch_size, self.seed = batch_size, seed
-        self.local = batch_size // num_shards
-        self.rows = np.arange(shard_index * self.local, (shard_index + 1) * self.local)
-        self.steps_per_epoch = n // batch_size
-        self._order = (None, None)
+        self.rows = RowBatches(dict(src=src, src_len=src_len, tgt=tgt, tgt_len=tgt_len),
+                               batch_size, seed=seed, shard_index=shard_index,
+                               num_shards=num_shards, what="pairs")
+        self.steps_per_epoch = self.rows.steps_per_epoch
 
     def __call__(self, step: int) -> dict:
-        if not (isinstance(step, numbers.Integral) and step >= 0):
-            raise ValueError(f"step={step!r}: must be an integer >= 0")
-        epoch, k = divmod(int(step), self.steps_per_epoch)
-        if self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng((self.seed, epoch)).permutation(
-                len(self.arrays[0])))
-        idx = self._order[1][k * self.batch_size + self.rows]
-        return _batch(*(a[idx] for a in self.arrays))
+        rows = self.rows(step)
+        return _batch(rows["src"], rows["src_len"], rows["tgt"], rows["tgt_len"])
 
 
 def eval_batches(src, src_len, tgt, tgt_len, batch_size: int) -> list[dict]:
     """Every pair once, in order; the last minibatch is filled with copies of its first pair
     carrying zero weight."""
-    arrays = tuple(np.asarray(a) for a in (src, src_len, tgt, tgt_len))
-    n = len(arrays[0])
-    if n == 0:
-        raise ValueError("no pairs to evaluate")
     batches = []
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)
-        real = idx < n
-        batch = _batch(*(a[np.where(real, idx, start)] for a in arrays))
-        batch["weights"] = batch["weights"] * real[:, None]
+    for rows in padded_batches(dict(src=src, src_len=src_len, tgt=tgt, tgt_len=tgt_len),
+                               batch_size, what="pairs"):
+        batch = _batch(rows["src"], rows["src_len"], rows["tgt"], rows["tgt_len"])
+        batch["weights"] = batch["weights"] * rows["row_weight"][:, None]
         batches.append(batch)
     return batches

@@ -27,6 +27,8 @@ class Task:
     eval_batch_size: int  # global
     tokens_per_batch: int
     report: Callable[[dict], dict] = lambda means: means  # adds derived metrics (perplexity, ...)
+    # metric -> the sum it is a mean over, where that is not 'weight' (per sequence, say)
+    denominators: dict = dataclasses.field(default_factory=dict)
     files: dict = dataclasses.field(default_factory=dict)  # name -> text, saved in the workdir
     generate: Callable | None = None  # (params, rng, **options) -> str
     translate: Callable | None = None  # (params, sentences, **options) -> list[str]
@@ -46,9 +48,10 @@ def saved_file(workdir: str | None, name: str) -> str | None:
 
 
 def build(config, workdir: str | None = None) -> Task:
-    from seqjax.tasks import charlm, charlm_transformer, translate
+    from seqjax.tasks import bert, charlm, charlm_transformer, translate
     builders = {"charlm": charlm.build, "charlm_transformer": charlm_transformer.build,
-                "translate": translate.build}
+                "translate": translate.build, "bert_pretrain": bert.build_pretrain,
+                "bert_finetune": bert.build_finetune}
     if config.task not in builders:
         raise ValueError(f"config.task={config.task!r}: expected one of {sorted(builders)}")
     return builders[config.task](config, workdir)

@@ -1,6 +1,7 @@
 """The engine: one pure per-device train step, `jax.pmap`-ed over the local devices, and the loop.
 
-Resume order, decided here and nowhere else: the workdir's own latest checkpoint, else scratch.
+Resume order, decided here and nowhere else: the workdir's own latest checkpoint, else the
+parameters of `config.init_from` (another run's workdir: fine-tuning), else scratch.
 A workdir's saved config must agree with the new one on what the checkpoint depends on
 (`RESUME_KEYS`); a best checkpoint newer than the resumed step is discarded, as the steps after
 it are replayed.
@@ -187,14 +188,16 @@ def _fetch(pending: list) -> list[dict]:
     return fetched
 
 
-def _means(sums: dict) -> dict:
-    """Per-token means from (sum, 'weight') pairs."""
-    return {k: v / sums["weight"] for k, v in sums.items() if k != "weight"}
+def _means(sums: dict, denominators: dict) -> dict:
+    """Means from sums: each divided by 'weight', or by the sum `denominators` names for it."""
+    below = {"weight", *denominators.values()}
+    return {k: v / sums[denominators.get(k, "weight")] for k, v in sums.items() if k not in below}
 
 
-def _train_summary(fetched: list[dict]) -> dict:
+def _train_summary(fetched: list[dict], denominators: dict) -> dict:
     sums = {k: sum(m[k] for m in fetched) for k in fetched[0] if k != "grad_norm"}
-    return dict(_means(sums), grad_norm=sum(m["grad_norm"] for m in fetched) / len(fetched))
+    return dict(_means(sums, denominators),
+                grad_norm=sum(m["grad_norm"] for m in fetched) / len(fetched))
 
 
 # What a checkpoint's shapes and meaning depend on: resuming a workdir with any of these changed
@@ -247,13 +250,16 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     task = tasks.build(config, workdir)
     _check_divisible("config.data.batch_size", task.batch_size, devices)
     _check_divisible("config.data.eval_batch_size", task.eval_batch_size, devices)
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    params = task.init_params(init_rng)
+    init_from, loaded = config.get("init_from"), []
+    if init_from and not _has_checkpoint(workdir):
+        params, loaded = load_init_from(params, init_from)
 
     os.makedirs(workdir, exist_ok=True)
     ckpts = Checkpoints(workdir, config.keep_checkpoints)
     total_steps = config.num_train_steps
     tx = make_optimizer(config.opt, total_steps)
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    params = task.init_params(init_rng)
     host = dict(step=np.asarray(0, np.int32), params=jax.device_get(params),
                 opt_state=jax.device_get(tx.init(params)), rng=np.asarray(state_rng),
                 carry=task.init_carry(task.batch_size // jax.process_count()))
@@ -284,6 +290,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
 
     writer = MetricWriter(workdir, start)
     progress = Progress(total_steps, start, task.tokens_per_batch)
+    if loaded and restored is None:
+        progress.write(f"initialised {', '.join(loaded)} from {init_from}")
     if start >= total_steps:
         progress.write(f"{workdir} has finished its {start} steps; evaluating its last checkpoint")
     elif start:
@@ -310,7 +318,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                 fetched += _fetch(pending)
                 pending = []
                 if do_log:
-                    last_train = dict(task.report(_train_summary(fetched)), lr=lr_at(step))
+                    last_train = dict(task.report(_train_summary(fetched, task.denominators)), lr=lr_at(step))
                     fetched = []
                     writer.write(done, "train", last_train)
                     progress.update(done, **{k: v for k, v in last_train.items() if k != "grad_norm"})
@@ -368,7 +376,8 @@ def _evaluator(task, devices):
         for batch in task.eval_batches():
             sums, carry = p_eval(params, carry, _shard(batch, n))
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-        return _means({k: float(v[0]) for k, v in jax.device_get(total).items()})
+        return _means({k: float(v[0]) for k, v in jax.device_get(total).items()},
+                      task.denominators)
 
     return evaluate_params
 
@@ -380,6 +389,38 @@ def _evaluator(task, devices):
 def restore_run(workdir: str, step: int | None = None, which: str = "latest"):
     """(saved config, task, params on the host, step) of a trained workdir."""
     workdir = os.path.abspath(workdir)
+    config, state = _restore_params(workdir, step, which)
+    task = tasks.build(config, workdir)
+    check_params(state["params"], jax.eval_shape(task.init_params, jax.random.PRNGKey(0)),
+                 f"the checkpoint in {workdir}")
+    return config, task, state["params"], int(state["step"])
+
+
+def _has_checkpoint(workdir: str) -> bool:
+    path = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+
+
+def load_init_from(params, source: str):
+    """`params` with every top-level module that the latest checkpoint of the run in `source`
+    also has (a pretrained encoder) replaced by that run's arrays, which must have the same
+    shapes; the other modules (a new head) keep their fresh values. Only parameters are read:
+    not the optimizer state, step or RNG. Returns (params, names of the loaded modules)."""
+    saved = _restore_params(source)[1]["params"]["params"]
+    fresh = params["params"]
+    loaded = sorted(fresh.keys() & saved.keys())
+    if not loaded:
+        raise ValueError(f"config.init_from={source!r}: its modules {sorted(saved)} have none "
+                         f"in common with this model's {sorted(fresh)}")
+    check_params({k: saved[k] for k in loaded}, {k: fresh[k] for k in loaded},
+                 f"the checkpoint in config.init_from={source!r}")
+    merged = {k: saved[k] if k in loaded else v for k, v in fresh.items()}
+    return {**params, "params": jax.tree.map(np.asarray, merged)}, loaded
+
+
+def _restore_params(workdir: str, step: int | None = None, which: str = "latest"):
+    """(saved config, the saved state on the host) of the checkpoint of a trained workdir."""
+    workdir = os.path.abspath(workdir)
     config = config_lib.load(workdir)
     if config is None:
         raise FileNotFoundError(f"{workdir} has no {config_lib.CONFIG_FILE}: nothing was trained there")
@@ -390,11 +431,7 @@ def restore_run(workdir: str, step: int | None = None, which: str = "latest"):
         ckpts.close()
     if restored is None:
         raise FileNotFoundError(f"{workdir} has no {which} checkpoint")
-    state, _ = restored
-    task = tasks.build(config, workdir)
-    check_params(state["params"], jax.eval_shape(task.init_params, jax.random.PRNGKey(0)),
-                 f"the checkpoint in {workdir}")
-    return config, task, state["params"], int(state["step"])
+    return config, restored[0]
 
 
 def check_params(params, expected, what: str):

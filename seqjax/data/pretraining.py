@@ -1,0 +1,253 @@
+"""Data for BERT: a WordPiece tokenizer, WikiText documents as pretraining sequences
+`[CLS] A [SEP] B [SEP]` with segment ids and next-sentence labels, and SST-2 sentences for
+fine-tuning.
+
+The shipped corpora: WikiText-2 (Merity et al. 2016; CC BY-SA 3.0, Wikipedia contributors; see
+`wikitext2/SOURCE.md`) and SST-2 from GLUE (Socher et al. 2013; no explicit license, see
+`sst2/SOURCE.md`). A user's files in the same layouts work the same way, plain or gzipped:
+WikiText's (one paragraph per line, articles opened by a ` = Title = ` line, section headings
+` = = Section = = `, tokens separated by spaces) and GLUE's (`sentence<TAB>label` with a header
+line).
+
+Dimension letters: N sequences, L max_seq_len.
+"""
+
+import gzip
+import importlib.resources
+import pathlib
+import re
+
+import numpy as np
+
+from seqjax.data.text import read_text_file
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
+WIKITEXT_SPLITS = ("train", "valid", "test")
+SST2_SPLITS = ("train", "dev")
+_ARTICLE = re.compile(r"^ = [^=].* = $")
+_HEADING = re.compile(r"^ = .* = $")
+_SENTENCE_END = frozenset(".?!")
+
+
+def _shipped(name: str) -> str:
+    resource = importlib.resources.files("seqjax.data").joinpath(name)
+    return gzip.decompress(resource.read_bytes()).decode("utf-8")
+
+
+def load_wikitext(split: str = "train", path=None, max_documents: int | None = None
+                  ) -> list[list[str]]:
+    """Documents (articles), each a list of sentences, of a WikiText split (`path`: a file in
+    WikiText's layout instead; `max_documents`: the first ones only). WikiText's own tokenisation is undone where it splits words
+    (`@-@` `@,@` `@.@`), `<unk>` becomes `[UNK]`, and a paragraph is split into sentences
+    after each `.`, `?` or `!` token. An empty corpus is an error."""
+    if path is None:
+        if split not in WIKITEXT_SPLITS:
+            raise ValueError(f"WikiText split {split!r}: expected one of {WIKITEXT_SPLITS}")
+        name, text = f"the shipped WikiText-2 {split} split", _shipped(f"wikitext2/wiki.{split}.tokens.gz")
+    else:
+        name = repr(str(pathlib.Path(path).expanduser()))
+        text = read_text_file(path, "WikiText file")
+    documents, current = [], []
+    for line in text.split("\n"):
+        if _ARTICLE.match(line):
+            if current:
+                documents.append(current)
+            current = []
+        elif line.strip() and not _HEADING.match(line):
+            current.extend(_sentences(line))
+    if current:
+        documents.append(current)
+    documents = documents[:max_documents]
+    if not documents:
+        raise ValueError(f"{name} holds no text")
+    return documents
+
+
+def _sentences(paragraph: str) -> list[str]:
+    text = paragraph.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    sentences, words = [], []
+    for word in text.split():
+        words.append("[UNK]" if word == "<unk>" else word)
+        if word in _SENTENCE_END:
+            sentences.append(" ".join(words))
+            words = []
+    if words:
+        sentences.append(" ".join(words))
+    return sentences
+
+
+def train_tokenizer(sentences, vocab_size: int):
+    """A lower-casing WordPiece tokenizer (BERT's normaliser and pre-tokeniser) from the
+    `tokenizers` library, with the special tokens at ids 0-4 (`SPECIAL_TOKENS`)."""
+    import tokenizers
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+    tokenizer = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                        show_progress=False)
+    tokenizer.train_from_iterator(sentences, trainer)
+    check_tokenizer(tokenizer)
+    return tokenizer
+
+
+def tokenizer_from_json(text: str, what: str = "tokenizer"):
+    import tokenizers
+    try:
+        tokenizer = tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises plain Exception
+        raise ValueError(f"{what} is not a tokenizers JSON file: {e}") from None
+    check_tokenizer(tokenizer, what)
+    return tokenizer
+
+
+def check_tokenizer(tokenizer, what: str = "tokenizer"):
+    ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+    if ids != list(range(len(SPECIAL_TOKENS))):
+        raise ValueError(f"{what} does not hold {SPECIAL_TOKENS} at ids 0-{len(ids) - 1}: {ids}")
+
+
+def continuation_table(tokenizer) -> np.ndarray:
+    """[V] bool: True for WordPiece continuation pieces ('##...'), for whole-word masking."""
+    vocab = tokenizer.get_vocab()
+    table = np.zeros(tokenizer.get_vocab_size(), bool)
+    for token, i in vocab.items():
+        table[i] = token.startswith("##")
+    return table
+
+
+def encode_documents(tokenizer, documents) -> list[list[list[int]]]:
+    """Token ids of each sentence of each document (sentences that encode to nothing dropped)."""
+    flat = [s for doc in documents for s in doc]
+    encoded = [e.ids for e in tokenizer.encode_batch(flat, add_special_tokens=False)]
+    out, i = [], 0
+    for doc in documents:
+        sentences = [ids for ids in encoded[i:i + len(doc)] if ids]
+        i += len(doc)
+        if sentences:
+            out.append(sentences)
+    return out
+
+
+def pretraining_arrays(documents, max_seq_len: int, *, nsp: bool = True, seed: int = 0,
+                       dupe_factor: int = 1) -> dict:
+    """Pretraining sequences from tokenised documents (lists of sentences of ids), after
+    BERT's `create_pretraining_data`: consecutive sentences of a document are gathered until
+    they fill `max_seq_len`. With `nsp`, the chunk is cut at a random sentence boundary into A
+    and B; half of the time (and always when the chunk is one sentence) B is replaced by
+    sentences from a random other document (label 0; 1 when B really follows A), and the pair
+    is trimmed, longer side first, to `[CLS] A [SEP] B [SEP]`. Without `nsp`, the chunk fills
+    `[CLS] A [SEP]`. `dupe_factor` passes over the corpus with different random cuts.
+
+    Returns tokens and segments [N, L] int32 (padding 0), valid_len [N], nsp_label [N]."""
+    if max_seq_len < (5 if nsp else 3):
+        raise ValueError(f"max_seq_len={max_seq_len}: too short for [CLS] A [SEP]"
+                         + (" B [SEP]" if nsp else ""))
+    if nsp and len(documents) < 2:
+        raise ValueError("next-sentence prediction needs at least two documents")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(dupe_factor):
+        for d in rng.permutation(len(documents)):
+            rows.extend(_document_rows(documents, int(d), max_seq_len, nsp, rng))
+    if not rows:
+        raise ValueError("the corpus gives no pretraining sequence")
+    N = len(rows)
+    out = dict(tokens=np.zeros((N, max_seq_len), np.int32),
+               segments=np.zeros((N, max_seq_len), np.int32),
+               valid_len=np.zeros(N, np.int32), nsp_label=np.zeros(N, np.int32))
+    for n, (a, b, label) in enumerate(rows):
+        ids = [CLS_ID, *a, SEP_ID] + ([*b, SEP_ID] if b is not None else [])
+        out["tokens"][n, :len(ids)] = ids
+        out["segments"][n, len(a) + 2:len(ids)] = 1
+        out["valid_len"][n] = len(ids)
+        out["nsp_label"][n] = label
+    return out
+
+
+def _document_rows(documents, d: int, max_seq_len: int, nsp: bool, rng):
+    doc, target = documents[d], max_seq_len - (3 if nsp else 2)
+    rows, chunk, length, i = [], [], 0, 0
+    while i < len(doc):
+        chunk.append(doc[i])
+        length += len(doc[i])
+        if i == len(doc) - 1 or length >= target:
+            if not nsp:
+                rows.append(([t for s in chunk for t in s][:target], None, 0))
+            else:
+                cut = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
+                a = [t for s in chunk[:cut] for t in s]
+                if len(chunk) == 1 or rng.random() < 0.5:
+                    label, b = 0, _random_sentences(documents, d, max(target - len(a), 1), rng)
+                    i -= len(chunk) - cut  # the unused sentences start the next chunk
+                else:
+                    label, b = 1, [t for s in chunk[cut:] for t in s]
+                a, b = _trim_pair(a, b, target, rng)
+                rows.append((a, b, label))
+            chunk, length = [], 0
+        i += 1
+    return rows
+
+
+def _random_sentences(documents, d: int, length: int, rng) -> list[int]:
+    other = int(rng.integers(len(documents) - 1))
+    other += other >= d
+    doc = documents[other]
+    out = []
+    for sentence in doc[int(rng.integers(len(doc))):]:
+        out.extend(sentence)
+        if len(out) >= length:
+            break
+    return out
+
+
+def _trim_pair(a, b, target: int, rng):
+    """Removes tokens from the longer of a and b, at its front or back at random, until both
+    fit in `target` tokens (each keeps at least one)."""
+    a, b = list(a), list(b)
+    while len(a) + len(b) > target:
+        longer = a if len(a) > len(b) else b
+        if rng.random() < 0.5:
+            del longer[0]
+        else:
+            longer.pop()
+    return a, b
+
+
+def load_sst2(split: str = "train", path=None) -> tuple[list[str], np.ndarray]:
+    """(sentences, int32 labels) of an SST-2 split, or of a GLUE-style `sentence<TAB>label` file
+    with a header (`path`). A malformed line or an empty file is an error naming it."""
+    if path is None:
+        if split not in SST2_SPLITS:
+            raise ValueError(f"SST-2 split {split!r}: expected one of {SST2_SPLITS}")
+        name, text = f"the shipped SST-2 {split} split", _shipped(f"sst2/{split}.tsv.gz")
+    else:
+        name = repr(str(pathlib.Path(path).expanduser()))
+        text = read_text_file(path, "classification file")
+    sentences, labels = [], []
+    for number, line in enumerate(text.split("\n")[1:], 2):
+        if not line.strip():
+            continue
+        fields = line.rsplit("\t", 1)
+        if len(fields) != 2 or not fields[0].strip() or not fields[1].strip().isdigit():
+            raise ValueError(f"line {number} of {name} is not 'sentence<TAB>label': {line[:80]!r}")
+        sentences.append(fields[0].strip())
+        labels.append(int(fields[1]))
+    if not sentences:
+        raise ValueError(f"{name} holds no labelled sentence")
+    return sentences, np.asarray(labels, np.int32)
+
+
+def classification_arrays(tokenizer, sentences, max_seq_len: int) -> dict:
+    """`[CLS] sentence [SEP]` ids [N, L] (a sentence cut to L - 2 pieces), segments (all 0) and
+    valid lengths."""
+    N = len(sentences)
+    tokens = np.zeros((N, max_seq_len), np.int32)
+    valid_len = np.zeros(N, np.int32)
+    for n, e in enumerate(tokenizer.encode_batch(list(sentences), add_special_tokens=False)):
+        ids = [CLS_ID, *e.ids[:max_seq_len - 2], SEP_ID]
+        tokens[n, :len(ids)] = ids
+        valid_len[n] = len(ids)
+    return dict(tokens=tokens, segments=np.zeros_like(tokens), valid_len=valid_len)

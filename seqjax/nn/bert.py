@@ -1,0 +1,151 @@
+"""BERT (Devlin et al. 2019; the textbook's chapter on pretraining): a Transformer encoder over
+token, segment and learned position embeddings, with the heads of its pretraining tasks
+(masked language modelling, next-sentence prediction) and a sequence classifier for
+fine-tuning.
+
+Dimension letters: B batch, L length, P predicted positions, E model dimension (`d_model`),
+V vocabulary, C classes.
+
+Parameter tree: `encoder` (the part that fine-tuning loads from a pretraining checkpoint),
+`pooler` (tanh Dense on [CLS]), and the heads: `mlm_head` (Dense, GELU, LayerNorm, then the
+transposed token embedding, so the output projection shares the embedding array, plus a
+bias), `nsp_head`, `classifier`.
+"""
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from seqjax.nn.position import LearnedPosition
+from seqjax.nn.transformer import EncoderBlock, _check_norm
+
+Dtype = Any
+_normal = nn.initializers.normal(0.02)  # BERT's initialiser of embeddings
+
+
+class BertEncoder(nn.Module):
+    """tokens [B, L] (and segment ids [B, L], a padding mask [B, L]: True at real tokens) ->
+    [B, L, E]: the sum of token, segment and position embeddings, LayerNorm and dropout, then
+    `num_layers` `EncoderBlock`s with GELU, post-norm as in BERT (`norm='pre'`: LayerNorm
+    before each sublayer and once at the end). `attention='local'` attends within blocks of
+    `block_size` and `look_back` earlier blocks, at O(L * block_size) cost. A sequence longer
+    than `max_length` (the position table) is a clear error."""
+
+    vocab_size: int
+    num_layers: int = 2
+    d_model: int = 128
+    num_heads: int = 2
+    ffn_hiddens: int = 512
+    max_length: int = 512
+    num_segments: int = 2
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    norm: str = "post"
+    attention: str = "full"
+    block_size: int = 128
+    look_back: int = 0
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        _check_norm(self.norm)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        embed = functools.partial(nn.Embed, features=self.d_model, embedding_init=_normal, **kw)
+        self.token_embed = embed(self.vocab_size)
+        self.segment_embed = embed(self.num_segments)
+        self.position = LearnedPosition(self.max_length, self.param_dtype)
+        self.embed_ln = nn.LayerNorm(**kw)
+        self.embed_dropout = nn.Dropout(self.dropout_rate)
+        attention_kwargs = (("attention", self.attention), ("block_size", self.block_size),
+                            ("look_back", self.look_back))
+        self.blocks = [EncoderBlock(self.num_heads, self.ffn_hiddens, self.dropout_rate,
+                                    self.attention_dropout_rate, norm=self.norm,
+                                    activation="gelu", attention_kwargs=attention_kwargs, **kw)
+                       for _ in range(self.num_layers)]
+        if self.norm == "pre":
+            self.ln_final = nn.LayerNorm(**kw)
+
+    def __call__(self, tokens_BxL, segments_BxL=None, mask_BxL=None, *,
+                 deterministic: bool = True):
+        if segments_BxL is None:
+            segments_BxL = jnp.zeros_like(tokens_BxL)
+        x = self.token_embed(tokens_BxL) + self.segment_embed(segments_BxL)
+        x = self.embed_dropout(self.embed_ln(self.position(x)), deterministic=deterministic)
+        for block in self.blocks:
+            x = block(x, mask_BxL, deterministic=deterministic)
+        return self.ln_final(x) if self.norm == "pre" else x
+
+    def embedding(self):
+        """The token embedding matrix [V, E], for heads tied to it."""
+        return self.token_embed.embedding
+
+
+class Pooler(nn.Module):
+    """tanh(Dense(E)) of the [CLS] position: [B, L, E] -> [B, E]."""
+
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxE):
+        dense = nn.Dense(x_BxLxE.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype)
+        return jnp.tanh(dense(x_BxLxE[:, 0]))
+
+
+class MLMHead(nn.Module):
+    """[B, P, E] -> logits [B, P, V] (float32): Dense(E), GELU, LayerNorm, then the product with
+    the transposed token `embedding` [V, E] (the encoder's own array) plus a bias."""
+
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxPxE, embedding_VxE):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.gelu(nn.Dense(x_BxPxE.shape[-1], name="transform", **kw)(x_BxPxE))
+        x = nn.LayerNorm(name="ln", **kw)(x)
+        bias = self.param("bias", nn.initializers.zeros, (embedding_VxE.shape[0],),
+                          self.param_dtype)
+        logits = jnp.einsum("bpe,ve->bpv", x, embedding_VxE.astype(x.dtype))
+        return logits.astype(jnp.float32) + bias
+
+
+class BertPretraining(nn.Module):
+    """The encoder with the MLM head (on `positions` [B, P] when given: the chosen positions
+    only, so the V-wide projection runs on P, not L, positions) and, with `nsp`, the pooler and
+    the next-sentence head. Returns (mlm_logits [B, P or L, V], nsp_logits [B, 2] or None)."""
+
+    encoder: BertEncoder
+    nsp: bool = True
+
+    @nn.compact
+    def __call__(self, tokens_BxL, segments_BxL=None, mask_BxL=None, positions_BxP=None, *,
+                 deterministic: bool = True):
+        kw = dict(dtype=self.encoder.dtype, param_dtype=self.encoder.param_dtype)
+        x = self.encoder(tokens_BxL, segments_BxL, mask_BxL, deterministic=deterministic)
+        h = x if positions_BxP is None else jnp.take_along_axis(x, positions_BxP[..., None], 1)
+        mlm_logits = MLMHead(name="mlm_head", **kw)(h, self.encoder.embedding())
+        nsp_logits = None
+        if self.nsp:
+            pooled = Pooler(name="pooler", **kw)(x)
+            nsp_logits = nn.Dense(2, name="nsp_head", **kw)(pooled).astype(jnp.float32)
+        return mlm_logits, nsp_logits
+
+
+class BertClassifier(nn.Module):
+    """The encoder, the pooler, dropout and a Dense classifier: logits [B, C] (float32)."""
+
+    encoder: BertEncoder
+    num_classes: int = 2
+    dropout_rate: float = 0.1
+
+    @nn.compact
+    def __call__(self, tokens_BxL, segments_BxL=None, mask_BxL=None, *,
+                 deterministic: bool = True):
+        kw = dict(dtype=self.encoder.dtype, param_dtype=self.encoder.param_dtype)
+        x = self.encoder(tokens_BxL, segments_BxL, mask_BxL, deterministic=deterministic)
+        pooled = nn.Dropout(self.dropout_rate)(Pooler(name="pooler", **kw)(x),
+                                               deterministic=deterministic)
+        return nn.Dense(self.num_classes, name="classifier", **kw)(pooled).astype(jnp.float32)

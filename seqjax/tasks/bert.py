@@ -1,0 +1,253 @@
+"""BERT: pretraining with masked language modelling (and next-sentence prediction) on WikiText,
+then fine-tuning the pretrained encoder as a sentence classifier on SST-2.
+
+Pretraining draws a fresh mask for every batch inside the compiled step, from the step's key
+(`masking.mask_tokens`: 15% of the ordinary tokens, at most `data.max_predictions` per
+sequence; 80% [MASK], 10% random, 10% kept); validation uses one fixed draw, so its numbers
+are comparable across evaluations. The MLM head runs on the chosen positions only. The loss is
+the mean cross-entropy over chosen positions plus, with NSP, the mean NSP cross-entropy over
+sequences.
+
+The WordPiece tokenizer is trained on the pretraining corpus and saved in the workdir
+(`tokenizer.json`); fine-tuning with `config.init_from` reads the pretraining run's, and from
+scratch (`init_from=None`) trains the same one, so the two differ only in their weights.
+
+Dimension letters: B batch, L max_seq_len, P max_predictions, V vocabulary.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from seqjax import config as config_lib
+from seqjax.data import masking
+from seqjax.data import pretraining as data_lib
+from seqjax.data.batching import RowBatches, padded_batches
+from seqjax.nn import attention
+from seqjax.nn.bert import BertClassifier, BertEncoder, BertPretraining
+from seqjax.nn.transformer import NORMS
+from seqjax.tasks import Task, saved_file
+from seqjax.tasks.charlm import DTYPES
+
+TOKENIZER_FILE = "tokenizer.json"
+_SPECIAL_IDS = tuple(range(len(data_lib.SPECIAL_TOKENS)))
+
+
+def validate_model(config):
+    m = config.model
+    config_lib.expect_positive_int(config, "model.num_layers", "model.d_model", "model.num_heads",
+                                   "model.ffn_hiddens", "model.max_position", "model.block_size")
+    config_lib.expect(m.d_model % m.num_heads == 0, "model.d_model", m.d_model,
+                      f"must be divisible by model.num_heads={m.num_heads}")
+    config_lib.expect(m.norm in NORMS, "model.norm", m.norm, f"expected one of {NORMS}")
+    config_lib.expect(m.attention in attention.ATTENTION_KINDS, "model.attention", m.attention,
+                      f"expected one of {attention.ATTENTION_KINDS}")
+    config_lib.expect(config_lib.expect_type(config, "model.look_back", int) >= 0,
+                      "model.look_back", m.look_back, "must be >= 0")
+    config_lib.expect(m.dtype in DTYPES, "model.dtype", m.dtype, f"expected one of {sorted(DTYPES)}")
+    config_lib.expect_fraction(config, "model.dropout")
+    config_lib.expect_fraction(config, "model.attention_dropout")
+    config_lib.expect_positive_int(config, "data.batch_size", "data.eval_batch_size",
+                                   "data.vocab_size", "data.max_seq_len")
+    config_lib.expect(config.data.max_seq_len <= m.max_position, "data.max_seq_len",
+                      config.data.max_seq_len,
+                      f"is longer than the position table (model.max_position={m.max_position})")
+    config_lib.expect(config.data.vocab_size > len(_SPECIAL_IDS), "data.vocab_size",
+                      config.data.vocab_size, f"must exceed the {len(_SPECIAL_IDS)} special tokens")
+
+
+def make_encoder(config, vocab_size: int) -> BertEncoder:
+    m = config.model
+    return BertEncoder(vocab_size, num_layers=m.num_layers, d_model=m.d_model,
+                       num_heads=m.num_heads, ffn_hiddens=m.ffn_hiddens,
+                       max_length=m.max_position, dropout_rate=m.dropout,
+                       attention_dropout_rate=m.attention_dropout, norm=m.norm,
+                       attention=m.attention, block_size=m.block_size, look_back=m.look_back,
+                       dtype=DTYPES[m.dtype])
+
+
+def _tokenizer(config, workdir, train_documents=None):
+    """The workdir's saved tokenizer; else, when fine-tuning, the one of `config.init_from`;
+    else one trained on the pretraining corpus' training split."""
+    text = saved_file(workdir, TOKENIZER_FILE)
+    if text is None and config.get("init_from"):
+        text = saved_file(config.init_from, TOKENIZER_FILE)
+        if text is None:
+            raise FileNotFoundError(f"config.init_from={config.init_from!r} holds no "
+                                    f"{TOKENIZER_FILE}: not a BERT pretraining workdir")
+    if text is not None:
+        return data_lib.tokenizer_from_json(text, f"the {TOKENIZER_FILE} of this run")
+    if train_documents is None:
+        train_documents = data_lib.load_wikitext("train", config.data.tokenizer_corpus,
+                                                 config.data.max_documents)
+    return data_lib.train_tokenizer([s for doc in train_documents for s in doc],
+                                    config.data.vocab_size)
+
+
+def _feed(batch):
+    """The model's inputs of a batch: segments and the padding mask from the valid lengths."""
+    L = batch["tokens"].shape[1]
+    return batch["segments"], jnp.arange(L)[None, :] < batch["valid_len"][:, None]
+
+
+def _accuracy_sum(logits, labels, weights):
+    return jnp.sum((jnp.argmax(logits, -1) == labels) * weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining.
+# ---------------------------------------------------------------------------------------------
+
+def validate_pretrain(config):
+    validate_model(config)
+    d = config.data
+    config_lib.expect_positive_int(config, "data.max_predictions", "data.dupe_factor")
+    config_lib.expect_fraction(config, "data.mask_prob", low_open=True)
+    config_lib.expect_fraction(config, "data.mask_token_prob")
+    config_lib.expect_fraction(config, "data.random_token_prob")
+    config_lib.expect(d.mask_token_prob + d.random_token_prob <= 1, "data.random_token_prob",
+                      d.random_token_prob, "plus data.mask_token_prob must be <= 1")
+    config_lib.expect_type(config, "data.nsp", bool)
+    config_lib.expect_type(config, "data.whole_word", bool)
+    for key in ("num_valid", "max_documents"):
+        if d[key] is not None:
+            config_lib.expect_positive_int(config, f"data.{key}")
+
+
+def build_pretrain(config, workdir=None) -> Task:
+    validate_pretrain(config)
+    d = config.data
+    train_docs = data_lib.load_wikitext("train", d.train_file, d.max_documents)
+    valid_docs = data_lib.load_wikitext("valid", d.valid_file, d.max_documents)
+    tokenizer = _tokenizer(config, workdir, train_docs)
+    V = tokenizer.get_vocab_size()
+    arrays = functools.partial(data_lib.pretraining_arrays, max_seq_len=d.max_seq_len, nsp=d.nsp)
+    train = arrays(data_lib.encode_documents(tokenizer, train_docs), seed=config.seed,
+                   dupe_factor=d.dupe_factor)
+    valid = arrays(data_lib.encode_documents(tokenizer, valid_docs), seed=config.seed + 1)
+    valid = {k: v[:d.num_valid] for k, v in valid.items()}
+    continuation = jnp.asarray(data_lib.continuation_table(tokenizer))
+    mask = functools.partial(masking.mask_tokens, vocab_size=V, mask_id=data_lib.MASK_ID,
+                             special_ids=_SPECIAL_IDS, mask_prob=d.mask_prob,
+                             mask_token_prob=d.mask_token_prob,
+                             random_token_prob=d.random_token_prob,
+                             max_predictions=d.max_predictions)
+
+    def draw_mask(rng, tokens):
+        word_starts = ~continuation[tokens] if d.whole_word else None
+        return mask(rng, tokens, word_starts=word_starts)
+
+    # Validation: one fixed draw of the mask.
+    fixed = jax.jit(draw_mask)(jax.random.PRNGKey(config.seed), valid["tokens"])
+    valid.update(zip(("inputs", "targets", "weights"), map(np.asarray, fixed)))
+    batches = RowBatches(train, d.batch_size, seed=config.seed, shard_index=jax.process_index(),
+                         num_shards=jax.process_count(), what="sequences")
+    eval_batches = padded_batches(valid, d.eval_batch_size, what="validation sequences")
+    model = BertPretraining(make_encoder(config, V), nsp=d.nsp)
+
+    def init_params(rng):
+        tokens = jnp.zeros((1, d.max_seq_len), jnp.int32)
+        return model.init(rng, tokens, tokens, tokens > 0, tokens[:, :d.max_predictions])
+
+    def loss(params, batch, carry, rng, train):
+        row_weight_B = batch.get("row_weight", jnp.ones(batch["tokens"].shape[0]))
+        if train:
+            mask_rng, rng = jax.random.split(rng)
+            inputs, targets, weights = draw_mask(mask_rng, batch["tokens"])
+        else:
+            inputs, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
+            weights = weights * row_weight_B[:, None]
+        # Chosen positions first: at most max_predictions per row, so all of them fit in P.
+        positions_BxP = jax.lax.top_k(weights, d.max_predictions)[1]
+        targets_BxP = jnp.take_along_axis(targets, positions_BxP, 1)
+        weights_BxP = jnp.take_along_axis(weights, positions_BxP, 1)
+        mlm_logits, nsp_logits = model.apply(
+            params, inputs, *_feed(batch), positions_BxP, deterministic=not train,
+            rngs={"dropout": rng} if train else {})
+        ce_BxP = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, targets_BxP)
+        sums = dict(loss=jnp.sum(ce_BxP * weights_BxP), weight=jnp.sum(weights_BxP),
+                    mlm_accuracy=_accuracy_sum(mlm_logits, targets_BxP, weights_BxP))
+        sums["mlm_loss"] = sums["loss"]
+        if d.nsp:
+            labels_B = batch["nsp_label"]
+            nsp_ce_B = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, labels_B)
+            sums.update(nsp_loss=jnp.sum(nsp_ce_B * row_weight_B),
+                        nsp_accuracy=_accuracy_sum(nsp_logits, labels_B, row_weight_B),
+                        sequences=jnp.sum(row_weight_B))
+            # loss / weight = mean MLM loss per chosen token + mean NSP loss per sequence.
+            per_sequence = jax.lax.stop_gradient(sums["weight"] / jnp.maximum(sums["sequences"], 1))
+            sums["loss"] = sums["loss"] + per_sequence * sums["nsp_loss"]
+        return sums, carry
+
+    def report(means):
+        if "mlm_loss" not in means:  # the best validation loss alone
+            return means
+        return dict(means, mlm_perplexity=math.exp(min(means["mlm_loss"], 700.0)))
+
+    return Task(init_params=init_params, init_carry=lambda batch_size: (), loss=loss,
+                train_batch=batches, eval_batches=lambda: eval_batches,
+                batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
+                tokens_per_batch=d.batch_size * d.max_seq_len, report=report,
+                denominators=dict(nsp_loss="sequences", nsp_accuracy="sequences") if d.nsp else {},
+                files={TOKENIZER_FILE: tokenizer.to_str()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning.
+# ---------------------------------------------------------------------------------------------
+
+def validate_finetune(config):
+    validate_model(config)
+    config_lib.expect_positive_int(config, "data.num_classes")
+    config_lib.expect_fraction(config, "model.classifier_dropout")
+    for key in ("max_examples", "max_documents"):
+        if config.data[key] is not None:
+            config_lib.expect_positive_int(config, f"data.{key}")
+    if config.init_from is not None:
+        config_lib.expect_type(config, "init_from", str)
+
+
+def build_finetune(config, workdir=None) -> Task:
+    validate_finetune(config)
+    d = config.data
+    tokenizer = _tokenizer(config, workdir)
+
+    def split(name, path):
+        sentences, labels = data_lib.load_sst2(name, path)
+        if name == "train":
+            sentences, labels = sentences[:d.max_examples], labels[:d.max_examples]
+        if labels.max() >= d.num_classes:
+            raise ValueError(f"{name} labels go up to {labels.max()}; config.data.num_classes="
+                             f"{d.num_classes}")
+        return dict(data_lib.classification_arrays(tokenizer, sentences, d.max_seq_len),
+                    labels=labels)
+
+    train = split("train", d.train_file)
+    batches = RowBatches(train, d.batch_size, seed=config.seed, shard_index=jax.process_index(),
+                         num_shards=jax.process_count(), what="sentences")
+    eval_batches = padded_batches(split("dev", d.valid_file), d.eval_batch_size,
+                                  what="validation sentences")
+    model = BertClassifier(make_encoder(config, tokenizer.get_vocab_size()),
+                           num_classes=d.num_classes, dropout_rate=config.model.classifier_dropout)
+
+    def init_params(rng):
+        tokens = jnp.zeros((1, d.max_seq_len), jnp.int32)
+        return model.init(rng, tokens, tokens, tokens > 0)
+
+    def loss(params, batch, carry, rng, train):
+        weights_B = batch.get("row_weight", jnp.ones(batch["tokens"].shape[0]))
+        logits = model.apply(params, batch["tokens"], *_feed(batch), deterministic=not train,
+                             rngs={"dropout": rng} if train else {})
+        ce_B = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        return dict(loss=jnp.sum(ce_B * weights_B), weight=jnp.sum(weights_B),
+                    accuracy=_accuracy_sum(logits, batch["labels"], weights_B)), carry
+
+    return Task(init_params=init_params, init_carry=lambda batch_size: (), loss=loss,
+                train_batch=batches, eval_batches=lambda: eval_batches,
+                batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
+                tokens_per_batch=d.batch_size * d.max_seq_len,
+                files={TOKENIZER_FILE: tokenizer.to_str()})
