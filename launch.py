@@ -1,5 +1,5 @@
-r"""Runs an experiment: train (default; resumes from the workdir's checkpoint), eval, sample or
-translate.
+r"""Runs an experiment: train (default; resumes from the workdir's checkpoint), eval, sample,
+translate, or export (the parameters as a NumPy .npz archive).
 
     python launch.py --config experiments/charlm.py --workdir runs/charlm
     python launch.py --config experiments/charlm.py:cell=gru --workdir runs/gru --config.opt.lr=1e-3
@@ -9,6 +9,7 @@ translate.
     python launch.py --config experiments/charlm.py --workdir runs/cells --sweep
     python launch.py --config experiments/translate.py --workdir runs/translate --mode translate \
         --text "he is calm ." --beam_size 4
+    python launch.py --config experiments/charlm.py --workdir runs/charlm --mode export --out params.npz
 """
 
 import csv
@@ -23,7 +24,8 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/X.py[:args]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the saved config.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "translate"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "translate", "export"],
+                  "What to do.")
 flags.DEFINE_bool("sweep", False, "Train every point of the config file's get_sweep().")
 flags.DEFINE_integer("step", None, "eval/sample: the checkpoint step (default: the latest).")
 flags.DEFINE_bool("best", False, "eval/sample: use the checkpoint with the best validation loss.")
@@ -35,6 +37,13 @@ flags.DEFINE_string("text", None, "translate: a sentence to translate.")
 flags.DEFINE_string("input_file", None, "translate: a file of sentences, one per line.")
 flags.DEFINE_integer("beam_size", None, "translate: beam size; 1 is greedy "
                      "(default: config.decode.beam_size).")
+flags.DEFINE_string("out", None, "export: the .npz file to write the parameters to.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0, with "
+                    "--num_processes and --process_id; the same command runs on every host.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0 to N-1.")
+flags.DEFINE_bool("distributed", False, "Multi-host with the cluster's own settings: "
+                  "jax.distributed.initialize() detects them on SLURM and Cloud TPU.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -137,11 +146,33 @@ def _sentences() -> list[str]:
     return sentences
 
 
+def _init_distributed():
+    """jax.distributed.initialize before anything else touches the devices, when asked to:
+    explicitly (--coordinator_address, --num_processes, --process_id) or with --distributed.
+    On CPU the processes' collectives go through gloo."""
+    explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+    if not FLAGS.distributed and all(v is None for v in explicit):
+        return
+    if not FLAGS.distributed and any(v is None for v in explicit):
+        raise app.UsageError("multi-host needs all of --coordinator_address, --num_processes "
+                             "and --process_id (or --distributed on SLURM / Cloud TPU)")
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if FLAGS.distributed:
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes,
+                                   process_id=FLAGS.process_id)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    from seqjax import analysis, train  # after flag parsing: importing jax is slow
+    _init_distributed()
+    import jax  # after flag parsing: importing jax is slow
+    from seqjax import analysis, train
     config = FLAGS.config
     try:
         if FLAGS.sweep:
@@ -151,19 +182,28 @@ def main(argv):
                 raise ValueError(f"{config.task} is an analysis: it runs in the default mode only")
             _print_results(analysis.run(config, FLAGS.workdir))
         elif FLAGS.mode == "train":
-            _print_results(train.train(config, FLAGS.workdir))
+            results = train.train(config, FLAGS.workdir)
+            if jax.process_index() == 0:
+                _print_results(results)
         elif FLAGS.mode == "eval":
             _print_results(train.evaluate(config, FLAGS.workdir, step=FLAGS.step,
                                           which="best" if FLAGS.best else "latest"))
         elif FLAGS.mode == "translate":
             options = {} if FLAGS.beam_size is None else {"beam_size": FLAGS.beam_size}
             print("\n".join(train.translate(FLAGS.workdir, _sentences(), step=FLAGS.step,
-                                             which="best" if FLAGS.best else "latest", **options)))
+                                             which="best" if FLAGS.best else "latest",
+                                             defaults=config, **options)))
+        elif FLAGS.mode == "export":
+            if not FLAGS.out:
+                raise ValueError("--mode export needs --out FILE.npz")
+            shapes = train.export(FLAGS.workdir, FLAGS.out, step=FLAGS.step,
+                                  which="best" if FLAGS.best else "latest")
+            print(f"wrote {len(shapes)} parameters to {FLAGS.out}")
         else:
             options = {k: v for k in ("prefix", "length", "temperature")
                        if (v := getattr(FLAGS, k)) is not None}
             print(train.generate(FLAGS.workdir, step=FLAGS.step, which="best" if FLAGS.best else "latest",
-                                 seed=FLAGS.seed, **options))
+                                 seed=FLAGS.seed, defaults=config, **options))
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ def get_config(arg=None):
     config.task = "bert_finetune"
     config.seed = 0
     config.num_devices = 0  # 0: every local device
+    config.parallel = "pmap"  # or "shard_map": jit(shard_map) over a mesh with one axis, "batch"
     config.init_from = placeholder(str)  # a pretraining workdir; None: from scratch
 
     config.data = dict(
@@ -46,8 +47,8 @@ def get_config(arg=None):
     config.model.classifier_dropout = 0.1
 
     config.opt = dict(
-        name="adamw", lr=1e-4, b1=0.9, b2=0.999, momentum=0.0, weight_decay=0.01,
-        schedule="linear", warmup_steps=100, final_lr_fraction=0.0,
+        name="adamw", lr=3e-4, b1=0.9, b2=0.999, momentum=0.0, weight_decay=0.01,
+        schedule="linear", warmup_steps=200, final_lr_fraction=0.0,
         clip_norm=1.0, grad_accum_steps=1,
     )
 

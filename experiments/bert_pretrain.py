@@ -24,6 +24,7 @@ def get_config(arg=None):
     config.task = "bert_pretrain"
     config.seed = 0
     config.num_devices = 0  # 0: every local device
+    config.parallel = "pmap"  # or "shard_map": jit(shard_map) over a mesh with one axis, "batch"
 
     # --- data ---------------------------------------------------------------------------------
     placeholder = ml_collections.config_dict.placeholder

@@ -24,6 +24,7 @@ def get_config(arg=None):
     config.task = "charlm_transformer"
     config.seed = 0
     config.num_devices = 0  # 0: every local device
+    config.parallel = "pmap"  # or "shard_map": jit(shard_map) over a mesh with one axis, "batch"
 
     # --- data: as experiments/charlm.py, but random windows of `context` characters -----------
     config.data = dict(

@@ -33,6 +33,7 @@ def get_config(arg=None):
     config.task = "translate"
     config.seed = 0
     config.num_devices = 0  # 0: every local device
+    config.parallel = "pmap"  # or "shard_map": jit(shard_map) over a mesh with one axis, "batch"
 
     # --- data ---------------------------------------------------------------------------------
     config.data = dict(

@@ -97,10 +97,32 @@ def load(workdir: str) -> ml_collections.ConfigDict | None:
         return ml_collections.ConfigDict(json.load(f))
 
 
+def with_defaults(saved: ml_collections.ConfigDict, defaults) -> ml_collections.ConfigDict:
+    """`saved` (a run's config.json) completed with the fields it lacks from `defaults` (the
+    experiment's current config): a run saved before a field was added reads as if it had the
+    field's default."""
+    if defaults is None:
+        return saved
+    merged = ml_collections.ConfigDict(defaults.to_dict())
+
+    def merge(target, source):
+        for key, value in source.items():
+            if isinstance(value, ml_collections.ConfigDict) and \
+                    isinstance(target.get(key), ml_collections.ConfigDict):
+                merge(target[key], value)
+            else:
+                with target.ignore_type():
+                    target[key] = value
+
+    merge(merged, saved)
+    return merged
+
+
 def differences(saved: dict, now: dict) -> list[str]:
-    """'key: a (saved) != b (now)' for each key of two flat dicts whose values differ."""
+    """'key: a (saved) != b (now)' for each key of two flat dicts whose values differ. A key
+    that only `now` has is a field added since the run was saved, and counts as its default."""
     return [f"{k}: {saved.get(k)!r} (saved) != {now.get(k)!r} (now)"
-            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+            for k in sorted(saved) if saved.get(k) != now.get(k)]
 
 
 def flatten(d, prefix="") -> dict:

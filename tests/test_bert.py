@@ -259,7 +259,10 @@ def test_bad_init_from_is_a_clear_error_and_writes_nothing(pretrained, tmp_path)
     workdir = tmp_path / "sst2"
     proc = launch("--config", "experiments/bert_finetune.py:smoke", "--workdir", str(workdir),
                   f"--config.init_from={tmp_path / 'missing'}")
-    assert proc.returncode == 1 and "no tokenizer.json" in proc.stderr
+    assert proc.returncode == 1 and "missing': no such directory" in proc.stderr
+    proc = launch("--config", "experiments/bert_finetune.py:smoke", "--workdir", str(workdir),
+                  f"--config.init_from={tmp_path}")
+    assert proc.returncode == 1 and "holds no tokenizer.json" in proc.stderr
     proc = launch("--config", "experiments/bert_finetune.py:smoke", "--workdir", str(workdir),
                   f"--config.init_from={pretrained}", "--config.model.ffn_hiddens=48")
     assert proc.returncode == 1

@@ -62,6 +62,25 @@ def test_one_device_equals_four(tiny_charlm, tmp_path):
     np.testing.assert_allclose(curves[1], curves[4], rtol=0, atol=1e-5)
 
 
+def test_pmap_and_shard_map_give_the_same_parameters(tiny_charlm, tmp_path):
+    """The same per-device step under pmap and under jit(shard_map) on 4 devices, with dropout
+    keys, the LSTM state carried across batches, a resume in between and evaluation."""
+    tiny_charlm.model.dropout = 0.1
+    results = {}
+    for kind in ("pmap", "shard_map"):
+        tiny_charlm.parallel = kind
+        workdir = str(tmp_path / kind)
+        engine.train(tiny_charlm, workdir, stop_after=5)
+        results[kind] = engine.train(tiny_charlm, workdir)
+    assert results["pmap"]["step"] == tiny_charlm.num_train_steps
+    a, b = _params(str(tmp_path / "pmap")), _params(str(tmp_path / "shard_map"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+    assert abs(results["pmap"]["val_loss"] - results["shard_map"]["val_loss"]) < 1e-5
+    assert engine.evaluate(None, str(tmp_path / "shard_map"))["loss"] == pytest.approx(
+        results["shard_map"]["val_loss"], abs=1e-6)
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(tiny_charlm, tmp_path, monkeypatch, capsys):
     workdir = str(tmp_path / "nan")
     tiny_charlm.checkpoint_every = 4
@@ -276,3 +295,31 @@ def test_sigterm_stops_a_sweep_after_saving(tmp_path):
         (row,) = csv.DictReader(f)
     assert row["point"] == "model.cell=rnn" and row["status"] == "stopped"
     assert Checkpoints(str(workdir / "model.cell=rnn")).latest_step() == int(row["step"]) > 0
+
+
+def test_export_npz_and_a_config_saved_before_a_field_was_added(tiny_charlm, tmp_path):
+    import flax
+    from seqjax.tasks import charlm
+    workdir = tmp_path / "run"
+    engine.train(tiny_charlm, str(workdir))
+    out = tmp_path / "params.npz"
+    proc = launch("--config", "experiments/charlm.py:tiny", "--workdir", str(workdir),
+                  "--mode", "export", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    with np.load(out) as archive:
+        arrays = dict(archive)
+    assert "rnn/layer_0/W_xi" in arrays and "rnn/layer_0/W_hi" in arrays  # textbook names
+    params = {"params": flax.traverse_util.unflatten_dict(arrays, sep="/")}
+    saved, task, checkpoint, _ = engine.restore_run(str(workdir))
+    model = charlm.make_model(saved, len(json.loads((workdir / "vocab.json").read_text())["idx_to_token"]))
+    tokens = np.arange(24, dtype=np.int32).reshape(2, 12) % 20
+    np.testing.assert_array_equal(model.apply(params, tokens)[0], model.apply(checkpoint, tokens)[0])
+
+    # An older config.json without fields added since: eval and resume read their defaults.
+    config_file = workdir / "config.json"
+    old = json.loads(config_file.read_text())
+    del old["parallel"], old["model"]["unroll"]
+    config_file.write_text(json.dumps(old))
+    assert engine.evaluate(tiny_charlm, str(workdir))["step"] == tiny_charlm.num_train_steps
+    tiny_charlm.num_train_steps += 2
+    assert engine.train(tiny_charlm, str(workdir))["step"] == tiny_charlm.num_train_steps

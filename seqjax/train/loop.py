@@ -1,4 +1,5 @@
-"""The engine: one pure per-device train step, `jax.pmap`-ed over the local devices, and the loop.
+"""The engine: one pure per-device train step, run over the local devices with `jax.pmap` (or
+`jax.shard_map`: `config.parallel`), and the loop.
 
 Resume order, decided here and nowhere else: the workdir's own latest checkpoint, else the
 parameters of `config.init_from` (another run's workdir: fine-tuning), else scratch.
@@ -21,14 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from seqjax import config as config_lib
 from seqjax import tasks
+from seqjax.train import parallel
 from seqjax.train.checkpoint import Checkpoints
 from seqjax.train.metrics import MetricWriter, Progress
 from seqjax.train.optimizer import OPTIMIZERS, SCHEDULES, learning_rate_at, make_optimizer
 
-AXIS = "batch"
+AXIS = parallel.AXIS
 
 
 @flax.struct.dataclass
@@ -68,34 +71,43 @@ def eval_step(params, carry, batch, *, loss_fn):
 
 
 # ---------------------------------------------------------------------------------------------
-# Host <-> devices. Host state: a plain dict of NumPy arrays, as saved in checkpoints; `carry`
-# has a leading global-batch axis, so it is independent of the number of devices.
+# Host <-> devices (`parallel`: pmap or shard_map). Host state: a plain dict of NumPy arrays, as
+# saved in checkpoints; `carry` has a leading batch axis, so it is independent of the devices.
 # ---------------------------------------------------------------------------------------------
 
-def _shard(tree, n: int):
-    """[B, ...] -> [n, B/n, ...]; a scalar is given to every device."""
-    def split(x):
-        x = np.asarray(x)
-        return np.broadcast_to(x, (n,)) if x.ndim == 0 else x.reshape(n, -1, *x.shape[1:])
-    return jax.tree.map(split, tree)
+def _state_specs():
+    """shard_map's specs of a TrainState: the carry split over the devices, the rest replicated."""
+    return TrainState(step=P(), params=P(), opt_state=P(), rng=P(), carry=P(AXIS))
 
 
-def _to_devices(host: dict, devices) -> TrainState:
-    n = len(devices)
-    replicate = lambda tree: jax.tree.map(lambda x: np.broadcast_to(x, (n, *np.shape(x))), tree)
-    state = TrainState(step=replicate(host["step"]), params=replicate(host["params"]),
-                       opt_state=replicate(host["opt_state"]), rng=replicate(host["rng"]),
-                       carry=_shard(host["carry"], n))
-    # pmap would copy NumPy inputs at every call; place them once.
-    return jax.pmap(lambda s: s, axis_name=AXIS, devices=devices)(state)
+def _local_rows(tree):
+    """This process's rows of global-batch arrays (scalars as they are): with P processes,
+    process p holds rows [p, p + 1) * B / P, as every task's data source shards them."""
+    n, p = jax.process_count(), jax.process_index()
+    return jax.tree.map(lambda x: x if np.ndim(x) == 0 else
+                        np.asarray(x)[p * (len(x) // n):(p + 1) * (len(x) // n)], tree)
 
 
-def _to_host(state: TrainState) -> dict:
-    state = jax.device_get(state)
-    first = lambda tree: jax.tree.map(lambda x: np.asarray(x[0]), tree)
-    return dict(step=first(state.step), params=first(state.params),
-                opt_state=first(state.opt_state), rng=first(state.rng),
-                carry=jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), state.carry))
+def _global_rows(tree):
+    """The rows of every process, in order: the inverse of `_local_rows`."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def _to_devices(host: dict, par) -> TrainState:
+    """Host state -> devices; the host carry holds the global batch's rows, so a checkpoint
+    does not depend on the number of processes or devices."""
+    replicated = par.replicate({k: host[k] for k in ("step", "params", "opt_state", "rng")})
+    return TrainState(**replicated, carry=par.batch(_local_rows(host["carry"])))
+
+
+def _to_host(state: TrainState, par) -> dict:
+    """Devices -> host state, the same on every process (a collective with several)."""
+    return dict(par.unreplicate(dict(step=state.step, params=state.params,
+                                     opt_state=state.opt_state, rng=state.rng)),
+                carry=_global_rows(par.unbatch(state.carry)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +120,8 @@ def validate(config):
                                    "checkpoint_every", "keep_checkpoints")
     config_lib.expect_type(config, "seed", int)
     config_lib.expect_type(config, "num_devices", int)
+    kind = config.get("parallel", "pmap")
+    config_lib.expect(kind in parallel.KINDS, "parallel", kind, f"expected one of {parallel.KINDS}")
     opt = config.opt
     config_lib.expect(opt.name in OPTIMIZERS, "opt.name", opt.name, f"expected one of {OPTIMIZERS}")
     config_lib.expect(opt.schedule in SCHEDULES, "opt.schedule", opt.schedule,
@@ -124,6 +138,9 @@ def validate(config):
 
 def _devices(config):
     local = jax.local_devices()
+    if jax.process_count() > 1:
+        config_lib.expect(config.num_devices == 0, "num_devices", config.num_devices,
+                          "with several processes every process uses all its local devices (0)")
     n = config.num_devices or len(local)
     config_lib.expect(0 <= config.num_devices <= len(local), "num_devices", config.num_devices,
                       f"this host has {len(local)} devices (0 uses all)")
@@ -174,12 +191,12 @@ class StopRequest:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def _fetch(pending: list) -> list[dict]:
+def _fetch(pending: list, par) -> list[dict]:
     """Host copies of the metrics of `pending` (step, metrics) pairs; raises on a non-finite loss,
     so a state reached through one is never saved."""
     fetched = []
-    for step, m in jax.device_get(pending):
-        m = {k: float(v[0]) for k, v in m.items()}
+    for step, m in pending:
+        m = {k: float(v) for k, v in par.unreplicate(m).items()}
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
             raise FloatingPointError(
                 f"non-finite loss or gradient at step {step + 1}: loss={m['loss']}, "
@@ -238,6 +255,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     """
     validate(config)
     devices = _devices(config)
+    par = parallel.make(config.get("parallel", "pmap"), devices)
     workdir = os.path.abspath(workdir)
     saved = config_lib.load(workdir)
     if saved is not None:
@@ -262,7 +280,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     tx = make_optimizer(config.opt, total_steps)
     host = dict(step=np.asarray(0, np.int32), params=jax.device_get(params),
                 opt_state=jax.device_get(tx.init(params)), rng=np.asarray(state_rng),
-                carry=task.init_carry(task.batch_size // jax.process_count()))
+                carry=task.init_carry(task.batch_size))
     try:
         restored = ckpts.restore(template=host)
     except Exception as e:
@@ -277,15 +295,16 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     # checkpoint); it is a real state with that validation loss, so it stays the one to beat.
     best_meta = ckpts.meta("best") or {}
     best = dict(loss=best_meta.get("best_val_loss"), step=best_meta.get("best_step"))
-    state = _to_devices(host, devices)
-    config_lib.save(config, workdir)
-    for name, text in task.files.items():
-        with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
-            f.write(text)
+    state = _to_devices(host, par)
+    if jax.process_index() == 0:
+        config_lib.save(config, workdir)
+        for name, text in task.files.items():
+            with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+                f.write(text)
 
-    p_train = jax.pmap(functools.partial(train_step, loss_fn=task.loss, tx=tx),
-                       axis_name=AXIS, devices=devices, donate_argnums=(0,))
-    evaluate_params = _evaluator(task, devices)
+    p_train = par.compile(functools.partial(train_step, loss_fn=task.loss, tx=tx),
+                          (_state_specs(), parallel.BATCH), (_state_specs(), P()), donate=True)
+    evaluate_params = _evaluator(task, par)
     lr_at = learning_rate_at(config.opt, total_steps)
 
     writer = MetricWriter(workdir, start)
@@ -305,7 +324,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     try:
         with StopRequest() as stop:
             for step in range(start, total_steps):
-                state, metrics = p_train(state, _shard(task.train_batch(step), len(devices)))
+                state, metrics = p_train(state, par.batch(task.train_batch(step)))
                 pending.append((step, metrics))
                 done = step + 1
                 preempted = stop.requested or (stop_after is not None and done - start >= stop_after)
@@ -315,7 +334,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                 do_log = done % config.log_every == 0 or last
                 if not (do_log or do_eval or do_save):
                     continue
-                fetched += _fetch(pending)
+                fetched += _fetch(pending, par)
                 pending = []
                 if do_log:
                     last_train = dict(task.report(_train_summary(fetched, task.denominators)), lr=lr_at(step))
@@ -324,15 +343,16 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                     progress.update(done, **{k: v for k, v in last_train.items() if k != "grad_norm"})
                     results.update(_prefixed("train", last_train))
                 if do_eval:
-                    val = _validate(task, evaluate_params, state.params, final=done == total_steps)
+                    val = _validate(task, evaluate_params, state.params, par,
+                                    final=done == total_steps)
                     writer.write(done, "val", val)
                     results.update(_prefixed("val", val))
                     if best["loss"] is None or val["loss"] < best["loss"]:
                         best = dict(loss=val["loss"], step=done)
-                        ckpts.save(done, _to_host(state), meta_now(), which="best")
+                        ckpts.save(done, _to_host(state, par), meta_now(), which="best")
                     progress.write(f"step {done}: " + ", ".join(f"val {k} {v:.4f}" for k, v in val.items()))
                 if do_save:
-                    ckpts.save(done, _to_host(state), meta_now())
+                    ckpts.save(done, _to_host(state, par), meta_now())
                 results["step"] = done
                 if preempted and not done == total_steps:
                     progress.write(f"stopped early: saved step {done} to {workdir}/checkpoints")
@@ -346,37 +366,38 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     # Time in the training loop (evaluation included) of the runs that led to this state.
     results["train_time_s"] = meta_now()["train_time_s"]
     if start >= total_steps:  # nothing left to train: report the final checkpoint
-        results.update(_prefixed("val", _validate(task, evaluate_params, state.params, final=True)))
+        results.update(_prefixed("val", _validate(task, evaluate_params, state.params, par,
+                                                  final=True)))
     if best["loss"] is not None:
         results.update(_prefixed("best_val", task.report({"loss": best["loss"]})),
                        best_step=best["step"])
     if task.generate is not None and not results.get("stopped") and config.get("sample"):
-        results["sample"] = task.generate(_to_host(state)["params"], jax.random.PRNGKey(config.seed),
+        results["sample"] = task.generate(par.unreplicate(state.params), jax.random.PRNGKey(config.seed),
                                           **config.sample)
     return results
 
 
-def _validate(task, evaluate_params, params, *, final: bool) -> dict:
+def _validate(task, evaluate_params, params, par, *, final: bool) -> dict:
     """Validation metrics of replicated `params`: the task's loss metrics, and those of its
     `decode_eval` (a search on the host: BLEU; with `final`, also its test metrics)."""
     metrics = task.report(evaluate_params(params))
     if task.decode_eval is not None:
-        metrics.update(task.decode_eval(jax.tree.map(lambda x: x[0], params), final))
+        metrics.update(task.decode_eval(par.unreplicate(params), final))
     return metrics
 
 
-def _evaluator(task, devices):
-    """A function params (replicated on `devices`) -> mean metrics over the task's eval batches."""
-    n = len(devices)
-    p_eval = jax.pmap(functools.partial(eval_step, loss_fn=task.loss), axis_name=AXIS, devices=devices)
+def _evaluator(task, par):
+    """A function params (replicated on the devices) -> mean metrics over the task's eval batches."""
+    p_eval = par.compile(functools.partial(eval_step, loss_fn=task.loss),
+                         (P(), P(AXIS), parallel.BATCH), (P(), P(AXIS)))
 
     def evaluate_params(params):
-        carry = _shard(task.init_carry(task.eval_batch_size // jax.process_count()), n)
+        carry = par.batch(task.init_carry(task.eval_batch_size // jax.process_count()))
         total = None
         for batch in task.eval_batches():
-            sums, carry = p_eval(params, carry, _shard(batch, n))
+            sums, carry = p_eval(params, carry, par.batch(_local_rows(batch)))
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-        return _means({k: float(v[0]) for k, v in jax.device_get(total).items()},
+        return _means({k: float(v) for k, v in par.unreplicate(total).items()},
                       task.denominators)
 
     return evaluate_params
@@ -386,10 +407,11 @@ def _evaluator(task, devices):
 # Evaluation and generation from a saved run.
 # ---------------------------------------------------------------------------------------------
 
-def restore_run(workdir: str, step: int | None = None, which: str = "latest"):
-    """(saved config, task, params on the host, step) of a trained workdir."""
+def restore_run(workdir: str, step: int | None = None, which: str = "latest", defaults=None):
+    """(saved config, task, params on the host, step) of a trained workdir; `defaults` (the
+    experiment's config) gives the fields that the saved config lacks."""
     workdir = os.path.abspath(workdir)
-    config, state = _restore_params(workdir, step, which)
+    config, state = _restore_params(workdir, step, which, defaults)
     task = tasks.build(config, workdir)
     check_params(state["params"], jax.eval_shape(task.init_params, jax.random.PRNGKey(0)),
                  f"the checkpoint in {workdir}")
@@ -418,12 +440,14 @@ def load_init_from(params, source: str):
     return {**params, "params": jax.tree.map(np.asarray, merged)}, loaded
 
 
-def _restore_params(workdir: str, step: int | None = None, which: str = "latest"):
-    """(saved config, the saved state on the host) of the checkpoint of a trained workdir."""
+def _restore_params(workdir: str, step: int | None = None, which: str = "latest", defaults=None):
+    """(saved config completed from `defaults`, the saved state on the host) of the checkpoint
+    of a trained workdir."""
     workdir = os.path.abspath(workdir)
     config = config_lib.load(workdir)
     if config is None:
         raise FileNotFoundError(f"{workdir} has no {config_lib.CONFIG_FILE}: nothing was trained there")
+    config = config_lib.with_defaults(config, defaults)
     ckpts = Checkpoints(workdir, config.keep_checkpoints)
     try:
         restored = ckpts.restore(step=step, which=which)
@@ -449,29 +473,44 @@ def check_params(params, expected, what: str):
 
 
 def evaluate(config, workdir: str, step: int | None = None, which: str = "latest") -> dict:
-    """Validation metrics of a saved checkpoint; the model and data come from the saved config,
-    so `config` may be None."""
-    del config
-    saved, task, params, step = restore_run(workdir, step, which)
+    """Validation metrics of a saved checkpoint; the model and data come from the saved config
+    (fields it lacks from `config`, which may be None)."""
+    saved, task, params, step = restore_run(workdir, step, which, defaults=config)
     devices = _devices(saved)
     _check_divisible("config.data.eval_batch_size", task.eval_batch_size, devices)
-    replicated = jax.tree.map(lambda x: np.broadcast_to(x, (len(devices), *np.shape(x))), params)
-    return {"step": step, **_validate(task, _evaluator(task, devices), replicated, final=True)}
+    par = parallel.make(saved.get("parallel", "pmap"), devices)
+    return {"step": step, **_validate(task, _evaluator(task, par), par.replicate(params), par,
+                                      final=True)}
 
 
 def generate(workdir: str, *, step: int | None = None, which: str = "latest", seed: int = 0,
-             **options) -> str:
+             defaults=None, **options) -> str:
     """Samples from a saved checkpoint with the task's generator (`options` as in config.sample)."""
-    saved, task, params, _ = restore_run(workdir, step, which)
+    saved, task, params, _ = restore_run(workdir, step, which, defaults)
     if task.generate is None:
         raise ValueError(f"task {saved.task!r} does not generate text")
     return task.generate(params, jax.random.PRNGKey(seed), **{**saved.sample.to_dict(), **options})
 
 
 def translate(workdir: str, sentences: list[str], *, step: int | None = None,
-              which: str = "latest", **options) -> list[str]:
+              which: str = "latest", defaults=None, **options) -> list[str]:
     """Translations of `sentences` by a saved checkpoint (`options`: beam_size, length_penalty)."""
-    saved, task, params, _ = restore_run(workdir, step, which)
+    saved, task, params, _ = restore_run(workdir, step, which, defaults)
     if task.translate is None:
         raise ValueError(f"task {saved.task!r} does not translate")
     return task.translate(params, sentences, **options)
+
+
+def export(workdir: str, out: str, *, step: int | None = None, which: str = "latest") -> dict:
+    """Writes the parameters of a checkpoint to `out` (.npz): one array per parameter, keyed by
+    its path in the parameter tree ('encoder/blocks_0/attention/W_q/kernel', 'rnn/cell/W_xh'),
+    readable with plain `numpy.load`. Returns {name: shape}."""
+    _, state = _restore_params(workdir, step, which)
+    flat = flax.traverse_util.flatten_dict(state["params"]["params"], sep="/")
+    arrays = {name: np.asarray(x) for name, x in flat.items()}
+    directory = os.path.dirname(os.path.abspath(out))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(out)}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, out)
+    return {name: x.shape for name, x in arrays.items()}

@@ -1,0 +1,120 @@
+"""How the per-device step runs over the local devices: `jax.pmap` (the default), or `jax.jit`
+of `jax.shard_map` over a one-axis mesh named `batch` (`config.parallel='shard_map'`).
+
+Both run the same per-device function with the same named-axis collectives, so they give the
+same parameters. The engine talks to them through one interface: host state in and out,
+batches in, per-device functions compiled, replicated outputs read back.
+
+Host state is a dict of NumPy arrays (as saved in checkpoints) whose `carry` has a leading
+axis of this process's rows of the global batch.
+"""
+
+import numpy as np
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "batch"
+KINDS = ("pmap", "shard_map")
+
+
+def make(kind: str, devices):
+    if kind not in KINDS:
+        raise ValueError(f"config.parallel={kind!r}: expected one of {KINDS}")
+    return Pmap(devices) if kind == "pmap" else ShardMap(devices)
+
+
+def _split(x, n: int):
+    """[B, ...] -> [n, B/n, ...]; a scalar is given to every device."""
+    x = np.asarray(x)
+    return np.broadcast_to(x, (n,)) if x.ndim == 0 else x.reshape(n, -1, *x.shape[1:])
+
+
+class Pmap:
+    """Replicated values carry a leading device axis; batches are split into [n, B/n, ...]."""
+
+    def __init__(self, devices):
+        self.n = len(devices)
+        # With several processes pmap spans every device of every process (devices=None).
+        self.devices = devices if jax.process_count() == 1 else None
+        # pmap would copy NumPy inputs at every call; `place` puts them on the devices once.
+        self._place = jax.pmap(lambda x: x, axis_name=AXIS, devices=self.devices)
+
+    def compile(self, fn, in_specs, out_specs, *, donate: bool = False):
+        """`fn` per device over the leading device axis of every input and output (the specs
+        are shard_map's, not needed here)."""
+        del in_specs, out_specs
+        return jax.pmap(fn, axis_name=AXIS, devices=self.devices,
+                        donate_argnums=(0,) if donate else ())
+
+    def replicate(self, tree):
+        return self._put(jax.tree.map(lambda x: np.broadcast_to(x, (self.n, *np.shape(x))), tree))
+
+    def batch(self, tree):
+        return self._put(jax.tree.map(lambda x: _split(x, self.n), tree))
+
+    def _put(self, tree):
+        return self._place(tree) if jax.tree.leaves(tree) else tree
+
+    def unreplicate(self, tree):
+        return jax.tree.map(lambda x: np.asarray(x[0]), jax.device_get(tree))
+
+    def unbatch(self, tree):
+        return jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), jax.device_get(tree))
+
+
+class ShardMap:
+    """Replicated values are global arrays replicated over the mesh, batches global arrays
+    split along their first axis, and a function runs as `jit(shard_map(...))`."""
+
+    def __init__(self, devices):
+        self.devices = devices if jax.process_count() == 1 else jax.devices()
+        self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
+        self._replicated = NamedSharding(self.mesh, P())
+        self._split = NamedSharding(self.mesh, P(AXIS))
+
+    def compile(self, fn, in_specs, out_specs, *, donate: bool = False):
+        """`fn` per device, with `shard_map`'s in/out specs (pytree prefixes of P() and
+        P('batch')); an in-spec `BATCH` splits an argument's arrays and replicates its scalars."""
+        compiled = {}
+
+        def run(*args):
+            key = jax.tree.structure(args), tuple(np.ndim(x) for x in jax.tree.leaves(args))
+            if key not in compiled:
+                specs = tuple(_batch_specs(arg) if spec is BATCH else spec
+                              for spec, arg in zip(in_specs, args))
+                # check_vma=False: custom VJPs (the recurrent cells' fused weight gradient)
+                # return plain arrays, which the varying-axes type check would reject.
+                compiled[key] = jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=specs,
+                                                      out_specs=out_specs, check_vma=False),
+                                        donate_argnums=(0,) if donate else ())
+            return compiled[key](*args)
+
+        return run
+
+    def replicate(self, tree):
+        return jax.tree.map(lambda x: jax.make_array_from_callback(
+            np.shape(x), self._replicated, lambda index: np.asarray(x)[index]), tree)
+
+    def batch(self, tree):
+        def put(x):
+            x = np.asarray(x)
+            if x.ndim == 0:
+                return jax.make_array_from_callback((), self._replicated, lambda index: x)
+            return jax.make_array_from_process_local_data(self._split, x)
+        return jax.tree.map(put, tree)
+
+    def unreplicate(self, tree):
+        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+    def unbatch(self, tree):
+        def local(x):  # this process's rows, in order
+            shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+            return np.concatenate([np.asarray(s.data) for s in shards])
+        return jax.tree.map(local, tree)
+
+
+BATCH = object()  # an in-spec: split the arrays of this argument, replicate its scalars
+
+
+def _batch_specs(tree):
+    return jax.tree.map(lambda x: P(AXIS) if np.ndim(x) else P(), tree)
