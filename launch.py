@@ -1,22 +1,21 @@
 r"""Runs an experiment: train (default; resumes from the workdir's checkpoint), eval, sample,
-translate, or export (the parameters as a NumPy .npz archive).
+translate, export (the parameters as a NumPy .npz archive), or a sweep and its summary.
 
     python launch.py --config experiments/charlm.py --workdir runs/charlm
     python launch.py --config experiments/charlm.py:cell=gru --workdir runs/gru --config.opt.lr=1e-3
     python launch.py --config experiments/charlm.py --workdir runs/charlm --mode eval
     python launch.py --config experiments/charlm.py --workdir runs/charlm --mode sample \
         --prefix "the time machine" --length 200 --temperature 0.8
-    python launch.py --config experiments/charlm.py --workdir runs/cells --sweep
+    python launch.py --config experiments/charlm.py --workdir runs/cells --sweep --parallel 2
+    python launch.py --config experiments/charlm.py --workdir runs/cells --mode summarize
     python launch.py --config experiments/translate.py --workdir runs/translate --mode translate \
         --text "he is calm ." --beam_size 4
     python launch.py --config experiments/charlm.py --workdir runs/charlm --mode export --out params.npz
 """
 
-import csv
 import importlib.util
 import os
 import sys
-import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -24,9 +23,16 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/X.py[:args]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the saved config.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "translate", "export"],
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "translate", "export", "summarize"],
                   "What to do.")
 flags.DEFINE_bool("sweep", False, "Train every point of the config file's get_sweep().")
+flags.DEFINE_integer("parallel", 1, "--sweep: how many points train at once, each in its own "
+                     "process (1: one after another in this process).", lower_bound=1)
+flags.DEFINE_integer("sweep_point", None, "--sweep: train only this point (how --parallel "
+                     "starts its worker processes).")
+flags.DEFINE_string("metric", "best_val_loss", "--sweep / --mode summarize: the result that "
+                    "sorts the summary (lowest first; highest for accuracy and BLEU) and whose "
+                    "curves summary.png shows.")
 flags.DEFINE_integer("step", None, "eval/sample: the checkpoint step (default: the latest).")
 flags.DEFINE_bool("best", False, "eval/sample: use the checkpoint with the best validation loss.")
 flags.DEFINE_string("prefix", None, "sample: the text to continue (default: config.sample.prefix).")
@@ -56,79 +62,54 @@ def _print_results(results: dict):
         print(f"sample: {results['sample']}")
 
 
-SUMMARY_KEYS = ("point", "status", "step", "best_val_perplexity", "best_step", "val_perplexity",
-                "train_perplexity", "train_time_s")
-
-
-def _sweep(config):
-    """Trains each override point of get_sweep() in workdir/<point>, one after another; a failed
-    point is recorded and the others go on, and SIGTERM ends the sweep after the running point
-    has saved. A finished point is evaluated, not retrained, so rerunning the command resumes
-    the sweep. Ends with summary.csv and a markdown table, best validation loss first."""
+def _sweep(config) -> int:
+    """Runs the config file's get_sweep() points (seqjax.train.sweep), then summarises them."""
     import jax
-    from seqjax import train
+    from seqjax import sweep
+    points = _sweep_points(config)
+    if FLAGS.sweep_point is not None:  # a worker of a parallel sweep
+        row = sweep.run_point(config, points[FLAGS.sweep_point], FLAGS.workdir)
+        return 0 if row["status"] in ("ok", "stopped") else 1
+    if FLAGS.parallel > 1 and jax.process_count() > 1:
+        raise app.UsageError("--parallel runs points as local processes: not with multi-host")
+    stopped = sweep.run(config, points, FLAGS.workdir, parallel=FLAGS.parallel,
+                        command=_worker_command)
+    if stopped:
+        print("sweep stopped; run the same command again to resume it")
+    if jax.process_index() != 0:
+        return 0
+    rows = _summarize(points)
+    return 1 if any(row["status"].startswith("failed") for row in rows) else 0
+
+
+def _sweep_points(config) -> list[dict]:
+    from seqjax import sweep
     path = FLAGS["config"].config_filename
     spec = importlib.util.spec_from_file_location("experiment", path.split(":")[0])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_sweep"):
         raise app.UsageError(f"{path} defines no get_sweep()")
-    rows = []
-    with train.StopRequest() as stop:
-        for overrides in module.get_sweep():
-            if stop.requested:
-                break
-            rows.append(_sweep_point(config, overrides))
-    if stop.requested:
-        print("sweep stopped; run the same command again to resume it")
-    rows.sort(key=lambda row: row.get("best_val_loss", float("inf")))
-    if jax.process_index() == 0:
-        _summarise(rows, FLAGS.workdir)
-    return 0 if all(row["status"] in ("ok", "stopped") for row in rows) else 1
+    return sweep.check_points(module.get_sweep(), config)
 
 
-def _sweep_point(config, overrides: dict) -> dict:
-    """Trains one point in its sub-workdir; returns its row of the summary."""
-    from seqjax import train
-    point = config.copy_and_resolve_references()
-    for key, value in overrides.items():
-        target = point
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        setattr(target, leaf, value)
-    name = ",".join(f"{k}={v}" for k, v in overrides.items())
-    print(f"=== sweep point {name}")
-    try:
-        results = train.train(point, os.path.join(FLAGS.workdir, name))
-    except Exception as e:  # a failed point must not stop the others
-        traceback.print_exc()
-        return {"point": name, "status": f"failed: {type(e).__name__}: {e}"}
-    return {"point": name, "status": "stopped" if results.get("stopped") else "ok",
-            **{k: v for k, v in results.items() if k not in ("sample", "stopped")}}
+def _worker_command(i: int) -> list[str]:
+    """This command line for point i alone: the same config file and overrides."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith("--parallel"):
+            skip = arg == "--parallel"
+            continue
+        args.append(arg)
+    return [sys.executable, os.path.abspath(__file__), *args, f"--sweep_point={i}"]
 
 
-def _summarise(rows: list[dict], workdir: str):
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "summary.csv"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    table = _markdown_table(rows, [k for k in SUMMARY_KEYS if k in keys])
-    with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(table)
-    print(table, end="")
-
-
-def _markdown_table(rows: list[dict], keys: list[str]) -> str:
-    def cell(v):
-        text = f"{v:.4g}" if isinstance(v, float) else str(v if v is not None else "")
-        return " ".join(text.split()).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(row.get(k)) for k in keys) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+def _summarize(points) -> list[dict]:
+    from seqjax import sweep
+    rows = sweep.summarize(points, FLAGS.workdir, FLAGS.metric)
+    with open(os.path.join(FLAGS.workdir, "summary.md"), encoding="utf-8") as f:
+        print(f.read(), end="")
+    return rows
 
 
 def _sentences() -> list[str]:
@@ -177,6 +158,9 @@ def main(argv):
     try:
         if FLAGS.sweep:
             return _sweep(config)
+        if FLAGS.mode == "summarize":
+            _summarize(_sweep_points(config))
+            return 0
         if config.task in analysis.ANALYSES:
             if FLAGS.mode != "train":
                 raise ValueError(f"{config.task} is an analysis: it runs in the default mode only")

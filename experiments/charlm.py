@@ -13,6 +13,7 @@ Expected result: see the README's results table.
 import ml_collections
 
 from seqjax.config import parse_arg
+from seqjax import sweep
 
 
 def get_config(arg=None):
@@ -85,5 +86,6 @@ def get_config(arg=None):
 
 
 def get_sweep():
-    """RNN vs GRU vs LSTM: `python launch.py --config experiments/charlm.py --sweep --workdir runs/cells`."""
-    return [{"model.cell": cell} for cell in ("rnn", "gru", "lstm")]
+    """RNN vs GRU vs LSTM at two learning rates:
+    `python launch.py --config experiments/charlm.py --sweep --workdir runs/cells --parallel 2`."""
+    return sweep.product({"model.cell": ("rnn", "gru", "lstm"), "opt.lr": (2e-3, 5e-3)})

@@ -1,0 +1,253 @@
+"""Sweeps: each point of an experiment's `get_sweep()` (a list of override dicts, e.g. from
+`product`) is trained in its own sub-workdir named after its overrides, one after another in
+this process or `parallel` at a time as separate processes.
+
+A point's row of the summary is written to `<workdir>/<point>/result.json` when the point ends
+(finished, stopped or failed), so a failed point never stops the others, a rerun of the same
+command skips the points that finished and resumes the others from their checkpoints, and a
+summary (`summary.csv`, `summary.md`, `summary.png`) can be written at any time.
+"""
+
+import csv
+import itertools
+import json
+import os
+import subprocess
+import time
+import traceback
+
+from seqjax import config as config_lib
+
+RESULT_FILE = "result.json"
+LOG_FILE = "log.txt"
+HIGHER_IS_BETTER = ("accuracy", "bleu")
+
+
+def product(grid: dict) -> list[dict]:
+    """Every combination of the value lists of `grid`, the last key varying fastest:
+    product({'model.cell': ('rnn', 'gru'), 'opt.lr': (1e-3, 3e-3)}) is 4 override dicts."""
+    for key, values in grid.items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"sweep.product: {key!r} needs a non-empty list of values, got {values!r}")
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def point_name(overrides: dict) -> str:
+    """'model.cell=gru,opt.lr=0.001': the sub-workdir of a point."""
+    return ",".join(f"{k}={v}".replace(os.sep, "_") for k, v in overrides.items())
+
+
+def check_points(points, config) -> list[dict]:
+    """The override dicts of `get_sweep()`, each checked against `config` before anything runs:
+    an unknown field or a value of the wrong type is an error naming the point."""
+    if not isinstance(points, (list, tuple)) or not points or \
+            not all(isinstance(p, dict) and p for p in points):
+        raise ValueError(f"get_sweep() must return a non-empty list of non-empty override dicts, "
+                         f"got {points!r}")
+    names = [point_name(p) for p in points]
+    if len(set(names)) < len(names):
+        raise ValueError(f"get_sweep() repeats a point: {sorted(n for n in names if names.count(n) > 1)[0]}")
+    for overrides in points:
+        apply(config, overrides)
+    return list(points)
+
+
+def apply(config, overrides: dict):
+    """A copy of `config` with the point's overrides ('a.b' keys) set."""
+    point = config.copy_and_resolve_references()
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        target = point
+        for parent in parents:
+            target = target.get(parent) if hasattr(target, "get") else None
+        if not hasattr(target, "get") or leaf not in target:
+            raise ValueError(f"sweep point {point_name(overrides)}: the config has no field {key!r}")
+        try:
+            setattr(target, leaf, value)
+        except TypeError as e:
+            raise TypeError(f"sweep point {point_name(overrides)}: {key}={value!r}: {e}") from None
+    return point
+
+
+def run_point(config, overrides: dict, workdir: str) -> dict:
+    """Trains one point in its sub-workdir (skipped when it has finished with this config) and
+    writes its row; an exception is the point's failure, recorded, not raised."""
+    import jax
+    from seqjax import train
+    name = point_name(overrides)
+    subdir = os.path.join(workdir, name)
+    point = apply(config, overrides)
+    row = _finished_row(point, subdir)
+    if row is not None:
+        print(f"=== sweep point {name}: finished, skipped")
+        return row
+    print(f"=== sweep point {name}", flush=True)
+    try:
+        results = train.train(point, subdir)
+        status = "stopped" if results.get("stopped") else "ok"
+    except Exception as e:
+        traceback.print_exc()
+        results, status = {}, f"failed: {type(e).__name__}: {e}"
+    row = {"point": name, **overrides, "status": status,
+           **{k: v for k, v in results.items() if k not in ("sample", "stopped")}}
+    if jax.process_index() == 0:
+        _write_json(os.path.join(subdir, RESULT_FILE), row)
+    return row
+
+
+def run(config, points, workdir: str, *, parallel: int = 1, command=None) -> bool:
+    """Runs every point: in this process one after another, or with `parallel` > 1 as worker
+    processes `command(i)` (training point i), `parallel` at a time, each with its output in
+    `<point>/log.txt`. SIGTERM stops the sweep after the running points have saved. Returns
+    whether it was stopped."""
+    from seqjax import train
+    with train.StopRequest() as stop:
+        if parallel <= 1:
+            for overrides in points:
+                if stop.requested:
+                    break
+                run_point(config, overrides, workdir)
+        else:
+            _run_workers(config, points, workdir, command, parallel, stop)
+    return stop.requested
+
+
+def _run_workers(config, points, workdir: str, command, parallel: int, stop):
+    waiting = []
+    for i, overrides in enumerate(points):
+        subdir = os.path.join(workdir, point_name(overrides))
+        if _finished_row(apply(config, overrides), subdir) is not None:
+            print(f"=== sweep point {point_name(overrides)}: finished, skipped")
+            continue
+        if os.path.exists(os.path.join(subdir, RESULT_FILE)):
+            os.remove(os.path.join(subdir, RESULT_FILE))  # the worker writes a new one
+        waiting.append(i)
+    running, stopping = {}, False
+    while waiting or running:
+        if stop.requested and not stopping:
+            waiting, stopping = [], True
+            for proc, _ in running.values():
+                proc.terminate()  # each saves its checkpoint and exits
+        while waiting and len(running) < parallel:
+            i = waiting.pop(0)
+            subdir = os.path.join(workdir, point_name(points[i]))
+            os.makedirs(subdir, exist_ok=True)
+            log = open(os.path.join(subdir, LOG_FILE), "a", encoding="utf-8")
+            print(f"=== sweep point {point_name(points[i])}: started (output in {log.name})",
+                  flush=True)
+            running[i] = (subprocess.Popen(command(i), stdout=log, stderr=subprocess.STDOUT), log)
+        for i, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[i]
+            path = os.path.join(workdir, point_name(points[i]), RESULT_FILE)
+            if _read_json(path) is None:  # killed, or failed before it could record itself
+                _write_json(path, {"point": point_name(points[i]), **points[i],
+                                   "status": f"failed: exit code {proc.returncode} "
+                                             f"(see {log.name})"})
+            print(f"=== sweep point {point_name(points[i])}: {_read_json(path)['status']}",
+                  flush=True)
+        time.sleep(0.2)
+
+
+def summarize(points, workdir: str, metric: str = "best_val_loss") -> list[dict]:
+    """Writes summary.csv, summary.md (sorted by `metric`, best first) and summary.png (the
+    metric's curve of every point) from the points' results; returns the sorted rows."""
+    rows = []
+    for overrides in points:
+        subdir = os.path.join(workdir, point_name(overrides))
+        row = _read_json(os.path.join(subdir, RESULT_FILE))
+        if row is None:
+            started = os.path.exists(os.path.join(subdir, config_lib.CONFIG_FILE))
+            row = {"point": point_name(overrides), **overrides,
+                   "status": "interrupted" if started else "not run"}
+        rows.append(row)
+    sign = -1 if any(word in metric for word in HIGHER_IS_BETTER) else 1
+    rows.sort(key=lambda r: (not isinstance(r.get(metric), (int, float)),
+                             sign * r[metric] if isinstance(r.get(metric), (int, float)) else 0))
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "summary.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    columns = ["point", "status", "step", metric, "best_step"] + [
+        k for prefix in ("best_val_", "val_", "test_") for k in keys if k.startswith(prefix)]
+    with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(markdown_table(rows, list(dict.fromkeys(c for c in columns + ["train_time_s"]
+                                                         if c in keys))))
+    _plot(rows, workdir, metric)
+    return rows
+
+
+def markdown_table(rows: list[dict], keys: list[str]) -> str:
+    def cell(v):
+        text = f"{v:.4g}" if isinstance(v, float) else str(v if v is not None else "")
+        return " ".join(text.split()).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(row.get(k)) for k in keys) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict], workdir: str, metric: str):
+    """summary.png: the logged curve behind `metric` ('best_val_loss' -> the 'val' rows'
+    'loss') against the step, one line per point."""
+    from seqjax.analysis import pyplot
+    name = metric.removeprefix("best_")
+    split, _, key = name.partition("_")
+    if not key:
+        split, key = "val", name
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for row in rows:
+        path = os.path.join(workdir, row["point"], "metrics.jsonl")
+        if not os.path.exists(path):
+            continue
+        curve = {}
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a killed run
+                    continue
+                if r.get("split") == split and key in r:
+                    curve[r["step"]] = r[key]  # a resumed run's later value wins
+        if curve:
+            ax.plot(*zip(*sorted(curve.items())), label=row["point"], marker="." if len(curve) < 30 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{split} {key}")
+    ax.set_title(f"sweep {os.path.basename(os.path.abspath(workdir))}: {split} {key}")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "summary.png"), dpi=120)
+    plt.close(fig)
+
+
+def _finished_row(point, subdir: str) -> dict | None:
+    """The recorded row of a point that finished all its steps with this very config."""
+    row = _read_json(os.path.join(subdir, RESULT_FILE))
+    saved = config_lib.load(subdir) if row else None
+    if row is None or saved is None or row.get("status") != "ok" or \
+            row.get("step") != point.num_train_steps:
+        return None
+    now = json.loads(json.dumps(config_lib.flatten(point), default=str))
+    return row if not config_lib.differences(config_lib.flatten(saved), now) else None
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: str, row: dict):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(row, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
