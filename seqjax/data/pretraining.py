@@ -30,9 +30,16 @@ _HEADING = re.compile(r"^ = .* = $")
 _SENTENCE_END = frozenset(".?!")
 
 
-def _shipped(name: str) -> str:
-    resource = importlib.resources.files("seqjax.data").joinpath(name)
-    return gzip.decompress(resource.read_bytes()).decode("utf-8")
+def _corpus(corpus: str, split: str, splits, shipped: str, path, kind: str) -> tuple[str, str]:
+    """(a name for errors, text) of a shipped split (`shipped`: its gzipped file, with `{}` for
+    the split) or of the user's file at `path`."""
+    if path is not None:
+        return repr(str(pathlib.Path(path).expanduser())), read_text_file(path, kind)
+    if split not in splits:
+        raise ValueError(f"{corpus} split {split!r}: expected one of {splits}")
+    resource = importlib.resources.files("seqjax.data").joinpath(shipped.format(split))
+    return (f"the shipped {corpus} {split} split",
+            gzip.decompress(resource.read_bytes()).decode("utf-8"))
 
 
 def load_wikitext(split: str = "train", path=None, max_documents: int | None = None
@@ -41,13 +48,8 @@ def load_wikitext(split: str = "train", path=None, max_documents: int | None = N
     WikiText's layout instead; `max_documents`: the first ones only). WikiText's own tokenisation is undone where it splits words
     (`@-@` `@,@` `@.@`), `<unk>` becomes `[UNK]`, and a paragraph is split into sentences
     after each `.`, `?` or `!` token. An empty corpus is an error."""
-    if path is None:
-        if split not in WIKITEXT_SPLITS:
-            raise ValueError(f"WikiText split {split!r}: expected one of {WIKITEXT_SPLITS}")
-        name, text = f"the shipped WikiText-2 {split} split", _shipped(f"wikitext2/wiki.{split}.tokens.gz")
-    else:
-        name = repr(str(pathlib.Path(path).expanduser()))
-        text = read_text_file(path, "WikiText file")
+    name, text = _corpus("WikiText-2", split, WIKITEXT_SPLITS, "wikitext2/wiki.{}.tokens.gz",
+                         path, "WikiText file")
     documents, current = [], []
     for line in text.split("\n"):
         if _ARTICLE.match(line):
@@ -219,13 +221,8 @@ def _trim_pair(a, b, target: int, rng):
 def load_sst2(split: str = "train", path=None) -> tuple[list[str], np.ndarray]:
     """(sentences, int32 labels) of an SST-2 split, or of a GLUE-style `sentence<TAB>label` file
     with a header (`path`). A malformed line or an empty file is an error naming it."""
-    if path is None:
-        if split not in SST2_SPLITS:
-            raise ValueError(f"SST-2 split {split!r}: expected one of {SST2_SPLITS}")
-        name, text = f"the shipped SST-2 {split} split", _shipped(f"sst2/{split}.tsv.gz")
-    else:
-        name = repr(str(pathlib.Path(path).expanduser()))
-        text = read_text_file(path, "classification file")
+    name, text = _corpus("SST-2", split, SST2_SPLITS, "sst2/{}.tsv.gz", path,
+                         "classification file")
     sentences, labels = [], []
     for number, line in enumerate(text.split("\n")[1:], 2):
         if not line.strip():
