@@ -82,6 +82,8 @@ def run_point(config, overrides: dict, workdir: str) -> dict:
         print(f"=== sweep point {name}: finished, skipped")
         return row
     print(f"=== sweep point {name}", flush=True)
+    if jax.process_index() == 0:
+        _forget(subdir)
     try:
         results = train.train(point, subdir)
         status = "stopped" if results.get("stopped") else "ok"
@@ -119,8 +121,7 @@ def _run_workers(config, points, workdir: str, command, parallel: int, stop):
         if _finished_row(apply(config, overrides), subdir) is not None:
             print(f"=== sweep point {point_name(overrides)}: finished, skipped")
             continue
-        if os.path.exists(os.path.join(subdir, RESULT_FILE)):
-            os.remove(os.path.join(subdir, RESULT_FILE))  # the worker writes a new one
+        _forget(subdir)  # the worker writes a new row; none if it dies first
         waiting.append(i)
     running, stopping = {}, False
     while waiting or running:
@@ -236,6 +237,12 @@ def _finished_row(point, subdir: str) -> dict | None:
         return None
     now = json.loads(json.dumps(config_lib.flatten(point), default=str))
     return row if not config_lib.differences(config_lib.flatten(saved), now) else None
+
+
+def _forget(subdir: str):
+    """Removes a point's row before it runs, so that a row is never older than its run."""
+    if os.path.exists(os.path.join(subdir, RESULT_FILE)):
+        os.remove(os.path.join(subdir, RESULT_FILE))
 
 
 def _read_json(path: str) -> dict | None:
