@@ -45,7 +45,7 @@ def _run_two_processes(workdir, *overrides):
                  *overrides], cwd=ROOT, env=env, stdout=stdout, stderr=stderr))
     try:
         for p, (_, err) in zip(procs, logs):
-            p.wait(timeout=600)
+            p.wait(timeout=300)
             assert p.returncode == 0, err.read_text()[-3000:]
     finally:  # a failed process leaves the other waiting for it in a collective
         for p in procs:

@@ -18,7 +18,6 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
@@ -393,12 +392,14 @@ def _evaluator(task, par):
 
     def evaluate_params(params):
         carry = par.batch(task.init_carry(task.eval_batch_size // jax.process_count()))
-        total = None
+        total = {}
         for batch in task.eval_batches():
             sums, carry = p_eval(params, carry, par.batch(_local_rows(batch)))
-            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-        return _means({k: float(v) for k, v in par.unreplicate(total).items()},
-                      task.denominators)
+            # Summed on the host: an operation on the global `sums` would be one more program
+            # that every process has to run in step.
+            for k, v in par.unreplicate(sums).items():
+                total[k] = total.get(k, 0.0) + float(v)
+        return _means(total, task.denominators)
 
     return evaluate_params
 

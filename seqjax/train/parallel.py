@@ -55,11 +55,13 @@ class Pmap:
     def _put(self, tree):
         return self._place(tree) if jax.tree.leaves(tree) else tree
 
+    # Outputs are global arrays over every process's devices: read only this process's shards
+    # (an operation on the whole array would be a program every process must run).
     def unreplicate(self, tree):
-        return jax.tree.map(lambda x: np.asarray(x[0]), jax.device_get(tree))
+        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
 
     def unbatch(self, tree):
-        return jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), jax.device_get(tree))
+        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), _local_rows(tree))
 
 
 class ShardMap:
@@ -107,10 +109,15 @@ class ShardMap:
         return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
     def unbatch(self, tree):
-        def local(x):  # this process's rows, in order
-            shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-            return np.concatenate([np.asarray(s.data) for s in shards])
-        return jax.tree.map(local, tree)
+        return _local_rows(tree)
+
+
+def _local_rows(tree):
+    """This process's shards of arrays split along their first axis, concatenated in order."""
+    def local(x):
+        shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+        return np.concatenate([np.asarray(s.data) for s in shards])
+    return jax.tree.map(local, tree)
 
 
 BATCH = object()  # an in-spec: split the arrays of this argument, replicate its scalars
