@@ -44,6 +44,7 @@ def get_config(arg=None):
         vocab_size=8000,
     )
     config.model = bert_model_config(args.size)
+    config.model.norm = "pre"  # as experiments/bert_pretrain.py: the encoder loaded must match
     config.model.classifier_dropout = 0.1
 
     config.opt = dict(
