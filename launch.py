@@ -68,6 +68,9 @@ def _sweep(config) -> int:
     from seqjax import sweep
     points = _sweep_points(config)
     if FLAGS.sweep_point is not None:  # a worker of a parallel sweep
+        if not 0 <= FLAGS.sweep_point < len(points):
+            raise app.UsageError(f"--sweep_point={FLAGS.sweep_point}: get_sweep() has "
+                                 f"{len(points)} points")
         row = sweep.run_point(config, points[FLAGS.sweep_point], FLAGS.workdir)
         return 0 if row["status"] in ("ok", "stopped") else 1
     if FLAGS.parallel > 1 and jax.process_count() > 1:
@@ -159,6 +162,8 @@ def main(argv):
         if FLAGS.sweep:
             return _sweep(config)
         if FLAGS.mode == "summarize":
+            if not os.path.isdir(FLAGS.workdir):
+                raise FileNotFoundError(f"--mode summarize: no sweep in {FLAGS.workdir!r}")
             _summarize(_sweep_points(config))
             return 0
         if config.task in analysis.ANALYSES:

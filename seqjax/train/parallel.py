@@ -61,7 +61,7 @@ class Pmap:
         return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
 
     def unbatch(self, tree):
-        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), _local_rows(tree))
+        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), _addressable_rows(tree))
 
 
 class ShardMap:
@@ -109,10 +109,10 @@ class ShardMap:
         return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
     def unbatch(self, tree):
-        return _local_rows(tree)
+        return _addressable_rows(tree)
 
 
-def _local_rows(tree):
+def _addressable_rows(tree):
     """This process's shards of arrays split along their first axis, concatenated in order."""
     def local(x):
         shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
