@@ -7,6 +7,7 @@ position is the step: batches are a pure function of it), plus a small JSON of r
 
 import os
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -27,6 +28,10 @@ class Checkpoints:
         """Saves `state` and `meta` as `step`, replacing a checkpoint of that step: a run that
         resumes from an earlier step replays the steps after it and may save them again."""
         manager = self.managers[which]
+        if jax.process_count() > 1:
+            # orbax names its cross-process barrier after the step alone: the best and latest
+            # saves of one step must not be in flight together.
+            self.wait()
         if step in manager.all_steps():
             manager.delete(step)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
