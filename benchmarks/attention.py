@@ -57,12 +57,13 @@ import time
 from typing import Callable, Optional
 
 from absl import app, flags
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import (PEAK_SIZE, block, environment, interleaved_times, load_average,
+                    matmul_peak, paired_median, timed, verdict)
 from seqjax.nn.attention import dot_product_attention, local_attention
 
 flags.DEFINE_list("lengths", ["1024", "4096", "16384", "65536"], "Sequence lengths N.")
@@ -80,7 +81,7 @@ flags.DEFINE_float("max_seconds", 30.0, "Skip a forward+backward whose estimated
                    "from the previous length is above 4x this.")
 flags.DEFINE_float("memory_fraction", 0.7, "Run a function only if its compiled peak memory is "
                    "at most this fraction of the memory available.")
-flags.DEFINE_integer("peak_size", 4096, "P of the P x P @ P x P float32 matmul that measures "
+flags.DEFINE_integer("peak_size", PEAK_SIZE, "P of the P x P @ P x P float32 matmul that measures "
                      "the machine's peak FLOP rate.")
 flags.DEFINE_bool("breakdown", True, "After the summary, time the stages of local attention's "
                   "forward at the target size.")
@@ -184,25 +185,6 @@ def fmt_bytes(n) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def block(f, *args):
-    return lambda: jax.block_until_ready(f(*args))
-
-
-def timed(step) -> float:
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
-
-
-def matmul_peak(P: int) -> float:
-    """FLOP/s of a jitted float32 [P, P] @ [P, P], the best of 3 runs after a warm-up."""
-    a, b = (jax.random.normal(key, (P, P), jnp.float32)
-            for key in jax.random.split(jax.random.PRNGKey(7)))
-    step = block(jax.jit(jnp.matmul).lower(a, b).compile(), a, b)
-    step()
-    return 2.0 * P ** 3 / min(timed(step) for _ in range(3))
-
-
 @dataclasses.dataclass
 class Result:
     nbytes: int  # compiled peak memory
@@ -215,9 +197,9 @@ class Result:
 
 
 def paired_ratio(num: Result, den: Result):
-    """median over rounds of num's time / den's time, pairing samples in round order."""
-    pairs = list(zip(num.samples, den.samples))
-    return statistics.median(a / b for a, b in pairs) if pairs else None
+    """median over rounds of num's time / den's time, pairing samples in round order; None
+    when either was not timed."""
+    return paired_median(num.samples, den.samples)
 
 
 def measure_length(N, rows, B, H, D, previous):
@@ -298,10 +280,6 @@ def table_line(N, row, results, peak):
         r = results[row.name, mode]
         cells.append(f"{100 * factor * row.flops / r.seconds / peak:.1f}" if r.samples else "-")
     return "| " + " | ".join(cells) + " |"
-
-
-def verdict(ok):
-    return "met" if ok else "NOT met"
 
 
 def summary(all_results, lengths, block_sizes, look_backs, target_N, target_S, memory_N, peak):
@@ -445,12 +423,7 @@ def breakdown(N, S, B, H, D, causal, peak, repeats):
     ]
     steps = {name: block(jax.jit(fn).lower(*args).compile(), *args)
              for name, fn, args, _ in stages}
-    for step in steps.values():
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            times[name].append(timed(step))
+    times = interleaved_times(steps, repeats, warmup=1)
     base = times[stages[0][0]]
     print(f"\nBreakdown of local_attention (look_back 0) at N={N}, S={S}, causal={causal}: each "
           f"stage jitted alone, {repeats} rounds in turn; 'share' = median over rounds of its "
@@ -459,7 +432,7 @@ def breakdown(N, S, B, H, D, causal, peak, repeats):
     print("| --- | --- | --- | --- | --- |")
     for name, _, _, flops in stages:
         seconds = statistics.median(times[name])
-        share = statistics.median(t / t0 for t, t0 in zip(times[name], base))
+        share = paired_median(times[name], base)
         rate = "-" if flops is None else f"{flops / seconds / 1e9:.1f}"
         frac = "-" if flops is None else f"{100 * flops / seconds / peak:.1f}"
         print(f"| {name} | {1e3 * seconds:,.1f} | {share:.2f} | {rate} | {frac} |", flush=True)
@@ -486,10 +459,8 @@ def main(argv):
     target_S = max(block_sizes) if FLAGS.quick else 256
     memory_N = max(lengths) if FLAGS.quick else 65536
 
-    print(f"jax {jax.__version__}, flax {flax.__version__}; backend {jax.default_backend()}, "
-          f"devices {jax.devices()}; os.cpu_count() {os.cpu_count()}; "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')!r}; memory available "
-          f"{available_bytes() / 2**30:.1f} GiB; load average {os.getloadavg()[0]:.1f}")
+    print(environment(extras=[f"memory available {available_bytes() / 2**30:.1f} GiB",
+                              load_average()]))
     peaks = [matmul_peak(peak_size)]
     print(f"matmul peak: float32 [{peak_size}, {peak_size}] @ [{peak_size}, {peak_size}], "
           f"best of 3: {peaks[0] / 1e9:.1f} GFLOP/s")
@@ -515,7 +486,7 @@ def main(argv):
     peak = max(peaks)
     print(f"\nmatmul peak again after the table: {peaks[1] / 1e9:.1f} GFLOP/s (the table used "
           f"{peaks[0] / 1e9:.1f}; the summary and breakdown use the higher, {peak / 1e9:.1f}); "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"{load_average()}")
     summary(all_results, lengths, block_sizes, look_backs, target_N, target_S, memory_N, peak)
     if FLAGS.breakdown and target_N in lengths:
         breakdown(target_N, target_S, B, H, D, FLAGS.causal, peak, repeats)

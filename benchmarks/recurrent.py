@@ -30,14 +30,13 @@ cost more than the second thread gains: on a 2-vCPU virtual machine the scan's m
 
 import os
 import statistics
-import time
 
 from absl import app, flags
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from common import environment, interleaved_times, paired_median
 from seqjax.nn.recurrent import StackedRecurrent
 
 torch = None  # imported in main(), optionally, after the OpenMP environment is set
@@ -108,22 +107,6 @@ JAX_ROWS = {
 TORCH_ROWS = {"rnn": "RNN", "gru": "GRU", "lstm": "LSTM"}
 
 
-def interleaved_times(steps: dict, repeats: int) -> dict:
-    """Wall times of each `steps[name]()` (which must block until its result is ready): two
-    warm-up rounds (the first compiles), then `repeats` rounds that run every step once in
-    turn, so that a change of load on a shared machine hits all rows of a size alike."""
-    for _ in range(2):
-        for step in steps.values():
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def jax_step(module: nn.Module, x_BxTxF):
     """One jitted training step: value_and_grad of mean(outputs**2) w.r.t. (params, inputs)."""
     params = module.init(jax.random.PRNGKey(0), x_BxTxF)
@@ -183,9 +166,7 @@ def main(argv):
     use_torch = FLAGS.torch and _import_torch()
 
     torch_threads = [int(n) for n in FLAGS.torch_threads] or [os.cpu_count()]
-    print(f"jax {jax.__version__}, flax {flax.__version__}; backend {jax.default_backend()}, "
-          f"devices {jax.devices()}; os.cpu_count() {os.cpu_count()}; "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')!r}")
+    print(environment())
     if use_torch:
         print(f"torch {torch.__version__}: rows with set_num_threads({torch_threads}); "
               f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
@@ -216,7 +197,7 @@ def main(argv):
                     for name, ts in times.items():
                         seconds = statistics.median(ts)
                         # median over rounds of (this row's time / seqjax's time in that round)
-                        got[name] = statistics.median(t / t0 for t, t0 in zip(ts, times[SEQJAX]))
+                        got[name] = paired_median(ts, times[SEQJAX])
                         print(f"| {cell} | {L} | {H} | {T} | {name} | {1e3 * seconds:.2f} | "
                               f"{B * T / seconds:,.0f} | {got[name]:.2f} |", flush=True)
 

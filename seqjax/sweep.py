@@ -165,8 +165,12 @@ def summarize(points, workdir: str, metric: str = "best_val_loss") -> list[dict]
                    "status": "interrupted" if started else "not run"}
         rows.append(row)
     sign = -1 if any(word in metric for word in HIGHER_IS_BETTER) else 1
-    rows.sort(key=lambda r: (not isinstance(r.get(metric), (int, float)),
-                             sign * r[metric] if isinstance(r.get(metric), (int, float)) else 0))
+
+    def order(row):  # best first; rows without the metric (failed, not run) last
+        value = row.get(metric)
+        return (0, sign * value) if isinstance(value, (int, float)) else (1, 0)
+
+    rows.sort(key=order)
     keys = list(dict.fromkeys(k for row in rows for k in row))
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "summary.csv"), "w", newline="", encoding="utf-8") as f:
@@ -196,6 +200,7 @@ def _plot(rows: list[dict], workdir: str, metric: str):
     """summary.png: the logged curve behind `metric` ('best_val_loss' -> the 'val' rows'
     'loss') against the step, one line per point."""
     from seqjax.analysis import pyplot
+    from seqjax.train.metrics import METRICS_FILE, read_metrics
     name = metric.removeprefix("best_")
     split, _, key = name.partition("_")
     if not key:
@@ -203,20 +208,12 @@ def _plot(rows: list[dict], workdir: str, metric: str):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for row in rows:
-        path = os.path.join(workdir, row["point"], "metrics.jsonl")
-        if not os.path.exists(path):
+        subdir = os.path.join(workdir, row["point"])
+        if not os.path.exists(os.path.join(subdir, METRICS_FILE)):
             continue
-        curve = {}
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a killed run
-                    continue
-                if r.get("split") == split and key in r:
-                    curve[r["step"]] = r[key]  # a resumed run's later value wins
+        curve = [(r["step"], r[key]) for r in read_metrics(subdir, split) if key in r]
         if curve:
-            ax.plot(*zip(*sorted(curve.items())), label=row["point"], marker="." if len(curve) < 30 else None)
+            ax.plot(*zip(*curve), label=row["point"], marker="." if len(curve) < 30 else None)
     ax.set_xlabel("step")
     ax.set_ylabel(f"{split} {key}")
     ax.set_title(f"sweep {os.path.basename(os.path.abspath(workdir))}: {split} {key}")

@@ -14,6 +14,7 @@ import jax  # noqa: E402  (after the environment above)
 assert jax.local_device_count() == 4, "XLA_FLAGS was set after jax initialised its backend"
 
 import importlib.util  # noqa: E402
+import json  # noqa: E402
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -40,3 +41,18 @@ def launch(*args, timeout=120) -> subprocess.CompletedProcess:
     """`python launch.py *args` in a subprocess, its output captured."""
     return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def restored(workdir, which: str = "latest") -> dict:
+    """The host state (params, opt_state, step, rng, carry) of a run's newest `which` checkpoint."""
+    from seqjax.train.checkpoint import Checkpoints
+    ckpts = Checkpoints(str(workdir))
+    state, _ = ckpts.restore(which=which)
+    ckpts.close()
+    return state
+
+
+def logged(workdir, split: str = "train") -> list[dict]:
+    """The records of one split of a run's metrics.jsonl; strict: a malformed line fails."""
+    with open(pathlib.Path(workdir) / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]

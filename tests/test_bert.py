@@ -2,25 +2,20 @@
 positions only, pretraining sequences, a tiny pretrain and fine-tune through launch.py, exact
 loading of the pretrained encoder, and bad input."""
 
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import launch, load_config
+import reference
+from conftest import launch, load_config, logged
 from seqjax import train
 from seqjax.data import pretraining as data_lib
-from seqjax.nn.bert import BertClassifier, BertEncoder, BertPretraining
+from seqjax.nn.bert import BertEncoder, BertPretraining
 from seqjax.tasks import bert as task_lib
 
 # ----------------------------------------------------------------------------- the model
-
-
-def _ln(x, p, eps=1e-6):
-    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
 
 
 def _gelu(x):
@@ -39,24 +34,19 @@ def _reference(params, tokens, segments, mask, positions):
     E = enc["token_embed"]["embedding"]
     L = tokens.shape[1]
     x = E[tokens] + enc["segment_embed"]["embedding"][segments] + enc["position"]["P"][:L]
-    x = _ln(x, enc["embed_ln"])
-    for i in range(2):
+    x = reference.layer_norm(x, enc["embed_ln"])
+    for i in range(sum(name.startswith("blocks_") for name in enc)):
         blk = enc[f"blocks_{i}"]
-        a = blk["attention"]
-        q, k, v = (np.einsum("ble,ehd->blhd", x, a[n]["kernel"]) + a[n]["bias"]
-                   for n in ("W_q", "W_k", "W_v"))
-        scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-        scores = np.where(mask[:, None, None, :], scores, -np.inf)
-        w = np.exp(scores - scores.max(-1, keepdims=True))
-        w /= w.sum(-1, keepdims=True)
-        out = np.einsum("bhqk,bkhd->bqhd", w, v)
-        out = np.einsum("bqhd,hde->bqe", out, a["W_o"]["kernel"]) + a["W_o"]["bias"]
-        x = _ln(x + out, blk["addnorm1"]["ln"])
+        allowed_BxLxL = np.repeat(mask[:, None, :], L, 1)
+        out = np.stack([reference.attention(blk["attention"], x[b], x[b], allowed_BxLxL[b])
+                        for b in range(len(x))])
+        x = reference.layer_norm(x + out, blk["addnorm1"]["ln"])
         ffn = _dense(_gelu(_dense(x, blk["ffn"]["dense1"])), blk["ffn"]["dense2"])
-        x = _ln(x + ffn, blk["addnorm2"]["ln"])
+        x = reference.layer_norm(x + ffn, blk["addnorm2"]["ln"])
     h = np.take_along_axis(x, positions[..., None], 1)
-    h = _ln(_gelu(_dense(h, p["mlm_head"]["transform"])), p["mlm_head"]["ln"])
-    mlm = h @ E.T + p["mlm_head"]["bias"]
+    head = p["mlm_head"]
+    h = reference.layer_norm(_gelu(_dense(h, head["transform"])), head["ln"])
+    mlm = h @ E.T + head["bias"]
     pooled = np.tanh(_dense(x[:, 0], p["pooler"]["Dense_0"]))
     return mlm, _dense(pooled, p["nsp_head"])
 
@@ -72,9 +62,9 @@ def model_and_params():
     mask = np.arange(10)[None] < np.array([[10], [7], [5]])
     positions = np.array([[1, 3, 8], [2, 5, 6], [1, 2, 4]], np.int32)
     params = model.init(jax.random.PRNGKey(0), tokens, segments, mask, positions)
-    # Non-trivial LayerNorm and bias values, so the reference checks them too.
-    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(a.size),
-                                                                a.shape), params)
+    # Non-trivial LayerNorm and bias values, different for every array, so the reference
+    # checks them too and would notice two of them swapped.
+    params = jax.tree.map(lambda a: a + 0.1 * rng.normal(size=a.shape).astype(a.dtype), params)
     return model, params, (tokens, segments, mask, positions)
 
 
@@ -221,8 +211,7 @@ def pretrained(tmp_path_factory):
 
 
 def test_tiny_pretrain_reports_mlm_and_nsp_metrics(pretrained):
-    rows = [json.loads(line) for line in (pretrained / "metrics.jsonl").read_text().splitlines()]
-    val = [r for r in rows if r["split"] == "val"][-1]
+    val = logged(pretrained, "val")[-1]
     for key in ("mlm_accuracy", "nsp_accuracy"):
         assert 0 <= val[key] <= 1
     assert val["mlm_perplexity"] > 1 and (pretrained / task_lib.TOKENIZER_FILE).exists()

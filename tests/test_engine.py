@@ -13,22 +13,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import ROOT, launch, load_config
+from conftest import ROOT, launch, load_config, logged, restored
 from seqjax import train as engine
 from seqjax.data import text as text_lib
 from seqjax.train.checkpoint import Checkpoints
-
-
-def _params(workdir, which="latest"):
-    ckpts = Checkpoints(workdir)
-    state, _ = ckpts.restore(which=which)
-    ckpts.close()
-    return state
-
-
-def _metrics(workdir, split="train"):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["split"] == split]
 
 
 def test_resume_is_exact(tiny_charlm, tmp_path):
@@ -42,12 +30,12 @@ def test_resume_is_exact(tiny_charlm, tmp_path):
     with open(tmp_path / "twice" / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "split": "tr')  # a run killed while writing a line
     engine.train(config, str(tmp_path / "twice"))
-    once, twice = _params(str(tmp_path / "once")), _params(str(tmp_path / "twice"))
+    once, twice = restored(str(tmp_path / "once")), restored(str(tmp_path / "twice"))
     assert int(once["step"]) == int(twice["step"]) == 12
     for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(twice)):
         np.testing.assert_array_equal(a, b)
     # metrics.jsonl holds one history: every logged step exactly once
-    steps = [r["step"] for r in _metrics(str(tmp_path / "twice"))]
+    steps = [r["step"] for r in logged(str(tmp_path / "twice"))]
     assert steps == sorted(set(steps))
 
 
@@ -57,7 +45,7 @@ def test_one_device_equals_four(tiny_charlm, tmp_path):
     for n in (1, 4):
         tiny_charlm.num_devices = n
         engine.train(tiny_charlm, str(tmp_path / f"d{n}"))
-        curves[n] = [r["loss"] for r in _metrics(str(tmp_path / f"d{n}"))]
+        curves[n] = [r["loss"] for r in logged(str(tmp_path / f"d{n}"))]
     assert len(curves[1]) == tiny_charlm.num_train_steps
     np.testing.assert_allclose(curves[1], curves[4], rtol=0, atol=1e-5)
 
@@ -73,7 +61,7 @@ def test_pmap_and_shard_map_give_the_same_parameters(tiny_charlm, tmp_path):
         engine.train(tiny_charlm, workdir, stop_after=5)
         results[kind] = engine.train(tiny_charlm, workdir)
     assert results["pmap"]["step"] == tiny_charlm.num_train_steps
-    a, b = _params(str(tmp_path / "pmap")), _params(str(tmp_path / "shard_map"))
+    a, b = restored(str(tmp_path / "pmap")), restored(str(tmp_path / "shard_map"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
     assert abs(results["pmap"]["val_loss"] - results["shard_map"]["val_loss"]) < 1e-5
@@ -96,31 +84,35 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny_charlm, tmp_path, monkeyp
     monkeypatch.setattr(text_lib.LMBatches, "__call__", poisoned)
     with pytest.raises(FloatingPointError, match=f"non-finite loss.*step {bad_step + 1}"):
         engine.train(tiny_charlm, workdir)
-    state = _params(workdir)
+    state = restored(workdir)
     assert int(state["step"]) == 4
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
-    assert int(_params(workdir, "best")["step"]) == 6  # newer than the latest checkpoint
+    assert int(restored(workdir, "best")["step"]) == 6  # newer than the latest checkpoint
 
     monkeypatch.undo()
     capsys.readouterr()
     results = engine.train(tiny_charlm, workdir)
     assert "resumed from step 4" in capsys.readouterr().out
     assert results["step"] == tiny_charlm.num_train_steps
-    best = _params(workdir, "best")
-    val = {r["step"]: r["loss"] for r in _metrics(workdir, "val")}
+    best = restored(workdir, "best")
+    val = {r["step"]: r["loss"] for r in logged(workdir, "val")}
     assert int(best["step"]) == results["best_step"] == min(val, key=val.get)
     assert results["best_val_loss"] == pytest.approx(min(val.values()))
     assert results["best_val_perplexity"] == pytest.approx(np.exp(min(val.values())))
 
 
+def _start_tiny_run(*args, **popen_kwargs) -> subprocess.Popen:
+    """`launch.py` on the tiny char LM in the background, `args` after its config."""
+    return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--config",
+                             "experiments/charlm.py:tiny", *args], cwd=ROOT, **popen_kwargs)
+
+
 def _terminate_when_logged(metrics, *args):
     """Starts a long tiny run, sends SIGTERM once `metrics` has a line; its stdout, after
     checking that it exited cleanly."""
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "launch.py"), "--config", "experiments/charlm.py:tiny",
-         "--config.num_train_steps=100000", "--config.log_every=1",
-         "--config.eval_every=100000", *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start_tiny_run("--config.num_train_steps=100000", "--config.log_every=1",
+                           "--config.eval_every=100000", *args,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 90
     while not metrics.exists() or not metrics.read_text():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -144,7 +136,7 @@ def test_sigterm_saves_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert engine.train(config, str(workdir))["step"] == step + 3
     assert f"resumed from step {step}" in capsys.readouterr().out
-    steps = [r["step"] for r in _metrics(str(workdir))]
+    steps = [r["step"] for r in logged(str(workdir))]
     assert steps == list(range(1, step + 4))
 
 
@@ -155,7 +147,7 @@ def test_launch_tiny_end_to_end(tmp_path):
     assert run.returncode == 0, run.stderr
     assert time.time() - start < 60
     assert "val_perplexity" in run.stdout and "sample: time traveller" in run.stdout
-    final_val = [r for r in _metrics(workdir, "val")][-1]
+    final_val = [r for r in logged(workdir, "val")][-1]
     assert final_val["step"] == 20
 
     again = launch("--config", "experiments/charlm.py:tiny", "--workdir", workdir,
@@ -234,9 +226,9 @@ def test_finished_run_reports_and_free_fields_resume(tiny_charlm, tmp_path):
     workdir = str(tmp_path / "w")
     tiny_charlm.num_train_steps = 10
     first = engine.train(tiny_charlm, workdir)
-    lines = _metrics(workdir, "val")
+    lines = logged(workdir, "val")
     again = engine.train(tiny_charlm, workdir)  # finished: evaluated, not retrained
-    assert again["step"] == 10 and _metrics(workdir, "val") == lines
+    assert again["step"] == 10 and logged(workdir, "val") == lines
     for key in ("val_perplexity", "best_val_perplexity", "best_step"):
         assert again[key] == pytest.approx(first[key], rel=1e-6)
     assert again["train_perplexity"] == pytest.approx(first["train_perplexity"], rel=1e-6)
@@ -256,14 +248,14 @@ def test_best_checkpoint_survives_a_resume_that_does_not_beat_it(tiny_charlm, tm
     ckpts = Checkpoints(workdir)
     ckpts.managers["latest"].delete(6)  # as if killed after the best save of step 6
     ckpts.close()
-    val = {r["step"]: r["loss"] for r in _metrics(workdir, "val")}
-    assert int(_params(workdir, "best")["step"]) == 6 and val[6] == min(val.values())
+    val = {r["step"]: r["loss"] for r in logged(workdir, "val")}
+    assert int(restored(workdir, "best")["step"]) == 6 and val[6] == min(val.values())
     tiny_charlm.model.dropout = 0.9
     tiny_charlm.num_train_steps = 8
     results = engine.train(tiny_charlm, workdir)
-    replayed = {r["step"]: r["loss"] for r in _metrics(workdir, "val") if r["step"] > 4}
+    replayed = {r["step"]: r["loss"] for r in logged(workdir, "val") if r["step"] > 4}
     assert min(replayed.values()) > val[6]  # the premise: the replay does not beat it
-    assert int(_params(workdir, "best")["step"]) == results["best_step"] == 6
+    assert int(restored(workdir, "best")["step"]) == results["best_step"] == 6
     assert results["best_val_loss"] == pytest.approx(val[6])
 
 
@@ -283,30 +275,32 @@ def test_sigterm_stops_a_sweep_after_saving(tmp_path):
 def test_sigkill_while_a_checkpoint_is_written_leaves_the_previous_one(tiny_charlm, tmp_path):
     """orbax writes a step into a temporary directory and renames it when complete: a run
     killed mid-write resumes from the last complete step, exactly."""
-    tiny_charlm.num_train_steps, tiny_charlm.checkpoint_every = 1000, 1
-    tiny_charlm.log_every, tiny_charlm.eval_every = 1, 100000
+    settings = dict(num_train_steps=1000, checkpoint_every=1, log_every=1, eval_every=100000)
+    tiny_charlm.update(settings)
     workdir, checkpoints = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "launch.py"), "--config", "experiments/charlm.py:tiny",
-         "--workdir", str(workdir), "--config.num_train_steps=1000",
-         "--config.checkpoint_every=1", "--config.log_every=1", "--config.eval_every=100000"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, writing = time.time() + 120, []
-    while not writing:
+    proc = _start_tiny_run("--workdir", str(workdir),
+                           *(f"--config.{k}={v}" for k, v in settings.items()),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    writing = lambda names: any(not n.isdigit() and "tmp" in n for n in names)
+    deadline = time.time() + 120
+    while True:
         assert proc.poll() is None and time.time() < deadline, "no checkpoint write was caught"
         names = os.listdir(checkpoints) if checkpoints.exists() else []
-        if sum(n.isdigit() for n in names) >= 2:
-            writing = [n for n in names if not n.isdigit() and "tmp" in n]
+        if sum(n.isdigit() for n in names) >= 2 and writing(names):
+            proc.send_signal(signal.SIGSTOP)  # frozen, unless orbax finished the write meanwhile
+            if writing(os.listdir(checkpoints)):
+                break
+            proc.send_signal(signal.SIGCONT)
         time.sleep(0.001)
     proc.kill()
     proc.wait()
     step = Checkpoints(str(workdir)).latest_step()
-    assert step >= 2 and int(_params(str(workdir))["step"]) == step
+    assert step >= 2 and int(restored(str(workdir))["step"]) == step
     reference = tmp_path / "reference"
     engine.train(tiny_charlm, str(reference), stop_after=step + 3)
     results = engine.train(tiny_charlm, str(workdir), stop_after=3)
     assert results["step"] == step + 3
-    for a, b in zip(jax.tree.leaves(_params(str(reference))), jax.tree.leaves(_params(str(workdir)))):
+    for a, b in zip(jax.tree.leaves(restored(str(reference))), jax.tree.leaves(restored(str(workdir)))):
         np.testing.assert_array_equal(a, b)
 
 

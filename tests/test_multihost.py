@@ -1,7 +1,6 @@
 """Two processes on 127.0.0.1 (gloo CPU collectives, 2 CPU devices each) train the tiny char LM
 to the same parameters as one process with 4 devices and the same global batch."""
 
-import json
 import os
 import socket
 import subprocess
@@ -10,22 +9,14 @@ import sys
 import jax
 import numpy as np
 
-from conftest import ROOT, load_config
+from conftest import ROOT, load_config, logged, restored
 from seqjax import train as engine
-from seqjax.train.checkpoint import Checkpoints
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _state(workdir):
-    ckpts = Checkpoints(str(workdir))
-    state, _ = ckpts.restore()
-    ckpts.close()
-    return state
 
 
 def _run_two_processes(workdir, *overrides):
@@ -70,15 +61,13 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
                if line.strip() and not line.startswith("[Gloo]") and "peer ranks" not in line]
     # (gloo's own log lines; its threads write them at once, so one may lose its "[Gloo]" start)
     assert printed == []  # only process 0 prints
-    a, b = _state(single), _state(multi)
+    a, b = restored(single), restored(multi)
     assert int(a["step"]) == int(b["step"]) == config.num_train_steps
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
     # One metrics file, each logged step once, and the same training curve.
     files = [p for p in multi.rglob("metrics*.jsonl")]
     assert [p.name for p in files] == ["metrics.jsonl"]
-    rows = lambda d: [r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
-                      if r["split"] == "train"]
-    assert [r["step"] for r in rows(multi)] == list(range(1, config.num_train_steps + 1))
-    np.testing.assert_allclose([r["loss"] for r in rows(multi)], [r["loss"] for r in rows(single)],
-                               atol=1e-5)
+    assert [r["step"] for r in logged(multi)] == list(range(1, config.num_train_steps + 1))
+    np.testing.assert_allclose([r["loss"] for r in logged(multi)],
+                               [r["loss"] for r in logged(single)], atol=1e-5)

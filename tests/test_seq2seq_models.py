@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import reference
 from seqjax.nn.seq2seq import Seq2SeqAttentionDecoder, Seq2SeqEncoder
 from seqjax.nn.transformer import EncoderDecoder, TransformerDecoder, TransformerEncoder
 
@@ -123,24 +124,6 @@ def test_target_longer_than_the_model_is_a_clear_error():
         model.apply(params, src, src_len, jnp.zeros((3, T + 1), jnp.int32))
 
 
-def _np_layer_norm(x, p, eps=1e-6):
-    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
-
-
-def _np_attention(p, x_q, x_kv, allowed_QxK):
-    """Multi-head attention with loops over heads and queries: softmax(q k / sqrt(D)) v."""
-    out = np.zeros((x_q.shape[0], p["W_o"]["kernel"].shape[-1]))
-    for h in range(p["W_q"]["kernel"].shape[1]):
-        q, k, v = (x @ p[n]["kernel"][:, h] + p[n]["bias"][h]
-                   for n, x in (("W_q", x_q), ("W_k", x_kv), ("W_v", x_kv)))
-        for i in range(len(x_q)):
-            scores = np.where(allowed_QxK[i], k @ q[i] / np.sqrt(q.shape[-1]), -np.inf)
-            w = np.exp(scores - scores.max())
-            out[i] += (w / w.sum()) @ v @ p["W_o"]["kernel"][h]
-    return out + p["W_o"]["bias"]
-
-
 def test_decoder_block_matches_numpy():
     """Post-norm DecoderBlock: LN(x + causal self-attention), LN(. + cross-attention to the
     real source positions), LN(. + FFN), against NumPy loops with the same weights."""
@@ -154,13 +137,13 @@ def test_decoder_block_matches_numpy():
     got = block.apply(params, x, memory, memory_mask)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
     for b in range(2):
-        y = _np_layer_norm(x[b] + _np_attention(p["self_attention"], x[b], x[b],
+        y = reference.layer_norm(x[b] + reference.attention(p["self_attention"], x[b], x[b],
                                                 np.tril(np.ones((5, 5), bool))), p["addnorm1"]["ln"])
-        y = _np_layer_norm(y + _np_attention(p["cross_attention"], y, memory[b],
+        y = reference.layer_norm(y + reference.attention(p["cross_attention"], y, memory[b],
                                              np.broadcast_to(memory_mask[b], (5, 4))),
                            p["addnorm2"]["ln"])
         ffn = p["ffn"]
         hidden = np.maximum(y @ ffn["dense1"]["kernel"] + ffn["dense1"]["bias"], 0)
-        y = _np_layer_norm(y + hidden @ ffn["dense2"]["kernel"] + ffn["dense2"]["bias"],
+        y = reference.layer_norm(y + hidden @ ffn["dense2"]["kernel"] + ffn["dense2"]["bias"],
                            p["addnorm3"]["ln"])
         np.testing.assert_allclose(got[b], y, rtol=1e-4, atol=1e-4)

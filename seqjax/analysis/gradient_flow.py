@@ -34,6 +34,7 @@ from seqjax.analysis import pyplot
 from seqjax.nn.recurrent import CELLS
 from seqjax.tasks import charlm
 from seqjax.train import loop
+from seqjax.train.metrics import read_metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,9 +145,7 @@ def _train(lm, workdir):
 
 
 def _train_losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
+    return [(r["step"], r["loss"]) for r in read_metrics(workdir, "train")]
 
 
 def run(config, workdir: str) -> dict:

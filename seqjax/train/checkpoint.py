@@ -11,6 +11,13 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def has_latest(workdir: str) -> bool:
+    """Whether `workdir` holds a finished latest checkpoint (orbax names a finished step's
+    directory by its number; a step still being written has a temporary name)."""
+    path = os.path.join(os.path.abspath(workdir), "checkpoints")
+    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+
+
 class Checkpoints:
 
     def __init__(self, workdir: str, keep: int = 2):

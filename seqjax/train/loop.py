@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from seqjax import config as config_lib
 from seqjax import tasks
 from seqjax.train import parallel
-from seqjax.train.checkpoint import Checkpoints
+from seqjax.train.checkpoint import Checkpoints, has_latest
 from seqjax.train.metrics import MetricWriter, Progress
 from seqjax.train.optimizer import OPTIMIZERS, SCHEDULES, learning_rate_at, make_optimizer
 
@@ -270,7 +270,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     params = task.init_params(init_rng)
     init_from, loaded = config.get("init_from"), []
-    if init_from and not _has_checkpoint(workdir):
+    if init_from and not has_latest(workdir):
         params, loaded = load_init_from(params, init_from)
 
     os.makedirs(workdir, exist_ok=True)
@@ -341,6 +341,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                     writer.write(done, "train", last_train)
                     progress.update(done, **{k: v for k, v in last_train.items() if k != "grad_norm"})
                     results.update(_prefixed("train", last_train))
+                host_state = None  # fetched once for both saves of a step
                 if do_eval:
                     val = _validate(task, evaluate_params, state.params, par,
                                     final=done == total_steps)
@@ -348,10 +349,13 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                     results.update(_prefixed("val", val))
                     if best["loss"] is None or val["loss"] < best["loss"]:
                         best = dict(loss=val["loss"], step=done)
-                        ckpts.save(done, _to_host(state, par), meta_now(), which="best")
+                        host_state = _to_host(state, par)
+                        ckpts.save(done, host_state, meta_now(), which="best")
                     progress.write(f"step {done}: " + ", ".join(f"val {k} {v:.4f}" for k, v in val.items()))
                 if do_save:
-                    ckpts.save(done, _to_host(state, par), meta_now())
+                    if host_state is None:
+                        host_state = _to_host(state, par)
+                    ckpts.save(done, host_state, meta_now())
                 results["step"] = done
                 if preempted and not done == total_steps:
                     progress.write(f"stopped early: saved step {done} to {workdir}/checkpoints")
@@ -392,11 +396,14 @@ def _evaluator(task, par):
 
     def evaluate_params(params):
         carry = par.batch(task.init_carry(task.eval_batch_size // jax.process_count()))
-        total = {}
+        per_batch = []
         for batch in task.eval_batches():
             sums, carry = p_eval(params, carry, par.batch(_local_rows(batch)))
-            # Summed on the host: an operation on the global `sums` would be one more program
-            # that every process has to run in step.
+            per_batch.append(sums)
+        # Read back once all batches are dispatched, and summed on the host: an operation on
+        # the global `sums` would be one more program that every process has to run in step.
+        total = {}
+        for sums in per_batch:
             for k, v in par.unreplicate(sums).items():
                 total[k] = total.get(k, 0.0) + float(v)
         return _means(total, task.denominators)
@@ -417,11 +424,6 @@ def restore_run(workdir: str, step: int | None = None, which: str = "latest", de
     check_params(state["params"], jax.eval_shape(task.init_params, jax.random.PRNGKey(0)),
                  f"the checkpoint in {workdir}")
     return config, task, state["params"], int(state["step"])
-
-
-def _has_checkpoint(workdir: str) -> bool:
-    path = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
 
 
 def load_init_from(params, source: str):

@@ -11,6 +11,8 @@ import time
 import jax
 import tqdm
 
+METRICS_FILE = "metrics.jsonl"
+
 
 class MetricWriter:
     """Appends one JSON object per (step, split) line and mirrors scalars to TensorBoard.
@@ -24,7 +26,7 @@ class MetricWriter:
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = os.path.join(workdir, METRICS_FILE)
         if os.path.exists(self.path):
             self._truncate_after(resume_step)
         self.file = open(self.path, "a", encoding="utf-8")
@@ -54,6 +56,21 @@ class MetricWriter:
         if self.enabled:
             self.file.close()
             self.tb.close()
+
+
+def read_metrics(workdir: str, split: str) -> list[dict]:
+    """The records of one split ('train', 'val') of a workdir's metrics, in order; a line cut
+    short by a killed run is skipped."""
+    records = []
+    with open(os.path.join(workdir, METRICS_FILE), encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("split") == split:
+                records.append(record)
+    return records
 
 
 def _step_of(line: str) -> float:

@@ -1,0 +1,80 @@
+"""Helpers shared by the benchmark scripts in this folder (mlm.py, attention.py, recurrent.py).
+
+No absl flags are defined here, so every script can import it (each script defines its own
+flags; importing one script from another would define them twice). The scripts import it as
+`from common import ...`, which works because running `python benchmarks/X.py` puts this
+folder on sys.path.
+"""
+
+import os
+import statistics
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+
+# P of the P x P @ P x P float32 matmul that measures the machine's peak FLOP rate: the
+# default of every benchmark's --peak_size, so their "% peak" are against the same matmul.
+PEAK_SIZE = 4096
+
+
+def environment(modules=(jax, flax), extras=()) -> str:
+    """The banner line: the versions of `modules`, the backend and devices, os.cpu_count(),
+    XLA_FLAGS, then `extras`, all separated by '; '."""
+    versions = ", ".join(f"{m.__name__} {m.__version__}" for m in modules)
+    return "; ".join([
+        versions, f"backend {jax.default_backend()}, devices {jax.devices()}",
+        f"os.cpu_count() {os.cpu_count()}",
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')!r}", *extras])
+
+
+def load_average() -> str:
+    return f"load average {os.getloadavg()[0]:.1f}"
+
+
+def block(f, *args):
+    """A step for `timed` and `interleaved_times`: f(*args), blocking until it is ready."""
+    return lambda: jax.block_until_ready(f(*args))
+
+
+def timed(step) -> float:
+    """Wall seconds of one call of `step` (which must block until its result is ready)."""
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def matmul_peak(P: int) -> float:
+    """FLOP/s of a jitted float32 [P, P] @ [P, P], the best of 3 runs after a warm-up."""
+    a, b = (jax.random.normal(key, (P, P), jnp.float32)
+            for key in jax.random.split(jax.random.PRNGKey(7)))
+    step = block(jax.jit(jnp.matmul).lower(a, b).compile(), a, b)
+    step()
+    return 2.0 * P ** 3 / min(timed(step) for _ in range(3))
+
+
+def interleaved_times(steps: dict, repeats: int, warmup: int = 2) -> dict:
+    """{name: wall times of each `steps[name]()`, in round order} (each step must block until
+    its result is ready): `warmup` warm-up rounds (the first may compile), then `repeats`
+    rounds that run every step once in turn, so that a change of load on a shared machine hits
+    all rows alike."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(timed(step))
+    return times
+
+
+def paired_median(num, den):
+    """The median over rounds of num[i] / den[i], pairing two lists of samples in round order;
+    None when there are no pairs."""
+    ratios = [a / b for a, b in zip(num, den)]
+    return statistics.median(ratios) if ratios else None
+
+
+def verdict(ok) -> str:
+    return "met" if ok else "NOT met"
