@@ -6,8 +6,14 @@ flags; importing one script from another would define them twice). The scripts i
 folder on sys.path.
 """
 
+import collections
+import glob
+import gzip
+import json
 import os
+import re
 import statistics
+import tempfile
 import time
 
 import flax
@@ -78,3 +84,46 @@ def paired_median(num, den):
 
 def verdict(ok) -> str:
     return "met" if ok else "NOT met"
+
+
+def _matmul_ops(hlo_text: str) -> set:
+    """Names of the instructions of a compiled HLO module that are matrix products: `dot`s,
+    and fusions whose computation contains one (XLA:CPU wraps its library matmuls in those)."""
+    computations, calls, body = {}, {}, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"(?:ENTRY )?%([\w.\-]+) \(.*\{$", line)
+        if head:
+            body = computations.setdefault(head.group(1), [])
+            continue
+        op = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*? (dot|fusion)\(", line)
+        if op and body is not None:
+            body.append(op.group(2))
+            called = re.search(r"calls=%([\w.\-]+)", line)
+            calls[op.group(1)] = (op.group(2), called.group(1) if called else None)
+    return {name for name, (kind, called) in calls.items()
+            if kind == "dot" or "dot" in computations.get(called, ())}
+
+
+def op_profile(compiled, args, runs: int = 3) -> dict:
+    """{HLO op name: (milliseconds per run, calls per run, is a matmul)} of `compiled(*args)`
+    (a `jax.stages.Compiled`), from a `jax.profiler` trace of `runs` runs after a warm-up.
+    Ops that run in a loop appear once, with their calls and total time."""
+    step = block(compiled, *args)
+    step()
+    matmuls = _matmul_ops(compiled.as_text())
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(runs):
+                step()
+        (path,) = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
+                            recursive=True)
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
+    total, calls = collections.Counter(), collections.Counter()
+    for event in events:
+        name = event.get("args", {}).get("hlo_op")
+        if event.get("ph") == "X" and name:
+            total[name] += event["dur"]
+            calls[name] += 1
+    return {name: (total[name] / 1e3 / runs, calls[name] // runs, name in matmuls)
+            for name in total}

@@ -4,6 +4,7 @@ r"""Training-step throughput of seqjax's recurrent layers against Flax's and PyT
     python benchmarks/recurrent.py --quick      # tiny sizes, a smoke test (about a minute,
                                                 # mostly compiling)
     python benchmarks/recurrent.py --cells=lstm --hidden=512 --seq_len=128 --layers=1,2
+    python benchmarks/recurrent.py --profile    # also where seqjax's step spends its time
 
 One training step is the gradient of loss = mean(outputs**2) with respect to the parameters
 and the inputs (forward plus backward through time), jitted in JAX; throughput is
@@ -36,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from common import environment, interleaved_times, paired_median
+from common import block, environment, interleaved_times, op_profile, paired_median
 from seqjax.nn.recurrent import StackedRecurrent
 
 torch = None  # imported in main(), optionally, after the OpenMP environment is set
@@ -55,6 +56,8 @@ flags.DEFINE_string(
     "OMP_WAIT_POLICY for torch's OpenMP threads, unless the environment sets it; '' leaves "
     "OpenMP's default (spinning), which on a loaded machine can make torch several times slower.")
 flags.DEFINE_bool("quick", False, "Tiny sizes and 3 repeats, a smoke test.")
+flags.DEFINE_bool("profile", False, "After each size's rows, break seqjax's step down by kind "
+                  "of op (matmul or not, in the time loop or not) from a jax.profiler trace.")
 FLAGS = flags.FLAGS
 
 SEQJAX = "seqjax"  # the reference implementation of each cell type
@@ -108,14 +111,43 @@ TORCH_ROWS = {"rnn": "RNN", "gru": "GRU", "lstm": "LSTM"}
 
 
 def jax_step(module: nn.Module, x_BxTxF):
-    """One jitted training step: value_and_grad of mean(outputs**2) w.r.t. (params, inputs)."""
+    """One compiled training step, value_and_grad of mean(outputs**2) w.r.t. (params, inputs),
+    and its arguments."""
     params = module.init(jax.random.PRNGKey(0), x_BxTxF)
 
     def loss(params, x):
         return jnp.mean(jnp.square(module.apply(params, x)))
 
-    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    return lambda: jax.block_until_ready(grad_fn(params, x_BxTxF))
+    args = (params, x_BxTxF)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile(), args
+
+
+def print_profile(compiled, args, cell: str, B: int, T: int, H: int, L: int):
+    """Where seqjax's training step spends its time, from a profiler trace, by kind of op."""
+    ops = op_profile(compiled, args)
+    parts = {}  # (is a matmul, runs in the time loop) -> [ms per step, number of distinct ops]
+    for ms, calls, is_matmul in ops.values():
+        part = parts.setdefault((is_matmul, calls > 1), [0.0, 0])
+        part[0] += ms
+        part[1] += 1
+    total = sum(ms for ms, _ in parts.values())
+    G = {"rnn": 1, "gru": 3, "lstm": 4}[cell] * H
+    flops = L * 6 * B * T * (H + H) * G  # forward: x W_x and h W_h; backward: twice that
+    matmul_ms = parts.get((True, True), [0])[0] + parts.get((True, False), [0])[0]
+    print(f"\nWhere seqjax's {cell} step goes (L={L} H={H} T={T}; op times from a "
+          f"jax.profiler trace, {total:.1f} ms per step in all; matmuls at "
+          f"{flops / matmul_ms / 1e6:.1f} GFLOP/s overall):\n")
+    print("| ops | ms/step | share | distinct ops |")
+    print("| --- | --- | --- | --- |")
+    labels = {(True, True): "matmuls in the time loop (h @ W_h, and its transpose backward)",
+              (True, False): "matmuls outside the loop (x @ W_x, dx, dW_x, dW_h)",
+              (False, True): "elementwise in the loop (gates, their derivatives, stacking)",
+              (False, False): "elementwise outside the loop (layout copies, bias add and sum, "
+                              "buffer fills)"}
+    for key, label in labels.items():
+        ms, count = parts.get(key, (0.0, 0))
+        print(f"| {label} | {ms:.1f} | {ms / total:.2f} | {count} |")
+    print()
 
 
 def torch_step(kind: str, H: int, L: int, B: int, T: int, threads: int):
@@ -188,7 +220,8 @@ def main(argv):
             for H in hiddens:
                 for T in seq_lens:
                     x = jax.random.normal(jax.random.PRNGKey(1), (B, T, H), jnp.float32)
-                    steps = {name: jax_step(build(H, L), x) for name, build in JAX_ROWS[cell]}
+                    compiled = {name: jax_step(build(H, L), x) for name, build in JAX_ROWS[cell]}
+                    steps = {name: block(f, *args) for name, (f, args) in compiled.items()}
                     for n in torch_threads if use_torch else []:
                         kind = TORCH_ROWS[cell]
                         steps[_torch_name(kind, n)] = torch_step(kind, H, L, B, T, n)
@@ -200,6 +233,8 @@ def main(argv):
                         got[name] = paired_median(ts, times[SEQJAX])
                         print(f"| {cell} | {L} | {H} | {T} | {name} | {1e3 * seconds:.2f} | "
                               f"{B * T / seconds:,.0f} | {got[name]:.2f} |", flush=True)
+                    if FLAGS.profile:
+                        print_profile(*compiled[SEQJAX], cell, B, T, H, L)
 
     print("\nSummary: seqjax tokens/s over the other's, the minimum over sizes (and where):")
     for cell in FLAGS.cells:
