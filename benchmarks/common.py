@@ -86,31 +86,37 @@ def verdict(ok) -> str:
     return "met" if ok else "NOT met"
 
 
-def _matmul_ops(hlo_text: str) -> set:
-    """Names of the instructions of a compiled HLO module that are matrix products: `dot`s,
-    and fusions whose computation contains one (XLA:CPU wraps its library matmuls in those)."""
-    computations, calls, body = {}, {}, None
+def _hlo_ops(hlo_text: str) -> dict:
+    """{instruction name: (is a matrix product, the JAX op_name of its metadata or '')} of a
+    compiled HLO module, without loops and calls (the ops of their bodies are listed and
+    timed themselves). Matrix products are `dot`s and fusions whose computation contains one
+    (XLA:CPU wraps its library matmuls in those)."""
+    computations, ops, body = {}, {}, None
     for line in hlo_text.splitlines():
         head = re.match(r"(?:ENTRY )?%([\w.\-]+) \(.*\{$", line)
         if head:
             body = computations.setdefault(head.group(1), [])
             continue
-        op = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*? (dot|fusion)\(", line)
+        op = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\(", line)
         if op and body is not None:
             body.append(op.group(2))
             called = re.search(r"calls=%([\w.\-]+)", line)
-            calls[op.group(1)] = (op.group(2), called.group(1) if called else None)
-    return {name for name, (kind, called) in calls.items()
-            if kind == "dot" or "dot" in computations.get(called, ())}
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            ops[op.group(1)] = (op.group(2), called.group(1) if called else None,
+                                op_name.group(1) if op_name else "")
+    return {name: (kind == "dot" or "dot" in computations.get(called, ()), op_name)
+            for name, (kind, called, op_name) in ops.items()
+            if kind not in ("while", "conditional", "call")}  # their time is their bodies'
 
 
 def op_profile(compiled, args, runs: int = 3) -> dict:
-    """{HLO op name: (milliseconds per run, calls per run, is a matmul)} of `compiled(*args)`
-    (a `jax.stages.Compiled`), from a `jax.profiler` trace of `runs` runs after a warm-up.
-    Ops that run in a loop appear once, with their calls and total time."""
+    """{HLO op name: (milliseconds per run, calls per run, is a matmul, JAX op_name)} of
+    `compiled(*args)` (a `jax.stages.Compiled`; its arguments must not be donated), from a
+    `jax.profiler` trace of `runs` runs after a warm-up. Ops that run in a loop appear once,
+    with their calls and total time."""
     step = block(compiled, *args)
     step()
-    matmuls = _matmul_ops(compiled.as_text())
+    hlo_ops = _hlo_ops(compiled.as_text())
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             for _ in range(runs):
@@ -122,8 +128,8 @@ def op_profile(compiled, args, runs: int = 3) -> dict:
     total, calls = collections.Counter(), collections.Counter()
     for event in events:
         name = event.get("args", {}).get("hlo_op")
-        if event.get("ph") == "X" and name:
+        if event.get("ph") == "X" and name in hlo_ops:
             total[name] += event["dur"]
             calls[name] += 1
-    return {name: (total[name] / 1e3 / runs, calls[name] // runs, name in matmuls)
+    return {name: (total[name] / 1e3 / runs, calls[name] // runs, *hlo_ops[name])
             for name in total}

@@ -3,6 +3,7 @@ with Flax's own layers.
 
     python benchmarks/mlm.py                  # BERT-Small at B=32, L=128: minutes on 2 CPU cores
     python benchmarks/mlm.py --smoke          # tiny sizes and 2 repeats, a smoke test (seconds)
+    python benchmarks/mlm.py --profile        # also where each build's step spends its time
     python benchmarks/mlm.py --batch_size=64 --repeats=15 --dropout=0 --attention_dropout=0
 
 The model is BERT-Small shaped by default (4 layers, d_model E=512, 8 heads, FFN F=2048,
@@ -59,7 +60,9 @@ least 55% of the matmul peak. Absolute numbers move with the machine's load; the
 ratio is the more reliable result.
 """
 
+import collections
 import functools
+import re
 import statistics
 import time
 
@@ -72,7 +75,7 @@ import numpy as np
 import optax
 
 from common import (PEAK_SIZE, environment, interleaved_times, load_average, matmul_peak,
-                    paired_median, verdict)
+                    op_profile, paired_median, verdict)
 from seqjax.nn.bert import BertEncoder, BertPretraining
 
 flags.DEFINE_integer("batch_size", 32, "Batch size B (sequences per step).")
@@ -96,6 +99,9 @@ flags.DEFINE_integer("steps", 1, "Training steps per timed sample (the sample is
 flags.DEFINE_integer("peak_size", PEAK_SIZE, "P of the P x P @ P x P float32 matmul that "
                      "measures the machine's peak FLOP rate.")
 flags.DEFINE_bool("smoke", False, "Tiny sizes and 2 repeats, a smoke test.")
+flags.DEFINE_bool("profile", False, "After the targets, where each build's step spends its time "
+                  "(matmuls, dropout's random bits, layer norm, the rest), from a jax.profiler "
+                  "trace.")
 FLAGS = flags.FLAGS
 
 SEQJAX, FLAX = "seqjax BertPretraining", "flax layers"
@@ -237,7 +243,47 @@ def make_step(model, batch, steps: int):
             state, loss = compiled(state, batch)
         jax.block_until_ready((state, loss))
 
-    return run, lambda: loss, count_params(params)
+    def profile():  # op_profile runs the step several times on one state: no donation
+        return op_profile(jax.jit(train_step).lower(state, batch).compile(), (state, batch))
+
+    return run, lambda: loss, count_params(params), profile
+
+
+# (label, pattern of the JAX op_name) of the non-matmul ops that --profile reports apart
+PROFILE_PARTS = [("random bits for dropout", r"bernoulli|uniform|threefry|random_bits"),
+                 ("layer norm", r"(^|/)(ln|LayerNorm\w*|\w*_ln|addnorm\d/ln|ln\d)/")]
+
+
+def print_profile(profiles: dict, flops: float):
+    """Per build: the step's op time by part (matmuls, dropout's random bits, layer norm, the
+    rest), and its largest non-matmul ops."""
+    rows = {}
+    for name, ops in profiles.items():
+        parts = collections.Counter()
+        for ms, _, is_matmul, op_name in ops.values():
+            label = "matmuls" if is_matmul else next(
+                (label for label, pattern in PROFILE_PARTS if re.search(pattern, op_name)),
+                "other elementwise, copies and reductions")
+            parts[label] += ms
+        rows[name] = parts
+    labels = ["matmuls"] + [label for label, _ in PROFILE_PARTS] + [
+        "other elementwise, copies and reductions"]
+    print("\nWhere the step goes (--profile: op times of a jax.profiler trace, ms per step, "
+          "summed over ops):\n")
+    print("| part | " + " | ".join(rows) + " |")
+    print("|" + " --- |" * (len(rows) + 1))
+    for label in labels:
+        print(f"| {label} | " + " | ".join(f"{parts[label]:,.1f}" for parts in rows.values())
+              + " |")
+    print("| total | " + " | ".join(f"{sum(parts.values()):,.1f}" for parts in rows.values())
+          + " |")
+    print("| matmul GFLOP/s | " + " | ".join(f"{flops / parts['matmuls'] / 1e6:,.1f}"
+                                             for parts in rows.values()) + " |")
+    for name, ops in profiles.items():
+        print(f"\n{name}: the largest non-matmul ops (ms per step, JAX op):")
+        top = sorted((v for v in ops.values() if not v[2]), key=lambda v: -v[0])[:8]
+        for ms, _, _, op_name in top:
+            print(f"  {ms:7.1f}  {op_name}")
 
 
 def matmul_flops(B, L, P, E, F, V, layers) -> float:
@@ -278,10 +324,10 @@ def main(argv):
           f" best of 3: {peaks[0] / 1e9:.1f} GFLOP/s")
 
     batch = make_batch(B, L, P, V)
-    runs, losses, counts, compile_s = {}, {}, {}, {}
+    runs, losses, counts, profiles, compile_s = {}, {}, {}, {}, {}
     for name, model in make_models(cfg).items():
         t0 = time.perf_counter()
-        runs[name], losses[name], counts[name] = make_step(model, batch, steps)
+        runs[name], losses[name], counts[name], profiles[name] = make_step(model, batch, steps)
         compile_s[name] = time.perf_counter() - t0
     print(f"parameters: {SEQJAX} {counts[SEQJAX]:,}, {FLAX} {counts[FLAX]:,}; compile "
           + ", ".join(f"{name} {s:.1f} s" for name, s in compile_s.items()))
@@ -324,6 +370,8 @@ def main(argv):
     print(f"  seqjax >= {100 * PEAK_TARGET:.0f}% of the matmul peak: "
           f"{verdict(rate >= PEAK_TARGET * peak)}, {100 * rate / peak:.1f}% "
           f"({rate / 1e9:.1f} of {peak / 1e9:.1f} GFLOP/s)")
+    if FLAGS.profile:
+        print_profile({name: profile() for name, profile in profiles.items()}, flops)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

@@ -126,7 +126,7 @@ def print_profile(compiled, args, cell: str, B: int, T: int, H: int, L: int):
     """Where seqjax's training step spends its time, from a profiler trace, by kind of op."""
     ops = op_profile(compiled, args)
     parts = {}  # (is a matmul, runs in the time loop) -> [ms per step, number of distinct ops]
-    for ms, calls, is_matmul in ops.values():
+    for ms, calls, is_matmul, _ in ops.values():
         part = parts.setdefault((is_matmul, calls > 1), [0.0, 0])
         part[0] += ms
         part[1] += 1
