@@ -251,7 +251,7 @@ def make_step(model, batch, steps: int):
 
 # (label, pattern of the JAX op_name) of the non-matmul ops that --profile reports apart
 PROFILE_PARTS = [("random bits for dropout", r"bernoulli|uniform|threefry|random_bits"),
-                 ("layer norm", r"(^|/)(ln|LayerNorm\w*|\w*_ln|addnorm\d/ln|ln\d)/")]
+                 ("layer norm", r"(^|/)(ln\d*|\w*_ln|LayerNorm\w*)/")]
 
 
 def print_profile(profiles: dict, flops: float):

@@ -139,8 +139,9 @@ def print_profile(compiled, args, cell: str, B: int, T: int, H: int, L: int):
           f"{flops / matmul_ms / 1e6:.1f} GFLOP/s overall):\n")
     print("| ops | ms/step | share | distinct ops |")
     print("| --- | --- | --- | --- |")
-    labels = {(True, True): "matmuls in the time loop (h @ W_h, and its transpose backward)",
-              (True, False): "matmuls outside the loop (x @ W_x, dx, dW_x, dW_h)",
+    labels = {(True, True): "matmuls in the time loop (h @ W_h and its transpose backward; "
+                            "the textbook GRU's dW_h too)",
+              (True, False): "matmuls outside the loop (x @ W_x, dx, dW_x, and dW_h)",
               (False, True): "elementwise in the loop (gates, their derivatives, stacking)",
               (False, False): "elementwise outside the loop (layout copies, bias add and sum, "
                               "buffer fills)"}
