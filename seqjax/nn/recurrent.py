@@ -105,6 +105,11 @@ class _Cell(nn.Module):
         """Whether W_h is the step's only matmul, i.e. `gates` is elementwise."""
         return True
 
+    @property
+    def gates_see_sum(self) -> bool:
+        """Whether `gates` reads xp and hp only through xp + hp, so their cotangents are equal."""
+        return True
+
     @nn.nowrap
     def step(self, w, carry, xp_BxG):
         """One step given the projected input xp = x W_x + b; pure, so it can run in a scan."""
@@ -172,6 +177,10 @@ class GRUCell(_Cell):
     @property
     def gates_are_elementwise(self) -> bool:
         return self.reset_after
+
+    @property
+    def gates_see_sum(self) -> bool:
+        return False
 
     @nn.nowrap
     def gates(self, w, h_BxH, xp_BxG, hp_BxG):
@@ -300,12 +309,15 @@ def _fused_scan_bwd(cell, reverse, unroll, residuals, cotangents):
         _, input_vjp = jax.vjp(lambda c: cell.recurrent_input(c).astype(xp_BxG.dtype), carry)
         (dcarry_via_hp,) = input_vjp(dhp_BxG @ W_h.T)
         dcarry_prev = jax.tree.map(jnp.add, dcarry_prev, dcarry_via_hp)
-        return (dcarry_prev, jax.tree.map(jnp.add, dw_gates, dw)), (dxp_BxG, dhp_BxG)
+        # one [T, B, G] array fewer to fill and store when dxp = dhp
+        d_BxG = dhp_BxG if cell.gates_see_sum else (dxp_BxG, dhp_BxG)
+        return (dcarry_prev, jax.tree.map(jnp.add, dw_gates, dw)), d_BxG
 
     dcarry_T, dy_TxBxH = cotangents
-    (dcarry0, dw_gates), (dxp_TxBxG, dhp_TxBxG) = jax.lax.scan(
+    (dcarry0, dw_gates), d_TxBxG = jax.lax.scan(
         step, (dcarry_T, jax.tree.map(jnp.zeros_like, w_gates)),
         (carries_T, xp_TxBxG, hp_TxBxG, valid_TxB, dy_TxBxH), reverse=not reverse, unroll=unroll)
+    dxp_TxBxG, dhp_TxBxG = (d_TxBxG, d_TxBxG) if cell.gates_see_sum else d_TxBxG
     # The point of this VJP: all steps' weight gradients in one matmul, accumulated in at least
     # float32 (a bfloat16 sum over T*B terms would lose most of its digits).
     h_TxBxH = cell.recurrent_input(carries_T).astype(xp_TxBxG.dtype)
