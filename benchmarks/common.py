@@ -89,8 +89,9 @@ def verdict(ok) -> str:
 def _hlo_ops(hlo_text: str) -> dict:
     """{instruction name: (is a matrix product, the JAX op_name of its metadata or '')} of a
     compiled HLO module, without loops and calls (the ops of their bodies are listed and
-    timed themselves). Matrix products are `dot`s and fusions whose computation contains one
-    (XLA:CPU wraps its library matmuls in those)."""
+    timed themselves). Matrix products are `dot`s, library calls whose target names a matmul
+    or GEMM (oneDNN, cuBLAS), and fusions whose computation contains one of those (XLA:CPU
+    wraps its library matmuls in fusions)."""
     computations, ops, body = {}, {}, None
     for line in hlo_text.splitlines():
         head = re.match(r"(?:ENTRY )?%([\w.\-]+) \(.*\{$", line)
@@ -99,10 +100,13 @@ def _hlo_ops(hlo_text: str) -> dict:
             continue
         op = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\(", line)
         if op and body is not None:
-            body.append(op.group(2))
+            target = re.search(r'custom_call_target="([^"]*)"', line)
+            kind = "dot" if op.group(2) == "dot" or (
+                target and re.search(r"matmul|gemm", target.group(1), re.I)) else op.group(2)
+            body.append(kind)
             called = re.search(r"calls=%([\w.\-]+)", line)
             op_name = re.search(r'op_name="([^"]*)"', line)
-            ops[op.group(1)] = (op.group(2), called.group(1) if called else None,
+            ops[op.group(1)] = (kind, called.group(1) if called else None,
                                 op_name.group(1) if op_name else "")
     return {name: (kind == "dot" or "dot" in computations.get(called, ()), op_name)
             for name, (kind, called, op_name) in ops.items()
@@ -113,10 +117,13 @@ def op_profile(compiled, args, runs: int = 3) -> dict:
     """{HLO op name: (milliseconds per run, calls per run, is a matmul, JAX op_name)} of
     `compiled(*args)` (a `jax.stages.Compiled`; its arguments must not be donated), from a
     `jax.profiler` trace of `runs` runs after a warm-up. Ops that run in a loop appear once,
-    with their calls and total time."""
+    with their calls and total time. Times are summed over the threads ops run on, so with
+    ops running side by side the total can exceed the wall time."""
     step = block(compiled, *args)
     step()
-    hlo_ops = _hlo_ops(compiled.as_text())
+    hlo_text = compiled.as_text()
+    module = re.match(r"HloModule ([\w.\-]+)", hlo_text).group(1)
+    hlo_ops = _hlo_ops(hlo_text)
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             for _ in range(runs):
@@ -128,7 +135,8 @@ def op_profile(compiled, args, runs: int = 3) -> dict:
     total, calls = collections.Counter(), collections.Counter()
     for event in events:
         name = event.get("args", {}).get("hlo_op")
-        if event.get("ph") == "X" and name in hlo_ops:
+        if (event.get("ph") == "X" and name in hlo_ops
+                and event["args"].get("hlo_module", module) == module):
             total[name] += event["dur"]
             calls[name] += 1
     return {name: (total[name] / 1e3 / runs, calls[name] // runs, *hlo_ops[name])

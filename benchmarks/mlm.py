@@ -243,7 +243,8 @@ def make_step(model, batch, steps: int):
             state, loss = compiled(state, batch)
         jax.block_until_ready((state, loss))
 
-    def profile():  # op_profile runs the step several times on one state: no donation
+    def profile():  # op_profile runs the step several times on one state: a build without
+        # donation, otherwise the same program as the timed one
         return op_profile(jax.jit(train_step).lower(state, batch).compile(), (state, batch))
 
     return run, lambda: loss, count_params(params), profile
@@ -251,7 +252,8 @@ def make_step(model, batch, steps: int):
 
 # (label, pattern of the JAX op_name) of the non-matmul ops that --profile reports apart
 PROFILE_PARTS = [("random bits for dropout", r"bernoulli|uniform|threefry|random_bits"),
-                 ("layer norm", r"(^|/)(ln\d*|\w*_ln|LayerNorm\w*)/")]
+                 ("layer norm", r"(^|/)(ln\w*|\w*_ln|LayerNorm\w*)/")]
+OTHER_OPS = "other elementwise, copies and reductions"
 
 
 def print_profile(profiles: dict, flops: float):
@@ -263,13 +265,12 @@ def print_profile(profiles: dict, flops: float):
         for ms, _, is_matmul, op_name in ops.values():
             label = "matmuls" if is_matmul else next(
                 (label for label, pattern in PROFILE_PARTS if re.search(pattern, op_name)),
-                "other elementwise, copies and reductions")
+                OTHER_OPS)
             parts[label] += ms
         rows[name] = parts
-    labels = ["matmuls"] + [label for label, _ in PROFILE_PARTS] + [
-        "other elementwise, copies and reductions"]
-    print("\nWhere the step goes (--profile: op times of a jax.profiler trace, ms per step, "
-          "summed over ops):\n")
+    labels = ["matmuls"] + [label for label, _ in PROFILE_PARTS] + [OTHER_OPS]
+    print("\nWhere the step goes (--profile: op times of a jax.profiler trace of the step "
+          "compiled without donation, ms per step, summed over ops and threads):\n")
     print("| part | " + " | ".join(rows) + " |")
     print("|" + " --- |" * (len(rows) + 1))
     for label in labels:
@@ -277,8 +278,9 @@ def print_profile(profiles: dict, flops: float):
               + " |")
     print("| total | " + " | ".join(f"{sum(parts.values()):,.1f}" for parts in rows.values())
           + " |")
-    print("| matmul GFLOP/s | " + " | ".join(f"{flops / parts['matmuls'] / 1e6:,.1f}"
-                                             for parts in rows.values()) + " |")
+    print("| matmul GFLOP/s | " + " | ".join(
+        f"{flops / parts['matmuls'] / 1e6:,.1f}" if parts["matmuls"] else "-"
+        for parts in rows.values()) + " |")
     for name, ops in profiles.items():
         print(f"\n{name}: the largest non-matmul ops (ms per step, JAX op):")
         top = sorted((v for v in ops.values() if not v[2]), key=lambda v: -v[0])[:8]

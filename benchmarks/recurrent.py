@@ -126,7 +126,7 @@ def print_profile(compiled, args, cell: str, B: int, T: int, H: int, L: int):
     """Where seqjax's training step spends its time, from a profiler trace, by kind of op."""
     ops = op_profile(compiled, args)
     parts = {}  # (is a matmul, runs in the time loop) -> [ms per step, number of distinct ops]
-    for ms, calls, is_matmul, _ in ops.values():
+    for ms, calls, is_matmul, _ in ops.values():  # (calls > 1: in the loop, unless T <= unroll)
         part = parts.setdefault((is_matmul, calls > 1), [0.0, 0])
         part[0] += ms
         part[1] += 1
@@ -134,9 +134,9 @@ def print_profile(compiled, args, cell: str, B: int, T: int, H: int, L: int):
     G = {"rnn": 1, "gru": 3, "lstm": 4}[cell] * H
     flops = L * 6 * B * T * (H + H) * G  # forward: x W_x and h W_h; backward: twice that
     matmul_ms = parts.get((True, True), [0])[0] + parts.get((True, False), [0])[0]
+    rate = f"{flops / matmul_ms / 1e6:.1f} GFLOP/s" if matmul_ms else "(no matmul op found)"
     print(f"\nWhere seqjax's {cell} step goes (L={L} H={H} T={T}; op times from a "
-          f"jax.profiler trace, {total:.1f} ms per step in all; matmuls at "
-          f"{flops / matmul_ms / 1e6:.1f} GFLOP/s overall):\n")
+          f"jax.profiler trace, {total:.1f} ms per step in all; matmuls at {rate} overall):\n")
     print("| ops | ms/step | share | distinct ops |")
     print("| --- | --- | --- | --- |")
     labels = {(True, True): "matmuls in the time loop (h @ W_h and its transpose backward; "
@@ -221,8 +221,10 @@ def main(argv):
             for H in hiddens:
                 for T in seq_lens:
                     x = jax.random.normal(jax.random.PRNGKey(1), (B, T, H), jnp.float32)
-                    compiled = {name: jax_step(build(H, L), x) for name, build in JAX_ROWS[cell]}
-                    steps = {name: block(f, *args) for name, (f, args) in compiled.items()}
+                    compiled_and_args = {name: jax_step(build(H, L), x)
+                                         for name, build in JAX_ROWS[cell]}
+                    steps = {name: block(f, *args)
+                             for name, (f, args) in compiled_and_args.items()}
                     for n in torch_threads if use_torch else []:
                         kind = TORCH_ROWS[cell]
                         steps[_torch_name(kind, n)] = torch_step(kind, H, L, B, T, n)
@@ -235,7 +237,7 @@ def main(argv):
                         print(f"| {cell} | {L} | {H} | {T} | {name} | {1e3 * seconds:.2f} | "
                               f"{B * T / seconds:,.0f} | {got[name]:.2f} |", flush=True)
                     if FLAGS.profile:
-                        print_profile(*compiled[SEQJAX], cell, B, T, H, L)
+                        print_profile(*compiled_and_args[SEQJAX], cell, B, T, H, L)
 
     print("\nSummary: seqjax tokens/s over the other's, the minimum over sizes (and where):")
     for cell in FLAGS.cells:

@@ -57,6 +57,9 @@ class _Cell(nn.Module):
     kernel_init: Initializer = nn.initializers.lecun_normal()
     recurrent_init: Initializer = nn.initializers.orthogonal()
     bias_init: Initializer = nn.initializers.zeros_init()
+    # Whether `gates` reads xp and hp only through xp + hp, so that their cotangents are equal
+    # and the backward scan of `fused_weight_grad` stores one of them (not a dataclass field).
+    gates_see_sum = False
 
     @nn.nowrap
     def _gate_params(self, in_features: int, gates: str):
@@ -105,11 +108,6 @@ class _Cell(nn.Module):
         """Whether W_h is the step's only matmul, i.e. `gates` is elementwise."""
         return True
 
-    @property
-    def gates_see_sum(self) -> bool:
-        """Whether `gates` reads xp and hp only through xp + hp, so their cotangents are equal."""
-        return True
-
     @nn.nowrap
     def step(self, w, carry, xp_BxG):
         """One step given the projected input xp = x W_x + b; pure, so it can run in a scan."""
@@ -124,6 +122,8 @@ class _Cell(nn.Module):
 
 class RNNCell(_Cell):
     """Elman RNN: h' = tanh(x W_xh + h W_hh + b_h); the carry is h and y = h'."""
+
+    gates_see_sum = True
 
     @nn.compact
     def weights(self, in_features: int) -> dict:
@@ -178,10 +178,6 @@ class GRUCell(_Cell):
     def gates_are_elementwise(self) -> bool:
         return self.reset_after
 
-    @property
-    def gates_see_sum(self) -> bool:
-        return False
-
     @nn.nowrap
     def gates(self, w, h_BxH, xp_BxG, hp_BxG):
         """(new carry, y) given xp = x [W_xr|W_xz|W_xh] + b and hp = h W_h: [W_hr|W_hz|W_hh]
@@ -212,6 +208,7 @@ class LSTMCell(_Cell):
     """
 
     forget_bias: float = 0.0
+    gates_see_sum = True
 
     @nn.nowrap
     def _bias_init(self, gate: str) -> Initializer:
