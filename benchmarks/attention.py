@@ -368,7 +368,7 @@ def summary(all_results, lengths, block_sizes, look_backs, target_N, target_S, m
     # 5. FLOP rate of local attention's forward+backward
     r = local(target_N, target_S, 0, GRAD)
     if r is None or not r.samples:
-        print(f"  local forward+backward >= 40% of matmul peak: not measured")
+        print("  local forward+backward >= 40% of matmul peak: not measured")
     else:
         flops = 3 * 4.0 * FLAGS.batch * FLAGS.heads * target_N * target_S * (
             FLAGS.d_model // FLAGS.heads)

@@ -54,5 +54,6 @@ def restored(workdir, which: str = "latest") -> dict:
 
 def logged(workdir, split: str = "train") -> list[dict]:
     """The records of one split of a run's metrics.jsonl; strict: a malformed line fails."""
-    with open(pathlib.Path(workdir) / "metrics.jsonl") as f:
+    from seqjax.train.metrics import METRICS_FILE
+    with open(pathlib.Path(workdir) / METRICS_FILE) as f:
         return [r for r in map(json.loads, f) if r["split"] == split]

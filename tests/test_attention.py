@@ -13,7 +13,6 @@ of the local cases runs at one padded shape.
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
