@@ -44,9 +44,9 @@ After the table, a summary checks the targets of the issue on CPU (at N=16384, S
 faster forward and at least 20x less memory than full attention; doubling N at most 2.2x
 the time of local attention; look_back=1 at most 1.7x the time of look_back=0; N=65536
 forward and forward plus backward within 2 GB; and local attention's forward plus backward
-reaching at least 40% of the matmul peak. Then --breakdown times the stages of
-`local_attention`'s forward at that size (the layout into head-major blocks, the scores
-einsum with the mask bias, the exponentials, the values einsum) separately.
+reaching at least 40% of the matmul peak. Then --breakdown profiles `local_attention`'s
+forward and forward plus backward at that size: the time and FLOP rate of each matmul, and
+the time of the other ops inside and outside its scan over blocks.
 """
 
 import dataclasses
@@ -60,10 +60,9 @@ from absl import app, flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from common import (PEAK_SIZE, block, environment, interleaved_times, load_average,
-                    matmul_peak, paired_median, timed, verdict)
+from common import (PEAK_SIZE, block, environment, load_average, matmul_peak, op_profile,
+                    paired_median, timed, verdict)
 from seqjax.nn.attention import dot_product_attention, local_attention
 
 flags.DEFINE_list("lengths", ["1024", "4096", "16384", "65536"], "Sequence lengths N.")
@@ -83,8 +82,8 @@ flags.DEFINE_float("memory_fraction", 0.7, "Run a function only if its compiled 
                    "at most this fraction of the memory available.")
 flags.DEFINE_integer("peak_size", PEAK_SIZE, "P of the P x P @ P x P float32 matmul that measures "
                      "the machine's peak FLOP rate.")
-flags.DEFINE_bool("breakdown", True, "After the summary, time the stages of local attention's "
-                  "forward at the target size.")
+flags.DEFINE_bool("breakdown", True, "After the summary, profile local attention's forward "
+                  "and forward+backward at the target size, by kind of op.")
 flags.DEFINE_bool("quick", False, "Tiny sizes and 2 repeats, a smoke test.")
 FLAGS = flags.FLAGS
 
@@ -380,62 +379,33 @@ def summary(all_results, lengths, block_sizes, look_backs, target_N, target_S, m
 
 # ----------------------------------------------------------------------------- breakdown
 
-def breakdown(N, S, B, H, D, causal, peak, repeats):
-    """Times the stages of local_attention's forward (look_back 0) at N, S separately, each
-    jitted on its own (so each reads its input from and writes its output to memory), in
-    turn for `repeats` rounds after a warm-up."""
-    C = N // S
+def breakdown(N, S, B, H, D, causal, peak):
+    """Where local_attention (look_back 0) at N, S spends its time, forward and forward plus
+    backward, from a jax.profiler trace: each matrix product (every one computes 2 B H N S D
+    FLOPs, so its rate is its own share of the peak) and the other ops, inside the scan over
+    blocks or outside it."""
     keys = jax.random.split(jax.random.PRNGKey(N + 1), 4)
     q, k, v, ct = (jax.random.normal(key, (B, N, H, D), jnp.float32) for key in keys)
-
-    def blocks(x):  # the library's layout: head-major blocks [B, H, C, S, D]
-        return jnp.transpose(x.reshape(B, C, S, H, D), (0, 3, 1, 2, 4))
-
-    qh, kh, vh = blocks(q * (1 / np.sqrt(D))), blocks(k), blocks(v)
-    bias_SxS = np.zeros((S, S), np.float32)
-    if causal:
-        bias_SxS[np.arange(S)[None, :] > np.arange(S)[:, None]] = -1e30
-
-    def scores_fn(a, b):
-        return jnp.einsum("bhcqd,bhckd->bhcqk", a, b) + bias_SxS
-
-    def softmax_fn(s):  # unnormalised, as in the library: exp(s - max) and its row sums
-        e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-        return e, jnp.sum(e, axis=-1, keepdims=True)
-
-    def values_fn(e, total, b):
-        return jnp.einsum("bhcqk,bhckd->bhcqd", e, b) / total
-
-    scores = scores_fn(qh, kh)
-    exp, total = softmax_fn(scores)
     library = lambda q, k, v: local_attention(q, k, v, block_size=S, causal=causal)
-    einsum_flops = 2.0 * B * H * N * S * D
-    stages = [  # name, function, arguments, useful FLOPs
-        ("local_attention forward (the library)", library, (q, k, v), 2 * einsum_flops),
-        ("  layout: q, k, v -> head-major blocks [B, H, C, S, D], q scaled",
-         lambda q, k, v: (blocks(q * (1 / np.sqrt(D))), blocks(k), blocks(v)), (q, k, v), None),
-        ("  scores einsum bhcqd,bhckd->bhcqk + mask bias", scores_fn, (qh, kh), einsum_flops),
-        ("  exp(scores - max) and row sums", softmax_fn, (scores,), None),
-        ("  values einsum bhcqk,bhckd->bhcqd, normalised", values_fn, (exp, total, vh),
-         einsum_flops),
-        ("local_attention forward+backward (the library)", with_grad(library), (q, k, v, ct),
-         6 * einsum_flops),
-    ]
-    steps = {name: block(jax.jit(fn).lower(*args).compile(), *args)
-             for name, fn, args, _ in stages}
-    times = interleaved_times(steps, repeats, warmup=1)
-    base = times[stages[0][0]]
-    print(f"\nBreakdown of local_attention (look_back 0) at N={N}, S={S}, causal={causal}: each "
-          f"stage jitted alone, {repeats} rounds in turn; 'share' = median over rounds of its "
-          f"time / the library forward's.\n")
-    print("| stage | ms | share of library forward | GFLOP/s | % peak |")
+    matmul_flops = 2.0 * B * H * N * S * D
+    print(f"\nWhere local_attention (look_back 0) at N={N}, S={S}, causal={causal} spends its "
+          f"time (op times from a jax.profiler trace, summed over threads; a matmul's % peak is "
+          f"its {matmul_flops / 1e9:.2f} GFLOP over its time):\n")
+    print("| call | ops | ms | share | % peak |")
     print("| --- | --- | --- | --- | --- |")
-    for name, _, _, flops in stages:
-        seconds = statistics.median(times[name])
-        share = paired_median(times[name], base)
-        rate = "-" if flops is None else f"{flops / seconds / 1e9:.1f}"
-        frac = "-" if flops is None else f"{100 * flops / seconds / peak:.1f}"
-        print(f"| {name} | {1e3 * seconds:,.1f} | {share:.2f} | {rate} | {frac} |", flush=True)
+    for name, fn, args in (("forward", library, (q, k, v)),
+                           ("forward+backward", with_grad(library), (q, k, v, ct))):
+        ops = op_profile(jax.jit(fn).lower(*args).compile(), args)
+        total = sum(ms for ms, *_ in ops.values())
+        matmuls = sorted((ms for ms, _, is_matmul, _ in ops.values() if is_matmul), reverse=True)
+        rates = [100 * matmul_flops / (ms / 1e3) / peak for ms in matmuls]
+        rows = [(f"{len(matmuls)} matmuls", sum(matmuls),
+                 f"{min(rates):.0f} to {max(rates):.0f}" if rates else "-")]
+        for label, in_scan in (("other ops in the scan", True), ("other ops outside it", False)):
+            rows.append((label, sum(ms for ms, calls, is_matmul, _ in ops.values()
+                                    if not is_matmul and (calls > 1) == in_scan), "-"))
+        for label, ms, rate in rows:
+            print(f"| {name} | {label} | {ms:.1f} | {ms / total:.2f} | {rate} |")
 
 
 # ----------------------------------------------------------------------------- main
@@ -489,7 +459,7 @@ def main(argv):
           f"{load_average()}")
     summary(all_results, lengths, block_sizes, look_backs, target_N, target_S, memory_N, peak)
     if FLAGS.breakdown and target_N in lengths:
-        breakdown(target_N, target_S, B, H, D, FLAGS.causal, peak, repeats)
+        breakdown(target_N, target_S, B, H, D, FLAGS.causal, peak)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

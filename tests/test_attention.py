@@ -193,14 +193,15 @@ def test_local_window_mask_matches_numpy_loop(length, block_size):
                 np_band_mask(length, block_size, look_back, causal))
 
 
-LOCAL_CASES = [  # (length N, block_size S, look_back, causal, key padding)
-    (7, 3, 0, False, True),   # N not a multiple of S
-    (7, 3, 1, True, True),
-    (10, 4, 2, True, True),
-    (11, 2, 1, False, False),
-    (12, 4, 1, True, True),   # a multiple of S
-    (5, 8, 0, True, True),    # S > N: one block, i.e. full attention
-    (5, 8, 1, False, True),
+LOCAL_CASES = [  # (length N, block_size S, look_back, causal, key padding, blocks_per_step)
+    (7, 3, 0, False, True, None),  # N not a multiple of S
+    (7, 3, 1, True, True, 1),      # a scan step per block
+    (10, 4, 2, True, True, 1),     # look_back above the blocks of a step
+    (11, 2, 1, False, False, 2),   # 6 blocks in 3 steps of 2
+    (9, 2, 1, True, True, 2),      # 5 blocks in 3 steps of 2: a padding block
+    (12, 4, 1, True, True, None),  # a multiple of S
+    (5, 8, 0, True, True, None),   # S > N: one block, i.e. full attention
+    (5, 8, 1, False, True, None),
 ]
 REF_B, REF_N, REF_H, REF_D, REF_DV = 3, 12, 2, 3, 4  # each case padded to this: one reference
 
@@ -211,8 +212,9 @@ def full_attention_and_vjp(q, k, v, mask_BxHxNxN, cotangent):
     return out, vjp(cotangent)
 
 
-@pytest.mark.parametrize("N,S,look_back,causal,padded", LOCAL_CASES)
-def test_local_attention_equals_full_attention_with_band_mask(N, S, look_back, causal, padded):
+@pytest.mark.parametrize("N,S,look_back,causal,padded,blocks_per_step", LOCAL_CASES)
+def test_local_attention_equals_full_attention_with_band_mask(N, S, look_back, causal, padded,
+                                                              blocks_per_step):
     """Values and gradients wrt q, k and v, against `dot_product_attention` under the band
     mask of `np_band_mask` and the key padding, with values of another head dimension than the
     queries'. Example 1 has its whole first block padded and example 2 a random padding, so
@@ -234,7 +236,8 @@ def test_local_attention_equals_full_attention_with_band_mask(N, S, look_back, c
     @jax.jit
     def local_and_vjp(q, k, v, mask, cotangent):
         out, vjp = jax.vjp(lambda q, k, v: local_attention(
-            q, k, v, block_size=S, causal=causal, look_back=look_back, mask=mask), q, k, v)
+            q, k, v, block_size=S, causal=causal, look_back=look_back, mask=mask,
+            blocks_per_step=blocks_per_step), q, k, v)
         return out, vjp(cotangent)
 
     out, grads = local_and_vjp(q[:, :N], k[:, :N], v[:, :N], key_ok_BxN if padded else None,
@@ -256,6 +259,53 @@ def test_local_attention_equals_full_attention_with_band_mask(N, S, look_back, c
     assert no_key_BxN.any() == padded  # the case has queries with nothing to attend to
     np.testing.assert_array_equal(out[no_key_BxN], 0.0)
     np.testing.assert_array_equal(grads[0][no_key_BxN], 0.0)
+
+
+def test_local_attention_dropout_drops_weights_and_its_gradient_is_exact():
+    """Values one-hot in the key position make the output the weights themselves. With
+    dropout, each weight is 0 or the weight without dropout / (1 - rate), and about `rate` of
+    those a query may see are 0. The backward draws the forward's masks again: its gradients
+    agree with finite differences."""
+    rng = np.random.default_rng(11)
+    B, N, H, S, look_back, rate = 2, 24, 2, 4, 1, 0.3
+    q, k = normal(rng, B, N, H, 3), normal(rng, B, N, H, 3)
+    one_hot = np.broadcast_to(np.eye(N, dtype=np.float32)[None, :, None, :], (B, N, H, N))
+    kwargs = dict(block_size=S, look_back=look_back, causal=True, blocks_per_step=2,
+                  dropout_rate=rate)
+    attend = jax.jit(lambda q, k, v, rng: local_attention(q, k, v, dropout_rng=rng, **kwargs))
+    weights = np.asarray(jax.jit(lambda q, k, v: local_attention(q, k, v, **kwargs))(
+        q, k, one_hot))  # no dropout_rng: no dropout
+    dropped = np.asarray(attend(q, k, one_hot, jax.random.key(0)))
+    allowed = np.broadcast_to(np_band_mask(N, S, look_back, True)[None, :, None, :], weights.shape)
+    np.testing.assert_array_equal(weights[~allowed], 0.0)
+    assert np.all(weights[allowed] > 0)
+    kept = dropped != 0
+    np.testing.assert_allclose(dropped[kept], weights[kept] / (1 - rate), rtol=1e-5)
+    assert not np.any(kept & ~allowed)
+    assert abs(1 - kept[allowed].mean() - rate) < 0.06, kept[allowed].mean()
+
+    # d/de <out(x + e u), c> at e = 0 by central differences, against <vjp(c), u>
+    x, u = (q, k, normal(rng, B, N, H, 3)), [normal(rng, B, N, H, 3) for _ in range(3)]
+    cotangent, eps = normal(rng, B, N, H, 3), 1e-2
+    out, vjp = jax.vjp(lambda *x: attend(*x, jax.random.key(1)), *x)
+    along_u = [sum(np.vdot(attend(*(a + sign * eps * b for a, b in zip(x, u)),
+                                  jax.random.key(1)), cotangent) * sign for sign in (1, -1))
+               / (2 * eps)]
+    np.testing.assert_allclose(along_u, sum(np.vdot(g, b) for g, b in zip(vjp(cotangent), u)),
+                               rtol=1e-2)
+
+
+def test_local_attention_never_stores_an_N_by_W_array():
+    """XLA's compiled temporaries of the forward and of the forward+backward at N = 131072,
+    S = 128, look_back 1 stay under half of one [N, W] float32 array (128 MiB): a scan step
+    computes at most STEP_SCORES scores and the backward recomputes them. Compiled, not run."""
+    N, S = 131072, 128
+    x = jax.ShapeDtypeStruct((1, N, 1, 4), np.float32)
+    forward = lambda q, k, v: local_attention(q, k, v, block_size=S, look_back=1, causal=True)
+    grad = jax.grad(lambda q, k, v: forward(q, k, v).sum(), argnums=(0, 1, 2))
+    for fn in (forward, grad):
+        temp = jax.jit(fn).lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+        assert temp < N * 2 * S * 4 / 2, temp
 
 
 # ----------------------------------------------------------------------------- causality
@@ -390,7 +440,9 @@ def test_bad_inputs_raise_clear_value_errors():
                           ({"block_size": True}, r"block_size=True"),
                           ({"block_size": 2, "look_back": -1},
                            r"look_back=-1: must be an integer >= 0"),
-                          ({"block_size": 2, "look_back": 1.0}, r"look_back=1.0")]:
+                          ({"block_size": 2, "look_back": 1.0}, r"look_back=1.0"),
+                          ({"block_size": 2, "blocks_per_step": 0},
+                           r"blocks_per_step=0: must be an integer >= 1")]:
         with pytest.raises(ValueError, match=match):
             local_attention(q, q, q, **kwargs)
     with pytest.raises(ValueError, match="local_attention is self-attention"):
