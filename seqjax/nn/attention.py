@@ -158,17 +158,17 @@ def local_attention(q_BxNxHxD, k_BxNxHxD, v_BxNxHxD, *, block_size: int, causal:
     G = -(-C // steps)  # the fewest blocks per step for this many steps: the least padding
     P = steps * G * S - N
 
-    def in_steps(x):  # [B, N, H, D] -> [steps, B, H, G, S, D]; [B, N] -> [steps, B, G, S]
+    def in_steps(x):  # [B, N, ...] -> [steps, B, G, S, ...]: no copy when B = 1 and P = 0
         x = jnp.pad(x, [(0, 0), (0, P)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape((B, steps, G, S) + x.shape[2:])
-        return jnp.transpose(x, (1, 0, 4, 2, 3, 5)) if x.ndim == 6 else jnp.moveaxis(x, 1, 0)
+        return jnp.moveaxis(x.reshape((B, steps, G, S) + x.shape[2:]), 1, 0)
 
-    key_ok_BxN = jnp.ones((B, N), bool) if mask is None else jnp.broadcast_to(mask, (B, N))
+    key_ok_BxN = jnp.ones((B, N), bool) if mask is None else jnp.broadcast_to(
+        jnp.asarray(mask, bool), (B, N))
     rate = float(dropout_rate) if dropout_rng is not None else 0.0
     config = _Local(S, G, look_back, bool(causal), rate)
     out = _local(in_steps(q_BxNxHxD), in_steps(k_BxNxHxD), in_steps(v_BxNxHxD),
                  in_steps(key_ok_BxN), dropout_rng if rate else None, config)
-    out = jnp.transpose(out, (1, 0, 3, 4, 2, 5))  # [B, steps, G, S, H, D]
+    out = jnp.moveaxis(out, 0, 1)  # [B, steps, G, S, H, D]
     return out.reshape((B, steps * G * S) + out.shape[4:])[:, :N]
 
 
@@ -216,9 +216,19 @@ def _step_scores(q_BxHxGxSxD, before, k, v, key_ok, config: _Local):
     return scores, k_window, v_window, (k_next, v_next, ok_next)
 
 
+def _head_major(x_BxGxSxHxD):
+    """[B, G, S, H, D] -> [B, H, G, S, D], where both einsums of a step are plain batched
+    matmuls. Done step by step inside the scan, on data in cache."""
+    return jnp.transpose(x_BxGxSxHxD, (0, 3, 1, 2, 4))
+
+
+def _position_major(x_BxHxGxSxD):
+    return jnp.transpose(x_BxHxGxSxD, (0, 2, 3, 1, 4))
+
+
 def _first_before(k, v, config: _Local):
     """The carry of the first step: look_back blocks of zero keys and values, masked out."""
-    B, H, L, S = k.shape[1], k.shape[2], config.look_back, config.block_size
+    B, H, L, S = k.shape[1], k.shape[4], config.look_back, config.block_size
     return (jnp.zeros((B, H, L, S, k.shape[-1]), k.dtype),
             jnp.zeros((B, H, L, S, v.shape[-1]), v.dtype), jnp.zeros((B, L, S), bool))
 
@@ -231,7 +241,7 @@ def _keep(dropout_rng, step, shape, rate):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _local(q, k, v, key_ok, dropout_rng, config: _Local):
-    """local_attention on inputs laid out in steps, [steps, B, H, G, S, D] ([steps, B, G, S]
+    """local_attention on inputs laid out in steps, [steps, B, G, S, H, D] ([steps, B, G, S]
     for key_ok): the output in the same layout."""
     return _local_fwd(q, k, v, key_ok, dropout_rng, config)[0]
 
@@ -241,6 +251,7 @@ def _local_fwd(q, k, v, key_ok, dropout_rng, config: _Local):
 
     def step(before, inputs):
         i, q_step, k_step, v_step, ok_step = inputs
+        q_step, k_step, v_step = (_head_major(x) for x in (q_step, k_step, v_step))
         scores, _, v_window, before = _step_scores(q_step * scale, before, k_step, v_step,
                                                    ok_step, config)
         max_scores = jnp.max(scores, axis=-1, keepdims=True)
@@ -254,7 +265,7 @@ def _local_fwd(q, k, v, key_ok, dropout_rng, config: _Local):
         out = jnp.where(seen, out / total, 0.0).astype(v.dtype)
         # +inf for a query that sees no key: its recomputed weights exp(score - inf) are 0
         log_sum_exp = jnp.where(seen, max_scores + jnp.log(total), jnp.inf)[..., 0]
-        return before, (out, log_sum_exp)
+        return before, (_position_major(out), log_sum_exp)
 
     steps = jnp.arange(q.shape[0])
     _, (out, log_sum_exp) = lax.scan(step, _first_before(k, v, config), (steps, q, k, v, key_ok))
@@ -269,6 +280,8 @@ def _local_bwd(config: _Local, residuals, d_out):
     def step(carry, inputs):
         before, (dk_sum, dv_sum) = carry
         i, q_step, k_step, v_step, ok_step, d_out_step, lse_step = inputs
+        q_step, k_step, v_step, d_out_step = (_head_major(x) for x in (q_step, k_step, v_step,
+                                                                        d_out_step))
         q_step = q_step * scale
         scores, k_window, v_window, before = _step_scores(q_step, before, k_step, v_step,
                                                           ok_step, config)
@@ -291,19 +304,19 @@ def _local_bwd(config: _Local, residuals, d_out):
             dk, dv = dk_sum[:, :, :G], dv_sum[:, :, :G]  # done: no later window holds them
             shift = lambda x: jnp.pad(x[:, :, G:], [(0, 0), (0, 0), (0, G), (0, 0), (0, 0)])
             dk_sum, dv_sum = shift(dk_sum), shift(dv_sum)
-        return (before, (dk_sum, dv_sum)), (dq.astype(q.dtype), dk.astype(k.dtype),
-                                            dv.astype(v.dtype))
+        return (before, (dk_sum, dv_sum)), tuple(_position_major(d.astype(x.dtype))
+                                                 for d, x in ((dq, q), (dk, k), (dv, v)))
 
-    steps, B, H = q.shape[:3]
-    sums = tuple(jnp.zeros((B, H, L + G) + x.shape[4:], jnp.float32) for x in (k, v))
+    steps, B, _, S, H, _ = q.shape
+    sums = tuple(jnp.zeros((B, H, L + G, S, x.shape[-1]), jnp.float32) for x in (k, v))
     (_, sums), (dq, dk, dv) = lax.scan(step, (_first_before(k, v, config), sums),
                                        (jnp.arange(steps), q, k, v, key_ok, d_out, log_sum_exp))
     if L:  # a step emits the blocks from L before it: blocks -L .. steps*G - L, then the rest
-        def realign(d, d_sum):
-            blocks = jnp.transpose(d, (1, 2, 0, 3, 4, 5)).reshape((B, H, steps * G) + d.shape[4:])
-            blocks = jnp.concatenate([blocks, d_sum[:, :, :L].astype(d.dtype)], axis=2)[:, :, L:]
-            return jnp.transpose(blocks.reshape((B, H, steps, G) + d.shape[4:]),
-                                 (2, 0, 1, 3, 4, 5))
+        def realign(d, d_sum):  # d [steps, B, G, S, H, D]; d_sum [B, H, L + G, S, D]
+            blocks = jnp.moveaxis(d, 0, 1).reshape((B, steps * G) + d.shape[3:])
+            rest = _position_major(d_sum[:, :, :L]).astype(d.dtype)
+            blocks = jnp.concatenate([blocks, rest], axis=1)[:, L:]
+            return jnp.moveaxis(blocks.reshape((B, steps, G) + d.shape[3:]), 1, 0)
         dk, dv = realign(dk, sums[0]), realign(dv, sums[1])
     return dq, dk, dv, None, None
 
