@@ -62,8 +62,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from common import (PEAK_SIZE, block, environment, load_average, matmul_peak, op_profile,
-                    paired_median, timed, verdict)
+from common import (PEAK_SIZE, block, environment, load_average, matmul_peak, op_parts,
+                    op_profile, paired_median, timed, verdict)
 from seqjax.nn.attention import dot_product_attention, local_attention
 
 flags.DEFINE_list("lengths", ["1024", "4096", "16384", "65536"], "Sequence lengths N.")
@@ -81,8 +81,7 @@ flags.DEFINE_float("max_seconds", 30.0, "Skip a forward+backward whose estimated
                    "from the previous length is above 4x this.")
 flags.DEFINE_float("memory_fraction", 0.5, "Run a function only if its compiled peak memory is "
                    "at most this fraction of the memory available (a call's resident memory "
-                   "peaks about 1.3x above XLA's analysis: 10.3 GiB for full attention's 8.06 "
-                   "GiB at N=16384).")
+                   "can peak well above XLA's analysis).")
 flags.DEFINE_integer("peak_size", PEAK_SIZE, "P of the P x P @ P x P float32 matmul that measures "
                      "the machine's peak FLOP rate.")
 flags.DEFINE_bool("breakdown", True, "After the summary, profile local attention's forward "
@@ -400,13 +399,13 @@ def breakdown(N, S, B, H, D, causal, peak):
                            ("forward+backward", with_grad(library), (q, k, v, ct))):
         ops = op_profile(jax.jit(fn).lower(*args).compile(), args)
         total = sum(ms for ms, *_ in ops.values())
-        matmuls = sorted((ms for ms, _, is_matmul, _ in ops.values() if is_matmul), reverse=True)
+        matmuls = [ms for ms, _, is_matmul, _ in ops.values() if is_matmul]
         rates = [100 * matmul_flops / (ms / 1e3) / peak for ms in matmuls]
+        parts = op_parts(ops)
         rows = [(f"{len(matmuls)} matmuls", sum(matmuls),
-                 f"{min(rates):.0f} to {max(rates):.0f}" if rates else "-")]
-        for label, in_scan in (("other ops in the scan", True), ("other ops outside it", False)):
-            rows.append((label, sum(ms for ms, calls, is_matmul, _ in ops.values()
-                                    if not is_matmul and (calls > 1) == in_scan), "-"))
+                 f"{min(rates):.0f} to {max(rates):.0f}" if rates else "-"),
+                ("other ops in the scan", parts[False, True][0], "-"),
+                ("other ops outside it", parts[False, False][0], "-")]
         for label, ms, rate in rows:
             print(f"| {name} | {label} | {ms:.1f} | {ms / total:.2f} | {rate} |")
 

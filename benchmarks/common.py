@@ -141,3 +141,13 @@ def op_profile(compiled, args, runs: int = 3) -> dict:
             calls[name] += 1
     return {name: (total[name] / 1e3 / runs, calls[name] // runs, *hlo_ops[name])
             for name in total}
+
+
+def op_parts(ops: dict) -> dict:
+    """{(is a matmul, runs in a loop): (ms per run, distinct ops)} of an `op_profile` result;
+    an op called more than once per run is in a loop."""
+    parts = collections.defaultdict(lambda: (0.0, 0))
+    for ms, calls, is_matmul, _ in ops.values():
+        total, count = parts[is_matmul, calls > 1]
+        parts[is_matmul, calls > 1] = (total + ms, count + 1)
+    return parts

@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from common import block, environment, interleaved_times, op_profile, paired_median
+from common import block, environment, interleaved_times, op_parts, op_profile, paired_median
 from seqjax.nn.recurrent import StackedRecurrent
 
 torch = None  # imported in main(), optionally, after the OpenMP environment is set
@@ -124,16 +124,11 @@ def jax_step(module: nn.Module, x_BxTxF):
 
 def print_profile(compiled, args, cell: str, B: int, T: int, H: int, L: int):
     """Where seqjax's training step spends its time, from a profiler trace, by kind of op."""
-    ops = op_profile(compiled, args)
-    parts = {}  # (is a matmul, runs in the time loop) -> [ms per step, number of distinct ops]
-    for ms, calls, is_matmul, _ in ops.values():  # (calls > 1: in the loop, unless T <= unroll)
-        part = parts.setdefault((is_matmul, calls > 1), [0.0, 0])
-        part[0] += ms
-        part[1] += 1
+    parts = op_parts(op_profile(compiled, args))  # in the loop: unless T <= unroll
     total = sum(ms for ms, _ in parts.values())
     G = {"rnn": 1, "gru": 3, "lstm": 4}[cell] * H
     flops = L * 6 * B * T * (H + H) * G  # forward: x W_x and h W_h; backward: twice that
-    matmul_ms = parts.get((True, True), [0])[0] + parts.get((True, False), [0])[0]
+    matmul_ms = parts[True, True][0] + parts[True, False][0]
     rate = f"{flops / matmul_ms / 1e6:.1f} GFLOP/s" if matmul_ms else "(no matmul op found)"
     print(f"\nWhere seqjax's {cell} step goes (L={L} H={H} T={T}; op times from a "
           f"jax.profiler trace, {total:.1f} ms per step in all; matmuls at {rate} overall):\n")
@@ -146,7 +141,7 @@ def print_profile(compiled, args, cell: str, B: int, T: int, H: int, L: int):
               (False, False): "elementwise outside the loop (layout copies, bias add and sum, "
                               "buffer fills)"}
     for key, label in labels.items():
-        ms, count = parts.get(key, (0.0, 0))
+        ms, count = parts[key]
         print(f"| {label} | {ms:.1f} | {ms / total:.2f} | {count} |")
     print()
 

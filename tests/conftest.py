@@ -21,6 +21,8 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
+from seqjax.train.metrics import METRICS_FILE  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -54,6 +56,5 @@ def restored(workdir, which: str = "latest") -> dict:
 
 def logged(workdir, split: str = "train") -> list[dict]:
     """The records of one split of a run's metrics.jsonl; strict: a malformed line fails."""
-    from seqjax.train.metrics import METRICS_FILE
     with open(pathlib.Path(workdir) / METRICS_FILE) as f:
         return [r for r in map(json.loads, f) if r["split"] == split]

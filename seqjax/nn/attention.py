@@ -267,8 +267,9 @@ def _local_fwd(q, k, v, key_ok, dropout_rng, config: _Local):
         log_sum_exp = jnp.where(seen, max_scores + jnp.log(total), jnp.inf)[..., 0]
         return before, (_position_major(out), log_sum_exp)
 
-    steps = jnp.arange(q.shape[0])
-    _, (out, log_sum_exp) = lax.scan(step, _first_before(k, v, config), (steps, q, k, v, key_ok))
+    step_ids = jnp.arange(q.shape[0])
+    _, (out, log_sum_exp) = lax.scan(step, _first_before(k, v, config),
+                                     (step_ids, q, k, v, key_ok))
     return out, (q, k, v, key_ok, dropout_rng, log_sum_exp)
 
 
