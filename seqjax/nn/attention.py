@@ -247,12 +247,10 @@ def _local(q, k, v, key_ok, dropout_rng, config: _Local):
 
 
 def _local_fwd(q, k, v, key_ok, dropout_rng, config: _Local):
-    scale = 1.0 / np.sqrt(q.shape[-1])
-
     def step(before, inputs):
         i, q_step, k_step, v_step, ok_step = inputs
         q_step, k_step, v_step = (_head_major(x) for x in (q_step, k_step, v_step))
-        scores, _, v_window, before = _step_scores(q_step * scale, before, k_step, v_step,
+        scores, _, v_window, before = _step_scores(_scaled(q_step), before, k_step, v_step,
                                                    ok_step, config)
         max_scores = jnp.max(scores, axis=-1, keepdims=True)
         exp = jnp.exp(scores - max_scores)
@@ -275,7 +273,6 @@ def _local_fwd(q, k, v, key_ok, dropout_rng, config: _Local):
 
 def _local_bwd(config: _Local, residuals, d_out):
     q, k, v, key_ok, dropout_rng, log_sum_exp = residuals
-    scale = 1.0 / np.sqrt(q.shape[-1])
     G, L = config.blocks_per_step, config.look_back
 
     def step(carry, inputs):
@@ -283,7 +280,7 @@ def _local_bwd(config: _Local, residuals, d_out):
         i, q_step, k_step, v_step, ok_step, d_out_step, lse_step = inputs
         q_step, k_step, v_step, d_out_step = (_head_major(x) for x in (q_step, k_step, v_step,
                                                                         d_out_step))
-        q_step = q_step * scale
+        q_step = _scaled(q_step)
         scores, k_window, v_window, before = _step_scores(q_step, before, k_step, v_step,
                                                           ok_step, config)
         weights = jnp.exp(scores - lse_step[..., None])
@@ -294,8 +291,8 @@ def _local_bwd(config: _Local, residuals, d_out):
             keep = _keep(dropout_rng, i, weights.shape, config.dropout_rate)
             dropped, d_weights = weights * keep, d_weights * keep
         d_scores = weights * (d_weights - jnp.sum(weights * d_weights, axis=-1, keepdims=True))
-        dq = jnp.einsum("bhgqk,bhgkd->bhgqd", d_scores.astype(k.dtype), k_window,
-                        preferred_element_type=jnp.float32) * scale
+        dq = _scaled(jnp.einsum("bhgqk,bhgkd->bhgqd", d_scores.astype(k.dtype), k_window,
+                                preferred_element_type=jnp.float32))  # dq has q's D
         dk = jnp.einsum("bhgqk,bhgqd->bhgkd", d_scores.astype(q.dtype), q_step,
                         preferred_element_type=jnp.float32)
         dv = jnp.einsum("bhgqk,bhgqd->bhgkd", dropped.astype(v.dtype), d_out_step,
