@@ -10,10 +10,10 @@ translate, export (the parameters as a NumPy .npz archive), or a sweep and its s
     python launch.py --config experiments/charlm.py --workdir runs/cells --mode summarize
     python launch.py --config experiments/translate.py --workdir runs/translate --mode translate \
         --text "he is calm ." --beam_size 4
-    python launch.py --config experiments/charlm.py --workdir runs/charlm --mode export --out params.npz
+    python launch.py --config experiments/charlm.py --workdir runs/charlm --mode export \
+        --out params.npz
 """
 
-import importlib.util
 import os
 import sys
 
@@ -54,6 +54,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+def _which() -> str:
+    return "best" if FLAGS.best else "latest"
+
+
 def _print_results(results: dict):
     for key, value in results.items():
         if key != "sample":
@@ -62,35 +66,11 @@ def _print_results(results: dict):
         print(f"sample: {results['sample']}")
 
 
-def _sweep(config) -> int:
-    """Runs the config file's get_sweep() points (seqjax.train.sweep), then summarises them."""
-    import jax
-    from seqjax import sweep
-    points = _sweep_points(config)
-    if FLAGS.sweep_point is not None:  # a worker of a parallel sweep
-        if not 0 <= FLAGS.sweep_point < len(points):
-            raise app.UsageError(f"--sweep_point={FLAGS.sweep_point}: get_sweep() has "
-                                 f"{len(points)} points")
-        row = sweep.run_point(config, points[FLAGS.sweep_point], FLAGS.workdir)
-        return 0 if row["status"] in ("ok", "stopped") else 1
-    if FLAGS.parallel > 1 and jax.process_count() > 1:
-        raise app.UsageError("--parallel runs points as local processes: not with multi-host")
-    stopped = sweep.run(config, points, FLAGS.workdir, parallel=FLAGS.parallel,
-                        command=_worker_command)
-    if stopped:
-        print("sweep stopped; run the same command again to resume it")
-    if jax.process_index() != 0:
-        return 0
-    rows = _summarize(points)
-    return 1 if any(row["status"].startswith("failed") for row in rows) else 0
-
-
 def _sweep_points(config) -> list[dict]:
+    from seqjax import config as config_lib
     from seqjax import sweep
     path = FLAGS["config"].config_filename
-    spec = importlib.util.spec_from_file_location("experiment", path.split(":")[0])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_lib.load_experiment(path.split(":")[0])
     if not hasattr(module, "get_sweep"):
         raise app.UsageError(f"{path} defines no get_sweep()")
     return sweep.check_points(module.get_sweep(), config)
@@ -130,6 +110,92 @@ def _sentences() -> list[str]:
     return sentences
 
 
+# ---------------------------------------------------------------------------------------------
+# Modes: each a function of the config that returns the exit code.
+# ---------------------------------------------------------------------------------------------
+
+def train_mode(config) -> int:
+    import jax
+
+    from seqjax import analysis
+    from seqjax.train.loop import train_and_evaluate
+    if config.task in analysis.ANALYSES:
+        results = analysis.run(config, FLAGS.workdir)
+    else:
+        results = train_and_evaluate(config, FLAGS.workdir)
+    if jax.process_index() == 0:
+        _print_results(results)
+    return 0
+
+
+def eval_mode(config) -> int:
+    from seqjax.train import saved_runs
+    _print_results(saved_runs.evaluate(config, FLAGS.workdir, step=FLAGS.step, which=_which()))
+    return 0
+
+
+def sample_mode(config) -> int:
+    from seqjax.train import saved_runs
+    options = {k: v for k in ("prefix", "length", "temperature")
+               if (v := getattr(FLAGS, k)) is not None}
+    print(saved_runs.generate(FLAGS.workdir, step=FLAGS.step, which=_which(), seed=FLAGS.seed,
+                              defaults=config, **options))
+    return 0
+
+
+def translate_mode(config) -> int:
+    from seqjax.train import saved_runs
+    options = {} if FLAGS.beam_size is None else {"beam_size": FLAGS.beam_size}
+    print("\n".join(saved_runs.translate(FLAGS.workdir, _sentences(), step=FLAGS.step,
+                                         which=_which(), defaults=config, **options)))
+    return 0
+
+
+def export_mode(config) -> int:
+    from seqjax.train import saved_runs
+    if not FLAGS.out:
+        raise ValueError("--mode export needs --out FILE.npz")
+    shapes = saved_runs.export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, which=_which())
+    print(f"wrote {len(shapes)} parameters to {FLAGS.out}")
+    return 0
+
+
+def summarize_mode(config) -> int:
+    if not os.path.isdir(FLAGS.workdir):
+        raise FileNotFoundError(f"--mode summarize: no sweep in {FLAGS.workdir!r}")
+    _summarize(_sweep_points(config))
+    return 0
+
+
+def sweep_mode(config) -> int:
+    """--sweep: the config file's get_sweep() points (seqjax.sweep), then their summary."""
+    import jax
+
+    from seqjax import sweep
+    points = _sweep_points(config)
+    if FLAGS.sweep_point is not None:  # a worker of a parallel sweep
+        if not 0 <= FLAGS.sweep_point < len(points):
+            raise app.UsageError(f"--sweep_point={FLAGS.sweep_point}: get_sweep() has "
+                                 f"{len(points)} points")
+        row = sweep.run_point(config, points[FLAGS.sweep_point], FLAGS.workdir)
+        return 0 if row["status"] in ("ok", "stopped") else 1
+    if FLAGS.parallel > 1 and jax.process_count() > 1:
+        raise app.UsageError("--parallel runs points as local processes: not with multi-host")
+    stopped = sweep.run(config, points, FLAGS.workdir, parallel=FLAGS.parallel,
+                        command=_worker_command)
+    if stopped:
+        print("sweep stopped; run the same command again to resume it")
+    if jax.process_index() != 0:
+        return 0
+    rows = _summarize(points)
+    return 1 if any(row["status"].startswith("failed") for row in rows) else 0
+
+
+MODES = {"train": train_mode, "eval": eval_mode, "sample": sample_mode,
+         "translate": translate_mode, "export": export_mode, "summarize": summarize_mode,
+         "sweep": sweep_mode}
+
+
 def _init_distributed():
     """jax.distributed.initialize before anything else touches the devices, when asked to:
     explicitly (--coordinator_address, --num_processes, --process_id) or with --distributed.
@@ -155,48 +221,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     _init_distributed()
-    import jax  # after flag parsing: importing jax is slow
-    from seqjax import analysis, train
+    from seqjax import analysis
     config = FLAGS.config
+    mode = "sweep" if FLAGS.sweep else FLAGS.mode
     try:
-        if FLAGS.sweep:
-            return _sweep(config)
-        if FLAGS.mode == "summarize":
-            if not os.path.isdir(FLAGS.workdir):
-                raise FileNotFoundError(f"--mode summarize: no sweep in {FLAGS.workdir!r}")
-            _summarize(_sweep_points(config))
-            return 0
-        if config.task in analysis.ANALYSES:
-            if FLAGS.mode != "train":
-                raise ValueError(f"{config.task} is an analysis: it runs in the default mode only")
-            _print_results(analysis.run(config, FLAGS.workdir))
-        elif FLAGS.mode == "train":
-            results = train.train(config, FLAGS.workdir)
-            if jax.process_index() == 0:
-                _print_results(results)
-        elif FLAGS.mode == "eval":
-            _print_results(train.evaluate(config, FLAGS.workdir, step=FLAGS.step,
-                                          which="best" if FLAGS.best else "latest"))
-        elif FLAGS.mode == "translate":
-            options = {} if FLAGS.beam_size is None else {"beam_size": FLAGS.beam_size}
-            print("\n".join(train.translate(FLAGS.workdir, _sentences(), step=FLAGS.step,
-                                             which="best" if FLAGS.best else "latest",
-                                             defaults=config, **options)))
-        elif FLAGS.mode == "export":
-            if not FLAGS.out:
-                raise ValueError("--mode export needs --out FILE.npz")
-            shapes = train.export(FLAGS.workdir, FLAGS.out, step=FLAGS.step,
-                                  which="best" if FLAGS.best else "latest")
-            print(f"wrote {len(shapes)} parameters to {FLAGS.out}")
-        else:
-            options = {k: v for k in ("prefix", "length", "temperature")
-                       if (v := getattr(FLAGS, k)) is not None}
-            print(train.generate(FLAGS.workdir, step=FLAGS.step, which="best" if FLAGS.best else "latest",
-                                 seed=FLAGS.seed, defaults=config, **options))
+        if config.task in analysis.ANALYSES and mode != "train":
+            raise ValueError(f"{config.task} is an analysis: it runs in the default mode only")
+        return MODES[mode](config)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 def _parse_flags(argv):

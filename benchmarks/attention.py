@@ -57,14 +57,25 @@ import statistics
 import time
 from typing import Callable, Optional
 
-from absl import app, flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 
-from common import (PEAK_SIZE, block, environment, load_average, matmul_peak, op_parts,
-                    op_profile, paired_median, timed, verdict)
 from seqjax.nn.attention import dot_product_attention, local_attention
+
+from common import (
+    PEAK_SIZE,
+    block,
+    environment,
+    load_average,
+    matmul_peak,
+    op_parts,
+    op_profile,
+    paired_median,
+    timed,
+    verdict,
+)
 
 flags.DEFINE_list("lengths", ["1024", "4096", "16384", "65536"], "Sequence lengths N.")
 flags.DEFINE_list("block_sizes", ["128", "256"], "Block sizes S of local attention.")

@@ -66,17 +66,26 @@ import re
 import statistics
 import time
 
-from absl import app, flags
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 
-from common import (PEAK_SIZE, environment, interleaved_times, load_average, matmul_peak,
-                    op_profile, paired_median, verdict)
 from seqjax.nn.bert import BertEncoder, BertPretraining
+
+from common import (
+    PEAK_SIZE,
+    environment,
+    interleaved_times,
+    load_average,
+    matmul_peak,
+    op_profile,
+    paired_median,
+    verdict,
+)
 
 flags.DEFINE_integer("batch_size", 32, "Batch size B (sequences per step).")
 flags.DEFINE_integer("seq_len", 128, "Sequence length L.")

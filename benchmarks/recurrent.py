@@ -32,13 +32,14 @@ cost more than the second thread gains: on a 2-vCPU virtual machine the scan's m
 import os
 import statistics
 
-from absl import app, flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import app, flags
+
+from seqjax.nn.recurrent import StackedRecurrent
 
 from common import block, environment, interleaved_times, op_parts, op_profile, paired_median
-from seqjax.nn.recurrent import StackedRecurrent
 
 torch = None  # imported in main(), optionally, after the OpenMP environment is set
 

@@ -16,7 +16,8 @@ for tests). Reports dev accuracy.
 
 import ml_collections
 
-from seqjax.config import bert_model_config, parse_arg
+from seqjax.config import parse_arg
+from seqjax.tasks.bert import model_config
 
 
 def get_config(arg=None):
@@ -43,7 +44,7 @@ def get_config(arg=None):
         max_documents=placeholder(int),
         vocab_size=8000,
     )
-    config.model = bert_model_config(args.size)
+    config.model = model_config(args.size)
     config.model.norm = "pre"  # as experiments/bert_pretrain.py: the encoder loaded must match
     config.model.classifier_dropout = 0.1
 

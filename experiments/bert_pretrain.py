@@ -15,7 +15,8 @@ Expected result: see the README's results table.
 
 import ml_collections
 
-from seqjax.config import bert_model_config, parse_arg
+from seqjax.config import parse_arg
+from seqjax.tasks.bert import model_config
 
 
 def get_config(arg=None):
@@ -46,7 +47,7 @@ def get_config(arg=None):
         batch_size=64,
         eval_batch_size=128,
     )
-    config.model = bert_model_config(args.size)
+    config.model = model_config(args.size)
     # Pre-norm: in 6,000 steps it reaches a held-out MLM accuracy of 0.22, where post-norm
     # (the original BERT's) was still at 0.14 after 3,000 steps of twice the length.
     config.model.norm = "pre"

@@ -12,8 +12,8 @@ Expected result: see the README's results table.
 
 import ml_collections
 
-from seqjax.config import parse_arg
 from seqjax import sweep
+from seqjax.config import parse_arg
 
 
 def get_config(arg=None):

@@ -96,5 +96,8 @@ def get_config(arg=None):
 
 def get_sweep():
     """Full vs local attention at context 256:
-    `python launch.py --config experiments/charlm_transformer.py --sweep --workdir runs/tlm_attn`."""
+
+        python launch.py --config experiments/charlm_transformer.py --sweep \
+            --workdir runs/tlm_attn
+    """
     return [{"model.attention": kind} for kind in ("full", "local")]

@@ -9,20 +9,15 @@ with and without gradient clipping) and symmetry.csv (constant against random in
 `:tiny` shrinks everything for tests.
 """
 
-import importlib.util
-import pathlib
+import os
 
 import ml_collections
 
-from seqjax.config import parse_arg
+from seqjax.config import load_experiment, parse_arg
 
 
 def _charlm_config(arg):
-    path = pathlib.Path(__file__).with_name("charlm.py")
-    spec = importlib.util.spec_from_file_location("charlm_experiment", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_experiment(os.path.join(os.path.dirname(__file__), "charlm.py")).get_config(arg)
 
 
 def get_config(arg=None):

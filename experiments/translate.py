@@ -3,7 +3,8 @@ shipped Tatoeba pairs: a Transformer encoder-decoder, or a GRU encoder-decoder w
 (Bahdanau) attention.
 
     python launch.py --config experiments/translate.py --workdir runs/translate
-    python launch.py --config experiments/translate.py:model=seq2seq_attention --workdir runs/seq2seq
+    python launch.py --config experiments/translate.py:model=seq2seq_attention \
+        --workdir runs/seq2seq
     python launch.py --config experiments/translate.py --workdir runs/translate --mode translate \
         --text "he is calm ."
     python launch.py --config experiments/translate.py --workdir runs/translate --mode translate \
@@ -69,8 +70,8 @@ def get_config(arg=None):
         activation="relu",
         # seq2seq_attention (num_layers too)
         cell="gru",
-        embed_size=256,
-        num_hiddens=256,
+        embed_dim=256,
+        hidden=256,
     )
 
     # --- search and evaluation ----------------------------------------------------------------
@@ -105,7 +106,7 @@ def get_config(arg=None):
         config.data.update(max_pairs=3000, num_valid=50, num_test=50, batch_size=16,
                            eval_batch_size=24, num_steps=8)
         config.model.update(num_layers=1, d_model=16, num_heads=2, ffn_hiddens=32,
-                            embed_size=16, num_hiddens=16, dropout=0.0)
+                            embed_dim=16, hidden=16, dropout=0.0)
         config.decode.update(beam_size=2, val_sentences=20, num_attention_maps=1)
         config.opt.warmup_steps = 2
         config.num_train_steps = 10

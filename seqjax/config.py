@@ -1,11 +1,24 @@
-"""Helpers for ml-collections configs: experiment arguments, validation, saving beside checkpoints."""
+"""Helpers for ml-collections configs: experiment files and their arguments, dotted overrides,
+checks that name the key, and the copy saved beside checkpoints (read back under today's keys)."""
 
+import importlib.util
 import json
 import math
 import os
 from typing import Any
 
 import ml_collections
+
+
+def load_experiment(path: str):
+    """The module of an experiment file (`experiments/X.py`, without a `:arg` suffix)."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"seqjax_experiment_{name}", path)
+    if spec is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"no experiment file {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -31,6 +44,32 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return args
 
 
+def override(config: ml_collections.ConfigDict, overrides: dict, what: str = "override"):
+    """A copy of `config` with `overrides` ({'a.b': value}) set; a key the config lacks or a
+    value of the wrong type is an error that names `what` and the key."""
+    copy = config.copy_and_resolve_references()
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        target = copy
+        for parent in parents:
+            target = target.get(parent) if hasattr(target, "get") else None
+        if not hasattr(target, "get") or leaf not in target:
+            raise ValueError(f"{what}: the config has no field {key!r}")
+        try:
+            setattr(target, leaf, value)
+        except TypeError as e:
+            raise TypeError(f"{what}: {key}={value!r}: {e}") from None
+    return copy
+
+
+def get(config, key: str):
+    """config['a']['b'] for key 'a.b'."""
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
 def expect(ok: bool, key: str, value: Any, what: str):
     """Raises a ValueError naming the config key when a value is out of its valid range."""
     if not ok:
@@ -38,9 +77,7 @@ def expect(ok: bool, key: str, value: Any, what: str):
 
 
 def expect_type(config, key: str, types):
-    value = config
-    for part in key.split("."):
-        value = value[part]
+    value = get(config, key)
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in _tuple(types)):
         names = "/".join(t.__name__ for t in _tuple(types))
         raise TypeError(f"config.{key}={value!r} has type {type(value).__name__}; expected {names}")
@@ -63,22 +100,6 @@ def expect_fraction(config, key: str, low_open=False):
     expect(ok, key, value, f"must be in {'(' if low_open else '['}0, 1)")
 
 
-# The published BERT shapes (Turc et al. 2019, "Well-Read Students Learn Better"):
-# layers, d_model, heads; the FFN is 4 * d_model wide.
-BERT_SIZES = {"tiny": (2, 128, 2), "mini": (4, 256, 4), "small": (4, 512, 8),
-              "medium": (8, 512, 8), "base": (12, 768, 12)}
-
-
-def bert_model_config(size: str) -> dict:
-    """The `model` section of a BERT experiment of one of `BERT_SIZES`."""
-    if size not in BERT_SIZES:
-        raise ValueError(f"size={size!r}: expected one of {sorted(BERT_SIZES)}")
-    num_layers, d_model, num_heads = BERT_SIZES[size]
-    return dict(size=size, num_layers=num_layers, d_model=d_model, num_heads=num_heads,
-                ffn_hiddens=4 * d_model, max_position=512, norm="post", attention="full",
-                block_size=64, look_back=1, dropout=0.1, attention_dropout=0.1, dtype="float32")
-
-
 CONFIG_FILE = "config.json"
 
 
@@ -89,12 +110,25 @@ def save(config: ml_collections.ConfigDict, workdir: str):
     os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
 
 
+# Keys renamed since runs were saved (old -> new): a saved config is read under the new names.
+RENAMED = {"model.num_hiddens": "model.hidden", "model.embed_size": "model.embed_dim"}
+
+
 def load(workdir: str) -> ml_collections.ConfigDict | None:
+    """The config saved in `workdir`, or None; keys of `RENAMED` read under their new names."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+        saved = json.load(f)
+    for old, new in RENAMED.items():
+        (*parents, old_leaf), new_leaf = old.split("."), new.split(".")[-1]
+        section = saved
+        for parent in parents:
+            section = section.get(parent) if isinstance(section, dict) else None
+        if isinstance(section, dict) and old_leaf in section and new_leaf not in section:
+            section[new_leaf] = section.pop(old_leaf)
+    return ml_collections.ConfigDict(saved)
 
 
 def with_defaults(saved: ml_collections.ConfigDict, defaults) -> ml_collections.ConfigDict:

@@ -120,3 +120,18 @@ def beam_search(step_fn: StepFn, state, *, batch_size: int, beam_size: int, max_
             state)
     _, _, _, fin_BxKxL, fin_score_BxK, _ = lax.while_loop(cond, body, init)
     return fin_BxKxL, fin_score_BxK
+
+
+def sample(step_fn: StepFn, logits_1xV, state, rng, temperature, length: int):
+    """Draws `length` tokens from softmax(logits / temperature), feeding each back in with
+    `step_fn(token_1, state) -> (logits_1x1xV, state)`; temperature 0 takes the most likely."""
+    def step(carry, key):
+        logits_1xV, state = carry
+        scaled = logits_1xV / jnp.maximum(temperature, 1e-6)
+        token_1 = jnp.where(temperature > 0, jax.random.categorical(key, scaled),
+                            jnp.argmax(logits_1xV, axis=-1))
+        logits_1x1xV, state = step_fn(token_1, state)
+        return (logits_1x1xV[:, -1], state), token_1[0]
+
+    _, tokens = lax.scan(step, (logits_1xV, state), jax.random.split(rng, length))
+    return tokens

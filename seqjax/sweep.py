@@ -17,6 +17,7 @@ import time
 import traceback
 
 from seqjax import config as config_lib
+from seqjax import plotting
 
 RESULT_FILE = "result.json"
 LOG_FILE = "log.txt"
@@ -28,7 +29,8 @@ def product(grid: dict) -> list[dict]:
     product({'model.cell': ('rnn', 'gru'), 'opt.lr': (1e-3, 3e-3)}) is 4 override dicts."""
     for key, values in grid.items():
         if not isinstance(values, (list, tuple)) or not values:
-            raise ValueError(f"sweep.product: {key!r} needs a non-empty list of values, got {values!r}")
+            raise ValueError(f"sweep.product: {key!r} needs a non-empty list of values, "
+                             f"got {values!r}")
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
@@ -46,7 +48,8 @@ def check_points(points, config) -> list[dict]:
                          f"got {points!r}")
     names = [point_name(p) for p in points]
     if len(set(names)) < len(names):
-        raise ValueError(f"get_sweep() repeats a point: {sorted(n for n in names if names.count(n) > 1)[0]}")
+        repeated = sorted(n for n in names if names.count(n) > 1)
+        raise ValueError(f"get_sweep() repeats a point: {repeated[0]}")
     for overrides in points:
         apply(config, overrides)
     return list(points)
@@ -54,26 +57,15 @@ def check_points(points, config) -> list[dict]:
 
 def apply(config, overrides: dict):
     """A copy of `config` with the point's overrides ('a.b' keys) set."""
-    point = config.copy_and_resolve_references()
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        target = point
-        for parent in parents:
-            target = target.get(parent) if hasattr(target, "get") else None
-        if not hasattr(target, "get") or leaf not in target:
-            raise ValueError(f"sweep point {point_name(overrides)}: the config has no field {key!r}")
-        try:
-            setattr(target, leaf, value)
-        except TypeError as e:
-            raise TypeError(f"sweep point {point_name(overrides)}: {key}={value!r}: {e}") from None
-    return point
+    return config_lib.override(config, overrides, f"sweep point {point_name(overrides)}")
 
 
 def run_point(config, overrides: dict, workdir: str) -> dict:
     """Trains one point in its sub-workdir (skipped when it has finished with this config) and
     writes its row; an exception is the point's failure, recorded, not raised."""
     import jax
-    from seqjax import train
+
+    from seqjax.train.loop import train_and_evaluate
     name = point_name(overrides)
     subdir = os.path.join(workdir, name)
     point = apply(config, overrides)
@@ -85,7 +77,7 @@ def run_point(config, overrides: dict, workdir: str) -> dict:
     if jax.process_index() == 0:
         _forget(subdir)
     try:
-        results = train.train(point, subdir)
+        results = train_and_evaluate(point, subdir)
         status = "stopped" if results.get("stopped") else "ok"
     except Exception as e:
         traceback.print_exc()
@@ -102,8 +94,8 @@ def run(config, points, workdir: str, *, parallel: int = 1, command=None) -> boo
     processes `command(i)` (training point i), `parallel` at a time, each with its output in
     `<point>/log.txt`. SIGTERM stops the sweep after the running points have saved. Returns
     whether it was stopped."""
-    from seqjax import train
-    with train.StopRequest() as stop:
+    from seqjax.train.loop import StopRequest
+    with StopRequest() as stop:
         if parallel <= 1:
             for overrides in points:
                 if stop.requested:
@@ -199,13 +191,12 @@ def markdown_table(rows: list[dict], keys: list[str]) -> str:
 def _plot(rows: list[dict], workdir: str, metric: str):
     """summary.png: the logged curve behind `metric` ('best_val_loss' -> the 'val' rows'
     'loss') against the step, one line per point."""
-    from seqjax.analysis import pyplot
     from seqjax.train.metrics import METRICS_FILE, read_metrics
     name = metric.removeprefix("best_")
     split, _, key = name.partition("_")
     if not key:
         split, key = "val", name
-    plt = pyplot()
+    plt = plotting.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for row in rows:
         subdir = os.path.join(workdir, row["point"])

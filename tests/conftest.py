@@ -4,16 +4,19 @@ the tests (and their subprocesses), which roughly halves the time to a first ste
 import os
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "seqjax-test-jax-cache"))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "seqjax-test-jax-cache")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402  (after the environment above)
 
 assert jax.local_device_count() == 4, "XLA_FLAGS was set after jax initialised its backend"
 
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
@@ -21,6 +24,7 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
+from seqjax.config import load_experiment  # noqa: E402
 from seqjax.train.metrics import METRICS_FILE  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,10 +32,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def load_config(name: str, arg: str | None = None):
     """`get_config(arg)` of experiments/<name>.py, as launch.py would load it."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_experiment(str(ROOT / "experiments" / f"{name}.py")).get_config(arg)
 
 
 @pytest.fixture

@@ -16,9 +16,15 @@ import jax
 import numpy as np
 import pytest
 
-from seqjax.nn.attention import (AdditiveAttention, MultiHeadAttention, additive_scores,
-                                 dot_product_attention, local_attention, local_window_mask,
-                                 masked_softmax)
+from seqjax.nn.attention import (
+    AdditiveAttention,
+    MultiHeadAttention,
+    additive_scores,
+    dot_product_attention,
+    local_attention,
+    local_window_mask,
+    masked_softmax,
+)
 
 
 def normal(rng, *shape):

@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import reference
-from conftest import launch, load_config, logged
-from seqjax import train
 from seqjax.data import pretraining as data_lib
 from seqjax.nn.bert import BertEncoder, BertPretraining
 from seqjax.tasks import bert as task_lib
+from seqjax.train import checkpoint, saved_runs
+
+import reference
+from conftest import launch, load_config, logged
 
 # ----------------------------------------------------------------------------- the model
 
@@ -179,24 +180,25 @@ def pretrain_task():
 
 def test_mlm_loss_ignores_unchosen_positions(pretrain_task):
     task, params = pretrain_task
-    batch = jax.tree.map(jnp.asarray, task.eval_batches()[0])
-    sums, _ = task.loss(params, batch, (), None, False)
+    batch = jax.tree.map(jnp.asarray, task.eval_batches[0])
+    sums, _ = task.loss(params, batch, (), rng=None, train=False)
     unchosen = batch["weights"] == 0
     assert unchosen.any() and (~unchosen).any()
     scrambled = dict(batch, targets=jnp.where(unchosen, (batch["targets"] + 17) % 200,
                                               batch["targets"]))
-    same, _ = task.loss(params, scrambled, (), None, False)
+    same, _ = task.loss(params, scrambled, (), rng=None, train=False)
     for k in ("mlm_loss", "mlm_accuracy", "weight"):
         assert float(same[k]) == float(sums[k])
     chosen = jnp.argmax(batch["weights"][0])
     moved = dict(batch, targets=batch["targets"].at[0, chosen].add(1))
-    assert float(task.loss(params, moved, (), None, False)[0]["mlm_loss"]) != float(sums["mlm_loss"])
+    moved_loss = task.loss(params, moved, (), rng=None, train=False)[0]["mlm_loss"]
+    assert float(moved_loss) != float(sums["mlm_loss"])
 
 
 def test_training_draws_a_fresh_mask_from_the_steps_key(pretrain_task):
     task, params = pretrain_task
     batch = jax.tree.map(jnp.asarray, task.train_batch(0))
-    loss = jax.jit(lambda rng: task.loss(params, batch, (), rng, True)[0]["mlm_loss"])
+    loss = jax.jit(lambda rng: task.loss(params, batch, (), rng=rng, train=True)[0]["mlm_loss"])
     a, b = (float(loss(jax.random.PRNGKey(i))) for i in (0, 1))
     assert a == float(loss(jax.random.PRNGKey(0))) and a != b
 
@@ -234,9 +236,9 @@ def test_init_from_loads_exactly_the_pretrained_encoder(pretrained):
     config.init_from = str(pretrained)
     task = task_lib.build_finetune(config)
     fresh = task.init_params(jax.random.PRNGKey(1))
-    loaded, names = train.load_init_from(fresh, str(pretrained))
+    loaded, names = checkpoint.load_init_from(fresh, str(pretrained))
     assert names == ["encoder", "pooler"]
-    saved = train.restore_run(str(pretrained))[2]
+    saved = saved_runs.restore_run(str(pretrained))[2]
     for name in names:
         jax.tree.map(np.testing.assert_array_equal, loaded["params"][name], saved["params"][name])
     jax.tree.map(np.testing.assert_array_equal, loaded["params"]["classifier"],
@@ -255,5 +257,6 @@ def test_bad_init_from_is_a_clear_error_and_writes_nothing(pretrained, tmp_path)
     proc = launch("--config", "experiments/bert_finetune.py:smoke", "--workdir", str(workdir),
                   f"--config.init_from={pretrained}", "--config.model.ffn_hiddens=48")
     assert proc.returncode == 1
-    assert "parameter ['encoder']['blocks_0']['ffn']['dense1']['bias'] has shape (32,)" in proc.stderr
+    assert ("parameter ['encoder']['blocks_0']['ffn']['dense1']['bias'] has shape (32,)"
+            in proc.stderr)
     assert not workdir.exists()

@@ -186,12 +186,14 @@ def test_sharding_splits_the_global_batch():
     ids = _stream()
     for partition in text_lib.PARTITIONS:
         full = text_lib.LMBatches(ids, 8, 5, partition=partition, seed=2)
-        shards = [text_lib.LMBatches(ids, 8, 5, partition=partition, seed=2, shard_index=i, num_shards=4)
+        shards = [text_lib.LMBatches(ids, 8, 5, partition=partition, seed=2, shard_index=i,
+                                     num_shards=4)
                   for i in range(4)]
         assert all(s.steps_per_epoch == full.steps_per_epoch for s in shards)
         for step in (0, 3, full.steps_per_epoch + 1):
             for key in ("inputs", "targets"):
-                np.testing.assert_array_equal(np.concatenate([s(step)[key] for s in shards]), full(step)[key])
+                np.testing.assert_array_equal(np.concatenate([s(step)[key] for s in shards]),
+                                              full(step)[key])
     with pytest.raises(ValueError, match="divisible"):
         text_lib.LMBatches(ids, 6, 5, num_shards=4)
 
@@ -242,5 +244,6 @@ def test_end_to_end_on_the_corpus(corpus_text):
     train, valid = text_lib.split_train_valid(vocab.encode(tokens), 0.1)
     batches = text_lib.LMBatches(train, 32, 35, partition="sequential")
     batch = batches(batches.steps_per_epoch + 2)
-    assert "".join(vocab.to_tokens(batch["inputs"][0, 1:])) == "".join(vocab.to_tokens(batch["targets"][0, :-1]))
+    assert ("".join(vocab.to_tokens(batch["inputs"][0, 1:]))
+            == "".join(vocab.to_tokens(batch["targets"][0, :-1])))
     assert sum(b["weights"].sum() for b in text_lib.eval_batches(valid, 16, 35)) == len(valid) - 1

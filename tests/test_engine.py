@@ -13,10 +13,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import ROOT, launch, load_config, logged, restored
-from seqjax import train as engine
 from seqjax.data import text as text_lib
+from seqjax.train import saved_runs
 from seqjax.train.checkpoint import Checkpoints
+from seqjax.train.loop import train_and_evaluate
+
+from conftest import ROOT, launch, load_config, logged, restored
 
 
 def test_resume_is_exact(tiny_charlm, tmp_path):
@@ -24,12 +26,12 @@ def test_resume_is_exact(tiny_charlm, tmp_path):
     config.num_train_steps = 12
     config.checkpoint_every = 4
     config.model.dropout = 0.1  # the dropout keys must resume too
-    engine.train(config, str(tmp_path / "once"))
-    first = engine.train(config, str(tmp_path / "twice"), stop_after=6)
+    train_and_evaluate(config, str(tmp_path / "once"))
+    first = train_and_evaluate(config, str(tmp_path / "twice"), stop_after=6)
     assert first["stopped"] and first["step"] == 6
     with open(tmp_path / "twice" / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "split": "tr')  # a run killed while writing a line
-    engine.train(config, str(tmp_path / "twice"))
+    train_and_evaluate(config, str(tmp_path / "twice"))
     once, twice = restored(str(tmp_path / "once")), restored(str(tmp_path / "twice"))
     assert int(once["step"]) == int(twice["step"]) == 12
     for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(twice)):
@@ -44,7 +46,7 @@ def test_one_device_equals_four(tiny_charlm, tmp_path):
     curves = {}
     for n in (1, 4):
         tiny_charlm.num_devices = n
-        engine.train(tiny_charlm, str(tmp_path / f"d{n}"))
+        train_and_evaluate(tiny_charlm, str(tmp_path / f"d{n}"))
         curves[n] = [r["loss"] for r in logged(str(tmp_path / f"d{n}"))]
     assert len(curves[1]) == tiny_charlm.num_train_steps
     np.testing.assert_allclose(curves[1], curves[4], rtol=0, atol=1e-5)
@@ -58,14 +60,14 @@ def test_pmap_and_shard_map_give_the_same_parameters(tiny_charlm, tmp_path):
     for kind in ("pmap", "shard_map"):
         tiny_charlm.parallel = kind
         workdir = str(tmp_path / kind)
-        engine.train(tiny_charlm, workdir, stop_after=5)
-        results[kind] = engine.train(tiny_charlm, workdir)
+        train_and_evaluate(tiny_charlm, workdir, stop_after=5)
+        results[kind] = train_and_evaluate(tiny_charlm, workdir)
     assert results["pmap"]["step"] == tiny_charlm.num_train_steps
     a, b = restored(str(tmp_path / "pmap")), restored(str(tmp_path / "shard_map"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
     assert abs(results["pmap"]["val_loss"] - results["shard_map"]["val_loss"]) < 1e-5
-    assert engine.evaluate(None, str(tmp_path / "shard_map"))["loss"] == pytest.approx(
+    assert saved_runs.evaluate(None, str(tmp_path / "shard_map"))["loss"] == pytest.approx(
         results["shard_map"]["val_loss"], abs=1e-6)
 
 
@@ -78,12 +80,13 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny_charlm, tmp_path, monkeyp
 
     def poisoned(self, step):
         batch = original(self, step)
-        batch["weights"] = np.full(batch["targets"].shape, np.nan if step == bad_step else 1.0, np.float32)
+        batch["weights"] = np.full(batch["targets"].shape, np.nan if step == bad_step else 1.0,
+                                   np.float32)
         return batch
 
     monkeypatch.setattr(text_lib.LMBatches, "__call__", poisoned)
     with pytest.raises(FloatingPointError, match=f"non-finite loss.*step {bad_step + 1}"):
-        engine.train(tiny_charlm, workdir)
+        train_and_evaluate(tiny_charlm, workdir)
     state = restored(workdir)
     assert int(state["step"]) == 4
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
@@ -91,7 +94,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny_charlm, tmp_path, monkeyp
 
     monkeypatch.undo()
     capsys.readouterr()
-    results = engine.train(tiny_charlm, workdir)
+    results = train_and_evaluate(tiny_charlm, workdir)
     assert "resumed from step 4" in capsys.readouterr().out
     assert results["step"] == tiny_charlm.num_train_steps
     best = restored(workdir, "best")
@@ -134,7 +137,7 @@ def test_sigterm_saves_and_resumes(tmp_path, capsys):
     config.num_train_steps = step + 3
     config.log_every = 1
     capsys.readouterr()
-    assert engine.train(config, str(workdir))["step"] == step + 3
+    assert train_and_evaluate(config, str(workdir))["step"] == step + 3
     assert f"resumed from step {step}" in capsys.readouterr().out
     steps = [r["step"] for r in logged(str(workdir))]
     assert steps == list(range(1, step + 4))
@@ -157,13 +160,16 @@ def test_launch_tiny_end_to_end(tmp_path):
     ev = launch("--config", "experiments/charlm.py:tiny", "--workdir", workdir, "--mode", "eval",
                  "--step", "20")
     assert ev.returncode == 0, ev.stderr
-    ppl = float(next(l for l in ev.stdout.splitlines() if l.startswith("perplexity:")).split()[1])
+    ppl = float(next(line for line in ev.stdout.splitlines()
+                     if line.startswith("perplexity:")).split()[1])
     assert ppl == pytest.approx(final_val["perplexity"], rel=1e-5)
 
-    sample = launch("--config", "experiments/charlm.py:tiny", "--workdir", workdir, "--mode", "sample",
-                     "--prefix", "the time machine", "--length", "30", "--temperature", "0")
+    sample = launch("--config", "experiments/charlm.py:tiny", "--workdir", workdir,
+                     "--mode", "sample", "--prefix", "the time machine", "--length", "30",
+                     "--temperature", "0")
     assert sample.returncode == 0, sample.stderr
-    assert sample.stdout.startswith("the time machine") and len(sample.stdout.strip()) == len("the time machine") + 30
+    assert (sample.stdout.startswith("the time machine")
+            and len(sample.stdout.strip()) == len("the time machine") + 30)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -174,7 +180,8 @@ def test_launch_tiny_end_to_end(tmp_path):
     ("--config.sample.temperature=-1", "config.sample.temperature=-1.0"),
 ])
 def test_bad_config_is_a_clear_error(override, message, tmp_path):
-    run = launch("--config", "experiments/charlm.py:tiny", "--workdir", str(tmp_path / "w"), override)
+    run = launch("--config", "experiments/charlm.py:tiny", "--workdir", str(tmp_path / "w"),
+                 override)
     assert run.returncode != 0
     assert message in run.stderr
     assert "Traceback" not in run.stderr
@@ -184,11 +191,11 @@ def test_bad_config_is_a_clear_error(override, message, tmp_path):
 def test_bad_corpus_is_a_clear_error(tiny_charlm, tmp_path):
     tiny_charlm.data.path = str(tmp_path / "missing.txt")
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        engine.train(tiny_charlm, str(tmp_path / "w"))
+        train_and_evaluate(tiny_charlm, str(tmp_path / "w"))
     (tmp_path / "empty.txt").write_text("\n  \n")
     tiny_charlm.data.path = str(tmp_path / "empty.txt")
     with pytest.raises(ValueError, match="empty"):
-        engine.train(tiny_charlm, str(tmp_path / "w"))
+        train_and_evaluate(tiny_charlm, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
 
 
@@ -196,7 +203,7 @@ def test_wrong_type_in_code_is_a_clear_error(tiny_charlm, tmp_path):
     fields = tiny_charlm.to_dict()
     fields["model"]["hidden"] = "32"  # a config built in code is not type-checked by overrides
     with pytest.raises(TypeError, match="config.model.hidden='32' has type str; expected int"):
-        engine.train(ml_collections.ConfigDict(fields), str(tmp_path / "w"))
+        train_and_evaluate(ml_collections.ConfigDict(fields), str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
 
 
@@ -207,17 +214,18 @@ def test_wrong_type_in_code_is_a_clear_error(tiny_charlm, tmp_path):
     ("tiny", "opt.clip_norm", 0.0, "opt.clip_norm > 0: True .saved. != False"),
     ("tiny", "opt.name", "sgd", "opt.name"),
 ])
-def test_workdir_of_another_model_is_refused_and_kept(tiny_charlm, tmp_path, arg, key, value, message):
+def test_workdir_of_another_model_is_refused_and_kept(tiny_charlm, tmp_path, arg, key, value,
+                                                      message):
     workdir = tmp_path / "w"
     tiny_charlm.num_train_steps = 10
-    engine.train(tiny_charlm, str(workdir))
+    train_and_evaluate(tiny_charlm, str(workdir))
     before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
     other = load_config("charlm", arg)
     if key:
         section, field = key.split(".")
         other[section][field] = value
     with pytest.raises(ValueError, match=message):
-        engine.train(other, str(workdir))
+        train_and_evaluate(other, str(workdir))
     after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
     assert before == after
 
@@ -225,9 +233,9 @@ def test_workdir_of_another_model_is_refused_and_kept(tiny_charlm, tmp_path, arg
 def test_finished_run_reports_and_free_fields_resume(tiny_charlm, tmp_path):
     workdir = str(tmp_path / "w")
     tiny_charlm.num_train_steps = 10
-    first = engine.train(tiny_charlm, workdir)
+    first = train_and_evaluate(tiny_charlm, workdir)
     lines = logged(workdir, "val")
-    again = engine.train(tiny_charlm, workdir)  # finished: evaluated, not retrained
+    again = train_and_evaluate(tiny_charlm, workdir)  # finished: evaluated, not retrained
     assert again["step"] == 10 and logged(workdir, "val") == lines
     for key in ("val_perplexity", "best_val_perplexity", "best_step"):
         assert again[key] == pytest.approx(first[key], rel=1e-6)
@@ -235,7 +243,7 @@ def test_finished_run_reports_and_free_fields_resume(tiny_charlm, tmp_path):
     assert 0.5 * first["train_time_s"] < again["train_time_s"] <= first["train_time_s"] + 0.5
     tiny_charlm.num_train_steps = 12
     tiny_charlm.model.dropout = 0.3  # regularisation and the schedule may change on resume
-    assert engine.train(tiny_charlm, workdir)["step"] == 12
+    assert train_and_evaluate(tiny_charlm, workdir)["step"] == 12
 
 
 def test_best_checkpoint_survives_a_resume_that_does_not_beat_it(tiny_charlm, tmp_path):
@@ -244,7 +252,7 @@ def test_best_checkpoint_survives_a_resume_that_does_not_beat_it(tiny_charlm, tm
     workdir = str(tmp_path / "w")
     tiny_charlm.eval_every = 2
     tiny_charlm.checkpoint_every = 4
-    engine.train(tiny_charlm, workdir, stop_after=6)
+    train_and_evaluate(tiny_charlm, workdir, stop_after=6)
     ckpts = Checkpoints(workdir)
     ckpts.managers["latest"].delete(6)  # as if killed after the best save of step 6
     ckpts.close()
@@ -252,7 +260,7 @@ def test_best_checkpoint_survives_a_resume_that_does_not_beat_it(tiny_charlm, tm
     assert int(restored(workdir, "best")["step"]) == 6 and val[6] == min(val.values())
     tiny_charlm.model.dropout = 0.9
     tiny_charlm.num_train_steps = 8
-    results = engine.train(tiny_charlm, workdir)
+    results = train_and_evaluate(tiny_charlm, workdir)
     replayed = {r["step"]: r["loss"] for r in logged(workdir, "val") if r["step"] > 4}
     assert min(replayed.values()) > val[6]  # the premise: the replay does not beat it
     assert int(restored(workdir, "best")["step"]) == results["best_step"] == 6
@@ -297,18 +305,20 @@ def test_sigkill_while_a_checkpoint_is_written_leaves_the_previous_one(tiny_char
     step = Checkpoints(str(workdir)).latest_step()
     assert step >= 2 and int(restored(str(workdir))["step"]) == step
     reference = tmp_path / "reference"
-    engine.train(tiny_charlm, str(reference), stop_after=step + 3)
-    results = engine.train(tiny_charlm, str(workdir), stop_after=3)
+    train_and_evaluate(tiny_charlm, str(reference), stop_after=step + 3)
+    results = train_and_evaluate(tiny_charlm, str(workdir), stop_after=3)
     assert results["step"] == step + 3
-    for a, b in zip(jax.tree.leaves(restored(str(reference))), jax.tree.leaves(restored(str(workdir)))):
+    for a, b in zip(jax.tree.leaves(restored(str(reference))),
+                    jax.tree.leaves(restored(str(workdir)))):
         np.testing.assert_array_equal(a, b)
 
 
 def test_export_npz_and_a_config_saved_before_a_field_was_added(tiny_charlm, tmp_path):
     import flax
+
     from seqjax.tasks import charlm
     workdir = tmp_path / "run"
-    engine.train(tiny_charlm, str(workdir))
+    train_and_evaluate(tiny_charlm, str(workdir))
     out = tmp_path / "params.npz"
     proc = launch("--config", "experiments/charlm.py:tiny", "--workdir", str(workdir),
                   "--mode", "export", "--out", str(out))
@@ -317,16 +327,18 @@ def test_export_npz_and_a_config_saved_before_a_field_was_added(tiny_charlm, tmp
         arrays = dict(archive)
     assert "rnn/layer_0/W_xi" in arrays and "rnn/layer_0/W_hi" in arrays  # textbook names
     params = {"params": flax.traverse_util.unflatten_dict(arrays, sep="/")}
-    saved, task, checkpoint, _ = engine.restore_run(str(workdir))
-    model = charlm.make_model(saved, len(json.loads((workdir / "vocab.json").read_text())["idx_to_token"]))
+    saved, task, checkpoint, _ = saved_runs.restore_run(str(workdir))
+    vocab = json.loads((workdir / "vocab.json").read_text())["idx_to_token"]
+    model = charlm.make_model(saved, len(vocab))
     tokens = np.arange(24, dtype=np.int32).reshape(2, 12) % 20
-    np.testing.assert_array_equal(model.apply(params, tokens)[0], model.apply(checkpoint, tokens)[0])
+    np.testing.assert_array_equal(model.apply(params, tokens)[0],
+                                  model.apply(checkpoint, tokens)[0])
 
     # An older config.json without fields added since: eval and resume read their defaults.
     config_file = workdir / "config.json"
     old = json.loads(config_file.read_text())
     del old["parallel"], old["model"]["unroll"]
     config_file.write_text(json.dumps(old))
-    assert engine.evaluate(tiny_charlm, str(workdir))["step"] == tiny_charlm.num_train_steps
+    assert saved_runs.evaluate(tiny_charlm, str(workdir))["step"] == tiny_charlm.num_train_steps
     tiny_charlm.num_train_steps += 2
-    assert engine.train(tiny_charlm, str(workdir))["step"] == tiny_charlm.num_train_steps
+    assert train_and_evaluate(tiny_charlm, str(workdir))["step"] == tiny_charlm.num_train_steps

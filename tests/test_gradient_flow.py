@@ -8,10 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import load_config
 from seqjax.analysis import gradient_flow as gf
 from seqjax.nn import initializers
 from seqjax.nn.lm import RecurrentLM
+
+from conftest import load_config
 
 
 @pytest.mark.parametrize("cell, embed_dim", [("rnn", 0), ("lstm", 3)])
@@ -27,7 +28,8 @@ def test_input_gradient_norms_match_finite_differences(cell, embed_dim):
     def loss(x_BxTxF):
         logits, _ = model.apply(params, jnp.asarray(x_BxTxF, jnp.float32),
                                 method=model.logits_from_inputs)
-        return float(optax.softmax_cross_entropy_with_integer_labels(logits[:, -1], tokens[:, T]).sum())
+        return float(
+            optax.softmax_cross_entropy_with_integer_labels(logits[:, -1], tokens[:, T]).sum())
 
     eps = 1e-2
     grad = np.zeros_like(x)
@@ -50,7 +52,8 @@ def test_geometric_rate_and_recurrent_scaling():
     for name in layer:
         factor = 2.0 if name.startswith("W_h") else 1.0
         np.testing.assert_array_equal(scaled_layer[name], factor * layer[name])
-    np.testing.assert_array_equal(scaled["params"]["head"]["kernel"], params["params"]["head"]["kernel"])
+    np.testing.assert_array_equal(scaled["params"]["head"]["kernel"],
+                                  params["params"]["head"]["kernel"])
 
 
 def test_unit_spread_sees_every_per_unit_weight():

@@ -9,8 +9,9 @@ import sys
 import jax
 import numpy as np
 
+from seqjax.train.loop import train_and_evaluate
+
 from conftest import ROOT, load_config, logged, restored
-from seqjax import train as engine
 
 
 def _free_port() -> int:
@@ -49,11 +50,11 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
     config = load_config("charlm", "tiny")
     config.log_every = 1
     single, multi = tmp_path / "single", tmp_path / "multi"
-    engine.train(config, str(single))
+    train_and_evaluate(config, str(single))
     first = _run_two_processes(multi)
     # Both resume for 4 more steps: a run started on 2 processes resumes on 2.
     config.num_train_steps += 4
-    engine.train(config, str(single))
+    train_and_evaluate(config, str(single))
     outputs = _run_two_processes(multi, f"--config.num_train_steps={config.num_train_steps}")
     assert jax.local_device_count() == 4
     assert "val_perplexity" in outputs[0] and "resumed from step 20" in outputs[0]

@@ -35,12 +35,12 @@ def np_rotary(x_BxLxHxD, positions, base=10000.0):
     x = np.asarray(x_BxLxHxD, np.float64)
     D = x.shape[-1]
     out = np.zeros_like(x)
-    for l, pos in enumerate(positions):
+    for idx, pos in enumerate(positions):
         for i in range(D // 2):
             theta = pos / base ** (2 * i / D)
             c, s = math.cos(theta), math.sin(theta)
-            a, b = x[:, l, :, i], x[:, l, :, i + D // 2]
-            out[:, l, :, i], out[:, l, :, i + D // 2] = c * a - s * b, s * a + c * b
+            a, b = x[:, idx, :, i], x[:, idx, :, i + D // 2]
+            out[:, idx, :, i], out[:, idx, :, i + D // 2] = c * a - s * b, s * a + c * b
     return out
 
 

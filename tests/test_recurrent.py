@@ -15,8 +15,15 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from seqjax.nn.recurrent import (CELLS, Bidirectional, GRUCell, LSTMCell, Recurrent, RNNCell,
-                                 StackedRecurrent)
+from seqjax.nn.recurrent import (
+    CELLS,
+    Bidirectional,
+    GRUCell,
+    LSTMCell,
+    Recurrent,
+    RNNCell,
+    StackedRecurrent,
+)
 
 CASES = {  # name -> (cell class, extra kwargs)
     "rnn": (RNNCell, {}),
@@ -366,11 +373,12 @@ def test_seq_lengths(name):
         # a length-0 one keeps its initial carry.
         for b, L in enumerate(lengths):
             prefix = x[b:b + 1, :L][:, ::-1] if reverse else x[b:b + 1, :L]
-            carry0_b = jax.tree.map(lambda a: a[b:b + 1], carry0)
+            carry0_b = jax.tree.map(lambda a, b=b: a[b:b + 1], carry0)
             ref_carry, ref_y = np_run(name, variables["params"]["cell"], carry0_b, prefix)
             np.testing.assert_allclose(y[b:b + 1, :L], ref_y[:, ::-1] if reverse else ref_y,
                                        atol=1e-5)
-            assert_tree_close(jax.tree.map(lambda a: a[b:b + 1], carry), ref_carry, atol=1e-5)
+            assert_tree_close(jax.tree.map(lambda a, b=b: a[b:b + 1], carry), ref_carry,
+                              atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- bidirectional
@@ -398,7 +406,7 @@ def test_bidirectional_equals_forward_and_reversed_prefix_by_hand(name):
     p = variables["params"]
     run_alone = jit_apply(Recurrent(make_cell(name, H), return_carry=True))
     for b, L in enumerate(lengths):
-        take_b = lambda tree: jax.tree.map(lambda a: a[b:b + 1], tree)
+        take_b = lambda tree, b=b: jax.tree.map(lambda a: a[b:b + 1], tree)
         if L == 0:  # nothing to run: zero outputs, the initial carries untouched
             ref_cf, ref_yf = take_b(carry0[0]), jnp.zeros((1, 0, H))
             ref_cb, ref_yb = take_b(carry0[1]), jnp.zeros((1, 0, H))

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import reference
 from seqjax.nn.seq2seq import Seq2SeqAttentionDecoder, Seq2SeqEncoder
 from seqjax.nn.transformer import EncoderDecoder, TransformerDecoder, TransformerEncoder
+
+import reference
 
 SRC_V, TGT_V, S, T = 13, 11, 7, 9
 TRANSFORMER = dict(num_layers=2, d_model=16, num_heads=2, ffn_hiddens=24, max_length=T)
@@ -138,7 +139,8 @@ def test_decoder_block_matches_numpy():
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
     for b in range(2):
         y = reference.layer_norm(x[b] + reference.attention(p["self_attention"], x[b], x[b],
-                                                np.tril(np.ones((5, 5), bool))), p["addnorm1"]["ln"])
+                                                np.tril(np.ones((5, 5), bool))),
+                                 p["addnorm1"]["ln"])
         y = reference.layer_norm(y + reference.attention(p["cross_attention"], y, memory[b],
                                              np.broadcast_to(memory_mask[b], (5, 4))),
                            p["addnorm2"]["ln"])

@@ -7,8 +7,9 @@ import csv
 import ml_collections
 import pytest
 
-from conftest import ROOT, launch
 from seqjax import sweep
+
+from conftest import ROOT, launch
 
 TINY = ("--config.num_train_steps=4", "--config.eval_every=2", "--config.sample.length=5")
 
@@ -17,11 +18,8 @@ def _experiment(path, points: str):
     """An experiment file: the char LM's configs with the sweep `points` (Python source)."""
     charlm = str(ROOT / "experiments" / "charlm.py")
     path.write_text(
-        "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('charlm', {charlm!r})\n"
-        "charlm = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(charlm)\n"
-        "get_config = charlm.get_config\n"
+        "from seqjax.config import load_experiment\n"
+        f"get_config = load_experiment({charlm!r}).get_config\n"
         f"get_sweep = lambda: {points}\n")
     return path
 

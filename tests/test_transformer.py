@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
-from seqjax import train as engine
 from seqjax.analysis import attention_maps
-from seqjax.tasks import charlm, charlm_transformer
 from seqjax.nn.transformer import AddNorm, PositionwiseFFN, TransformerLM
+from seqjax.tasks import charlm, charlm_transformer
 from seqjax.train.checkpoint import Checkpoints
+from seqjax.train.loop import train_and_evaluate
+
+from conftest import load_config
 
 
 def _layer_norm(x, scale, bias, eps=1e-6):
@@ -88,13 +89,13 @@ def test_transformer_task_trains_resumes_and_samples(tmp_path):
     config.num_train_steps = 8
     config.checkpoint_every = 4
     config.log_every = 1
-    results = engine.train(config, str(tmp_path / "run"))  # 4 devices, 2 rows each
+    results = train_and_evaluate(config, str(tmp_path / "run"))  # 4 devices, 2 rows each
     assert results["step"] == 8 and np.isfinite(results["val_perplexity"])
     assert results["sample"].startswith("time traveller") and len(results["sample"]) == 14 + 16
 
-    first = engine.train(config, str(tmp_path / "twice"), stop_after=4)
+    first = train_and_evaluate(config, str(tmp_path / "twice"), stop_after=4)
     assert first["stopped"]
-    engine.train(config, str(tmp_path / "twice"))
+    train_and_evaluate(config, str(tmp_path / "twice"))
     states = []
     for name in ("run", "twice"):
         ckpts = Checkpoints(str(tmp_path / name))
@@ -133,5 +134,5 @@ def test_bad_transformer_config_is_a_clear_error(override, message, tmp_path):
     config = load_config("charlm_transformer", "tiny")
     config.update_from_flattened_dict(override)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        engine.train(config, str(tmp_path / "run"))
+        train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()

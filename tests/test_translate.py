@@ -8,10 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import launch, load_config
-from seqjax import train
 from seqjax.data import translation as data_lib
-from seqjax.tasks import translate as task_lib
+from seqjax.tasks import translation as task_lib
+from seqjax.train import saved_runs
+from seqjax.train.loop import train_and_evaluate
+
+from conftest import launch, load_config
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def test_translate_a_sentence_from_the_checkpoint_in_a_subprocess(workdir):
     proc = launch("--config", "experiments/translate.py:tiny", "--workdir", str(workdir),
                   "--mode", "translate", "--text", "I see.", "--beam_size", "2", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    expected = train.translate(str(workdir), ["I see."], beam_size=2)
+    expected = saved_runs.translate(str(workdir), ["I see."], beam_size=2)
     assert proc.stdout.strip().splitlines()[-1] == expected[0]
 
 
@@ -49,29 +51,30 @@ def test_batched_translation_equals_one_sentence_at_a_time(workdir):
     """30 sentences run as two padded batches of eval_batch_size 24; each row's search does
     not depend on the others."""
     sentences = [p[0] for p in data_lib.load_pairs(max_pairs=400)[::13]][:30]
-    batched = train.translate(str(workdir), sentences, beam_size=2)
+    batched = saved_runs.translate(str(workdir), sentences, beam_size=2)
     assert len(batched) == 30
     for i in (0, 17, 29):
-        assert train.translate(str(workdir), [sentences[i]], beam_size=2) == [batched[i]]
+        assert saved_runs.translate(str(workdir), [sentences[i]], beam_size=2) == [batched[i]]
     for line in batched:
         assert "<eos>" not in line and "<pad>" not in line and "<bos>" not in line
 
 
 def test_bad_sentences_are_clear_errors(workdir):
     with pytest.raises(ValueError, match="sentence 2 .* is empty"):
-        train.translate(str(workdir), ["I see.", "  "])
+        saved_runs.translate(str(workdir), ["I see.", "  "])
     with pytest.raises(ValueError, match="holds no word of the source vocabulary"):
-        train.translate(str(workdir), ["xylophonist quixotically"])
+        saved_runs.translate(str(workdir), ["xylophonist quixotically"])
 
 
 def test_too_long_sentence_is_truncated_with_a_warning(workdir):
     num_steps = load_config("translate", "tiny").data.num_steps
     long = "I see. " * num_steps
     with pytest.warns(UserWarning, match=f"reads at most {num_steps - 1}.*truncated"):
-        out = train.translate(str(workdir), [long])
+        out = saved_runs.translate(str(workdir), [long])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cut = train.translate(str(workdir), [" ".join(long.replace(".", " .").split()[:num_steps - 1])])
+        cut = saved_runs.translate(
+            str(workdir), [" ".join(long.replace(".", " .").split()[:num_steps - 1])])
     assert out == cut
 
 
@@ -84,7 +87,7 @@ def test_checkpoint_of_a_different_vocabulary_is_a_clear_error(workdir, tmp_path
     (other / name).write_text(tokenizer.to_json(), encoding="utf-8")
     with pytest.raises(ValueError, match=r"does not fit this model: parameter .*decoder.*"
                                          r"a different vocabulary"):
-        train.translate(str(other), ["I see."])
+        saved_runs.translate(str(other), ["I see."])
 
 
 @pytest.mark.parametrize("name", task_lib.MODELS)
@@ -131,5 +134,24 @@ def test_bad_translate_config_is_a_clear_error(arg, override, message, tmp_path)
     config = load_config("translate", arg)
     config.update_from_flattened_dict(override)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train.train(config, str(tmp_path / "run"))
+        train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_run_saved_under_the_old_key_names_evaluates_and_resumes(workdir, tmp_path):
+    """model.num_hiddens and model.embed_size are now model.hidden and model.embed_dim, as in
+    the char LM: a workdir whose config.json has the old names reads as if it had the new."""
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(workdir, old)
+    saved = json.loads((old / "config.json").read_text())
+    saved["model"]["num_hiddens"] = saved["model"].pop("hidden")
+    saved["model"]["embed_size"] = saved["model"].pop("embed_dim")
+    (old / "config.json").write_text(json.dumps(saved))
+    assert saved_runs.evaluate(None, str(old))["step"] == 10
+    config = load_config("translate", "tiny")
+    config.num_train_steps = 12
+    config.decode.val_sentences = 0
+    assert train_and_evaluate(config, str(old))["step"] == 12
+    model = json.loads((old / "config.json").read_text())["model"]
+    assert "hidden" in model and "num_hiddens" not in model

@@ -9,10 +9,3 @@ def run(config, workdir: str) -> dict:
     runners = {"gradient_flow": gradient_flow.run, "attention_maps": attention_maps.run}
     return runners[config.task](config, workdir)
 
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt

@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax import config as config_lib
-from seqjax.analysis import pyplot
 from seqjax.nn import position
+from seqjax.plotting import pyplot
 from seqjax.tasks import charlm, charlm_transformer
-from seqjax.train import loop
+from seqjax.train.saved_runs import restore_run
 
 
-def validate(config):
+def check_config(config):
     config_lib.expect_positive_int(config, "encoding.length", "encoding.dim", "length")
 
 
@@ -37,7 +37,7 @@ def attention_weights(config_saved, params, vocab, text: str) -> np.ndarray:
 
 
 def run(config, workdir: str) -> dict:
-    validate(config)
+    check_config(config)
     os.makedirs(workdir, exist_ok=True)
     results = {"positional_encoding": os.path.join(workdir, "positional_encoding.png")}
     _plot_encoding(position.sinusoidal_encoding(config.encoding.length, config.encoding.dim),
@@ -45,7 +45,7 @@ def run(config, workdir: str) -> dict:
     if not config.from_workdir:
         return results
 
-    saved, _, params, step = loop.restore_run(config.from_workdir, which="best")
+    saved, _, params, step = restore_run(config.from_workdir, which="best")
     if saved.task != "charlm_transformer" or saved.model.attention != "full":
         raise ValueError(f"config.from_workdir={config.from_workdir!r}: expected a "
                          f"charlm_transformer run with model.attention='full', found task "

@@ -14,7 +14,8 @@ CSV and PNG:
    RNN stay identical (their largest difference stays zero, up to float32 rounding); with
    random weights they do not.
 
-Training goes through the engine (`seqjax.train.train`), one sub-workdir per run, so every run
+Training goes through the engine (`seqjax.train.train_and_evaluate`), one sub-workdir per run,
+so every run
 resumes and its metrics and checkpoints can be inspected like any other.
 """
 
@@ -29,12 +30,13 @@ import numpy as np
 import optax
 
 from seqjax import config as config_lib
-from seqjax.analysis import pyplot
 from seqjax.nn.recurrent import CELLS
+from seqjax.plotting import pyplot
 from seqjax.tasks import charlm
-from seqjax.train import loop
+from seqjax.train import checks
+from seqjax.train.loop import train_and_evaluate
 from seqjax.train.metrics import read_metrics
-
+from seqjax.train.saved_runs import restore_run
 
 # ---------------------------------------------------------------------------------------------
 # Measurements: pure functions of a model, its parameters and data.
@@ -105,11 +107,12 @@ def unit_spread(params) -> float:
 # The experiment.
 # ---------------------------------------------------------------------------------------------
 
-def validate(config):
+def check_config(config):
     config_lib.expect_positive_int(config, "seq_len", "batch_size", "clipping.num_train_steps",
                                    "symmetry.num_train_steps")
     for cell in config.cells:
-        config_lib.expect(cell in CELLS, "cells", config.cells, f"expected cells from {sorted(CELLS)}")
+        config_lib.expect(cell in CELLS, "cells", config.cells,
+                          f"expected cells from {sorted(CELLS)}")
     for scale in config.recurrent_scales:
         config_lib.expect(isinstance(scale, (int, float)) and 0 < scale < math.inf,
                           "recurrent_scales", config.recurrent_scales, "expected positive numbers")
@@ -119,26 +122,19 @@ def validate(config):
     config_lib.expect(value > 0, "clipping.clip_norm", value, "must be > 0")
     value = config_lib.expect_type(config, "symmetry.constant", (int, float))
     config_lib.expect(value != 0, "symmetry.constant", value, "must be non-zero")
-    loop.validate(config.lm)
-    charlm.validate(config.lm)
+    checks.check_config(config.lm)
+    charlm.check_config(config.lm)
 
 
 def _lm_config(config, **overrides):
     """The experiment's char LM config with `overrides` ('model.cell': 'gru', ...)."""
-    lm = config.lm.copy_and_resolve_references()
-    for key, value in overrides.items():
-        *sections, field = key.split(".")
-        target = lm
-        for section in sections:
-            target = target[section]
-        target[field] = value
-    return lm
+    return config_lib.override(config.lm, overrides, "config.lm")
 
 
 def _train(lm, workdir):
     """Trains (or resumes) one char LM; returns (results, error message or None)."""
     try:
-        return loop.train(lm, workdir), None
+        return train_and_evaluate(lm, workdir), None
     except FloatingPointError as e:
         return None, str(e)
 
@@ -149,7 +145,7 @@ def _train_losses(workdir):
 
 def run(config, workdir: str) -> dict:
     """Runs the three measurements; returns a summary, also saved as summary.json."""
-    validate(config)
+    check_config(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     config_lib.save(config, workdir)
@@ -158,11 +154,12 @@ def run(config, workdir: str) -> dict:
     # 1. gradient norm against distance, at initialisation (scaled) and after training.
     rows = []
     for cell in config.cells:
-        lm, run_dir = _lm_config(config, **{"model.cell": cell}), os.path.join(workdir, f"lm_{cell}")
+        lm = _lm_config(config, **{"model.cell": cell})
+        run_dir = os.path.join(workdir, f"lm_{cell}")
         results, error = _train(lm, run_dir)
         if error:
             raise FloatingPointError(f"training the {cell} LM diverged: {error}")
-        _, task, trained, _ = loop.restore_run(run_dir)
+        _, task, trained, _ = restore_run(run_dir)
         vocab, _, valid_ids = charlm.load_corpus(lm, run_dir)
         model = charlm.make_model(lm, len(vocab))
         tokens = _windows(valid_ids, config.seq_len + 1, config.batch_size, config.seed)
@@ -171,8 +168,8 @@ def run(config, workdir: str) -> dict:
         measured.append(("trained", 1.0, trained))
         for state, scale, params in measured:
             norms = input_gradient_norms(model, params, tokens)
-            rows += [dict(cell=cell, state=state, recurrent_scale=scale, distance=d, grad_norm=float(n))
-                     for d, n in enumerate(norms)]
+            rows += [dict(cell=cell, state=state, recurrent_scale=scale, distance=d,
+                          grad_norm=float(n)) for d, n in enumerate(norms)]
             summary[f"{cell}_{state}_x{scale:g}_rate"] = geometric_rate(norms)
         summary[f"{cell}_val_perplexity"] = results["val_perplexity"]
     _write_csv(os.path.join(workdir, "gradient_flow.csv"), rows)
@@ -196,8 +193,8 @@ def run(config, workdir: str) -> dict:
         summary[f"{key}_final_train_loss"] = float("nan") if error else last[1]
         summary[f"{key}_diverged"] = error is not None
     _write_csv(os.path.join(workdir, "clipping.csv"),
-               [dict(clip_norm=theta, step=s, loss=l) for theta, (curve, _) in curves.items()
-                for s, l in curve])
+               [dict(clip_norm=theta, step=s, loss=loss) for theta, (curve, _) in curves.items()
+                for s, loss in curve])
     _plot_clipping(curves, c, os.path.join(workdir, "clipping.png"))
 
     # 3. symmetry: one constant for every weight vs random initialisation.
@@ -207,14 +204,15 @@ def run(config, workdir: str) -> dict:
     for init_name, init in (("constant", dict(kernel=constant, recurrent=constant, head=constant,
                                               bias="zeros")),
                             ("random", {})):
-        overrides = {"model.cell": "rnn", "model.dropout": 0.0, "num_train_steps": s.num_train_steps,
+        overrides = {"model.cell": "rnn", "model.dropout": 0.0,
+                     "num_train_steps": s.num_train_steps,
                      "eval_every": s.num_train_steps, "checkpoint_every": s.num_train_steps,
                      **{f"model.init.{k}": v for k, v in init.items()}}
         run_dir = os.path.join(workdir, f"symmetry_{init_name}")
         results, error = _train(_lm_config(config, **overrides), run_dir)
         if error:
             raise FloatingPointError(f"the symmetry run {run_dir} diverged: {error}")
-        _, _, params, _ = loop.restore_run(run_dir)
+        _, _, params, _ = restore_run(run_dir)
         spread = unit_spread(params)
         sym_rows.append(dict(init=init_name, steps=s.num_train_steps, max_unit_difference=spread,
                              train_perplexity=results.get("train_perplexity")))

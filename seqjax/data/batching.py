@@ -19,7 +19,8 @@ class RowBatches:
         self.arrays = {name: np.asarray(a) for name, a in arrays.items()}
         lengths = {len(a) for a in self.arrays.values()}
         if len(lengths) != 1:
-            raise ValueError(f"arrays of different lengths: { {k: len(a) for k, a in self.arrays.items()} }")
+            raise ValueError(
+                f"arrays of different lengths: { {k: len(a) for k, a in self.arrays.items()} }")
         self.num_rows = lengths.pop()
         if self.num_rows < batch_size:
             raise ValueError(f"{self.num_rows} training {what} are too few for one minibatch of "

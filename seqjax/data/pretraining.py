@@ -45,9 +45,10 @@ def _corpus(corpus: str, split: str, splits, shipped: str, path, kind: str) -> t
 def load_wikitext(split: str = "train", path=None, max_documents: int | None = None
                   ) -> list[list[str]]:
     """Documents (articles), each a list of sentences, of a WikiText split (`path`: a file in
-    WikiText's layout instead; `max_documents`: the first ones only). WikiText's own tokenisation is undone where it splits words
-    (`@-@` `@,@` `@.@`), `<unk>` becomes `[UNK]`, and a paragraph is split into sentences
-    after each `.`, `?` or `!` token. An empty corpus is an error."""
+    WikiText's layout instead; `max_documents`: the first ones only). WikiText's own
+    tokenisation is undone where it splits words (`@-@` `@,@` `@.@`), `<unk>` becomes
+    `[UNK]`, and a paragraph is split into sentences after each `.`, `?` or `!` token. An
+    empty corpus is an error."""
     name, text = _corpus("WikiText-2", split, WIKITEXT_SPLITS, "wikitext2/wiki.{}.tokens.gz",
                          path, "WikiText file")
     documents, current = [], []

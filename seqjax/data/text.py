@@ -88,13 +88,15 @@ class Vocab:
     unk = 0
     UNK_TOKEN = "<unk>"
 
-    def __init__(self, tokens=(), min_freq: int = 0, reserved_tokens=(), max_size: int | None = None):
+    def __init__(self, tokens=(), min_freq: int = 0, reserved_tokens=(),
+                 max_size: int | None = None):
         tokens = list(tokens)
         if tokens and isinstance(tokens[0], (list, tuple)):  # lines of tokens, as d2l allows
             tokens = [token for line in tokens for token in line]
         reserved = list(reserved_tokens)
         if len(set(reserved)) != len(reserved) or self.UNK_TOKEN in reserved:
-            raise ValueError(f"reserved_tokens {reserved!r} must be distinct and not {self.UNK_TOKEN!r}")
+            raise ValueError(f"reserved_tokens {reserved!r} must be distinct "
+                             f"and not {self.UNK_TOKEN!r}")
         counts = collections.Counter(tokens)
         self.token_freqs = sorted(counts.items(), key=lambda pair: (-pair[1], pair[0]))
         taken = {self.UNK_TOKEN, *reserved}
@@ -109,7 +111,8 @@ class Vocab:
     def _set_tokens(self, idx_to_token):
         self.idx_to_token = list(idx_to_token)
         self.token_to_idx = {token: idx for idx, token in enumerate(self.idx_to_token)}
-        if len(self.token_to_idx) != len(self.idx_to_token) or self.idx_to_token[:1] != [self.UNK_TOKEN]:
+        if (len(self.token_to_idx) != len(self.idx_to_token)
+                or self.idx_to_token[:1] != [self.UNK_TOKEN]):
             raise ValueError(f"a vocabulary needs distinct tokens with {self.UNK_TOKEN!r} first")
 
     def __len__(self) -> int:
@@ -144,8 +147,10 @@ class Vocab:
     def to_json(self) -> str:
         """The ids themselves, not the recipe: a vocabulary saved beside a checkpoint must read
         back identically even if the corpus or the ordering rule changes later."""
-        return json.dumps({"format": "seqjax.Vocab", "version": 1, "idx_to_token": self.idx_to_token,
-                           "token_freqs": [[t, f] for t, f in self.token_freqs]}, ensure_ascii=False)
+        return json.dumps({"format": "seqjax.Vocab", "version": 1,
+                           "idx_to_token": self.idx_to_token,
+                           "token_freqs": [[t, f] for t, f in self.token_freqs]},
+                          ensure_ascii=False)
 
     @classmethod
     def from_json(cls, s: str) -> "Vocab":
@@ -211,7 +216,8 @@ class LMBatches:
             raise ValueError(
                 f"a corpus of {len(self.ids)} tokens is too short for one minibatch of "
                 f"batch_size={batch_size} x num_steps={num_steps}: need at least {needed} tokens "
-                f"((batch_size + 1) * num_steps, to allow a random start offset of up to num_steps - 1)")
+                f"((batch_size + 1) * num_steps, to allow a random start offset of up to "
+                f"num_steps - 1)")
         self.steps_per_epoch = self._num_batches(self.num_steps - 1)
         self._epoch_cache = (None, None)  # one epoch's (offset, order); a pure memo, not state
 

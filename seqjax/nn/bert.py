@@ -24,6 +24,11 @@ from seqjax.nn.transformer import EncoderBlock, _check_norm
 Dtype = Any
 _normal = nn.initializers.normal(0.02)  # BERT's initialiser of embeddings
 
+# The published BERT shapes (Turc et al. 2019, "Well-Read Students Learn Better"):
+# layers, d_model, heads; the FFN is 4 * d_model wide.
+BERT_SIZES = {"tiny": (2, 128, 2), "mini": (4, 256, 4), "small": (4, 512, 8),
+              "medium": (8, 512, 8), "base": (12, 768, 12)}
+
 
 class BertEncoder(nn.Module):
     """tokens [B, L] (and segment ids [B, L], a padding mask [B, L]: True at real tokens) ->

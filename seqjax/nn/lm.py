@@ -72,4 +72,5 @@ class RecurrentLM(nn.Module):
     @nn.nowrap
     def initialize_carry(self, batch_size: int):
         input_dim = self.embed_dim or self.vocab_size
-        return self._rnn(parent=None).initialize_carry(jax.random.PRNGKey(0), (batch_size, input_dim))
+        return self._rnn(parent=None).initialize_carry(jax.random.PRNGKey(0),
+                                                       (batch_size, input_dim))

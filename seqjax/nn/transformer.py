@@ -11,6 +11,7 @@ causal self-attention is a decoder-only (GPT-style) block; a `DecoderBlock` adds
 cross-attention to the encoder's output between the two.
 """
 
+import dataclasses
 import functools
 from typing import Any, Optional
 
@@ -20,10 +21,77 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax.nn import position
-from seqjax.nn.attention import MultiHeadAttention
+from seqjax.nn.attention import ATTENTION_KINDS, MultiHeadAttention
 
 Dtype = Any
 NORMS = ("post", "pre")
+ACTIVATIONS = ("relu", "gelu")
+
+
+def _raise(ok: bool, name: str, value, what: str):
+    if not ok:
+        raise ValueError(f"{name}={value!r}: {what}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """The hyperparameters of a Transformer stack (LM, encoder, decoder, BERT encoder), checked
+    in one place; `kwargs()` gives them to a module. `dropout_rate` applies to each sublayer's
+    output, `attention_dropout_rate` to the attention weights."""
+
+    num_layers: int
+    d_model: int
+    num_heads: int
+    ffn_hiddens: int
+    max_length: int
+    position: str = "sinusoidal"
+    attention: str = "full"
+    block_size: int = 128
+    look_back: int = 0
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    norm: str = "post"
+    activation: str = "relu"
+    dtype: Optional[Dtype] = None
+
+    def check(self, name=lambda field: field, expect=_raise) -> "TransformerConfig":
+        """Calls `expect(ok, name(field), value, what)` for every rule (the default raises a
+        ValueError '{field}={value}: {what}'); `name` maps a field to the name a user knows it
+        by (a config key). Returns self."""
+        def positive_int(field):
+            value = getattr(self, field)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            expect(ok, name(field), value, "must be a positive integer")
+
+        def fraction(field):
+            value = getattr(self, field)
+            expect(isinstance(value, (int, float)) and 0 <= value < 1, name(field), value,
+                   "must be in [0, 1)")
+
+        def one_of(field, choices):
+            value = getattr(self, field)
+            expect(value in choices, name(field), value, f"expected one of {choices}")
+
+        for field in ("num_layers", "d_model", "num_heads", "ffn_hiddens", "max_length",
+                      "block_size"):
+            positive_int(field)
+        fraction("dropout_rate")
+        fraction("attention_dropout_rate")
+        expect(isinstance(self.look_back, int) and self.look_back >= 0, name("look_back"),
+               self.look_back, "must be >= 0")
+        expect(self.d_model % self.num_heads == 0, name("d_model"), self.d_model,
+               f"must be divisible by {name('num_heads')}={self.num_heads}")
+        one_of("attention", ATTENTION_KINDS)
+        one_of("position", position.ENCODINGS)
+        expect(self.position != "rotary" or (self.d_model // self.num_heads) % 2 == 0,
+               name("position"), self.position, "rotary needs an even head dimension")
+        one_of("norm", NORMS)
+        one_of("activation", ACTIVATIONS)
+        return self
+
+    def kwargs(self, *exclude: str) -> dict:
+        """The fields as keyword arguments of a stack module, less `exclude`."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in exclude}
 
 
 class PositionwiseFFN(nn.Module):

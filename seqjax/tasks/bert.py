@@ -16,7 +16,6 @@ Dimension letters: B batch, L max_seq_len, P max_predictions, V vocabulary.
 """
 
 import functools
-import math
 import os
 
 import jax
@@ -28,47 +27,49 @@ from seqjax import config as config_lib
 from seqjax.data import masking
 from seqjax.data import pretraining as data_lib
 from seqjax.data.batching import RowBatches, padded_batches
-from seqjax.nn import attention
-from seqjax.nn.bert import BertClassifier, BertEncoder, BertPretraining
-from seqjax.nn.transformer import NORMS
-from seqjax.tasks import Task, saved_file
-from seqjax.tasks.charlm import DTYPES
+from seqjax.nn.bert import BERT_SIZES, BertClassifier, BertEncoder, BertPretraining
+from seqjax.tasks.common import (
+    Task,
+    accuracy_sum,
+    check_dtype,
+    perplexity,
+    saved_file,
+    transformer_config,
+)
 
 TOKENIZER_FILE = "tokenizer.json"
 _SPECIAL_IDS = tuple(range(len(data_lib.SPECIAL_TOKENS)))
 
 
-def validate_model(config):
-    m = config.model
-    config_lib.expect_positive_int(config, "model.num_layers", "model.d_model", "model.num_heads",
-                                   "model.ffn_hiddens", "model.max_position", "model.block_size")
-    config_lib.expect(m.d_model % m.num_heads == 0, "model.d_model", m.d_model,
-                      f"must be divisible by model.num_heads={m.num_heads}")
-    config_lib.expect(m.norm in NORMS, "model.norm", m.norm, f"expected one of {NORMS}")
-    config_lib.expect(m.attention in attention.ATTENTION_KINDS, "model.attention", m.attention,
-                      f"expected one of {attention.ATTENTION_KINDS}")
-    config_lib.expect(config_lib.expect_type(config, "model.look_back", int) >= 0,
-                      "model.look_back", m.look_back, "must be >= 0")
-    config_lib.expect(m.dtype in DTYPES, "model.dtype", m.dtype, f"expected one of {sorted(DTYPES)}")
-    config_lib.expect_fraction(config, "model.dropout")
-    config_lib.expect_fraction(config, "model.attention_dropout")
+def model_config(size: str) -> dict:
+    """The `model` section of a BERT experiment of one of `BERT_SIZES`."""
+    if size not in BERT_SIZES:
+        raise ValueError(f"size={size!r}: expected one of {sorted(BERT_SIZES)}")
+    num_layers, d_model, num_heads = BERT_SIZES[size]
+    return dict(size=size, num_layers=num_layers, d_model=d_model, num_heads=num_heads,
+                ffn_hiddens=4 * d_model, max_position=512, norm="post", attention="full",
+                block_size=64, look_back=1, dropout=0.1, attention_dropout=0.1, dtype="float32")
+
+
+def _encoder_config(config):
+    return transformer_config(config, max_length_key="model.max_position", position="learned",
+                              activation="gelu")
+
+
+def check_model(config):
+    check_dtype(config)
+    _encoder_config(config)
     config_lib.expect_positive_int(config, "data.batch_size", "data.eval_batch_size",
                                    "data.vocab_size", "data.max_seq_len")
-    config_lib.expect(config.data.max_seq_len <= m.max_position, "data.max_seq_len",
-                      config.data.max_seq_len,
-                      f"is longer than the position table (model.max_position={m.max_position})")
+    config_lib.expect(config.data.max_seq_len <= config.model.max_position, "data.max_seq_len",
+                      config.data.max_seq_len, f"is longer than the position table "
+                      f"(model.max_position={config.model.max_position})")
     config_lib.expect(config.data.vocab_size > len(_SPECIAL_IDS), "data.vocab_size",
                       config.data.vocab_size, f"must exceed the {len(_SPECIAL_IDS)} special tokens")
 
 
 def make_encoder(config, vocab_size: int) -> BertEncoder:
-    m = config.model
-    return BertEncoder(vocab_size, num_layers=m.num_layers, d_model=m.d_model,
-                       num_heads=m.num_heads, ffn_hiddens=m.ffn_hiddens,
-                       max_length=m.max_position, dropout_rate=m.dropout,
-                       attention_dropout_rate=m.attention_dropout, norm=m.norm,
-                       attention=m.attention, block_size=m.block_size, look_back=m.look_back,
-                       dtype=DTYPES[m.dtype])
+    return BertEncoder(vocab_size, **_encoder_config(config).kwargs("position", "activation"))
 
 
 def _tokenizer(config, workdir, train_documents=None):
@@ -97,16 +98,12 @@ def _feed(batch):
     return batch["segments"], jnp.arange(L)[None, :] < batch["valid_len"][:, None]
 
 
-def _accuracy_sum(logits, labels, weights):
-    return jnp.sum((jnp.argmax(logits, -1) == labels) * weights)
-
-
 # ---------------------------------------------------------------------------------------------
 # Pretraining.
 # ---------------------------------------------------------------------------------------------
 
-def validate_pretrain(config):
-    validate_model(config)
+def check_pretrain(config):
+    check_model(config)
     d = config.data
     config_lib.expect_positive_int(config, "data.max_predictions", "data.dupe_factor")
     config_lib.expect_fraction(config, "data.mask_prob", low_open=True)
@@ -121,8 +118,50 @@ def validate_pretrain(config):
             config_lib.expect_positive_int(config, f"data.{key}")
 
 
+def pretraining_loss(model: BertPretraining, params, batch, carry=(), *, rng=None, train=False,
+                     draw_mask, max_predictions: int):
+    """Summed MLM cross-entropy over the chosen positions (and with NSP, its loss per sequence
+    scaled so that loss / weight is their sum of means). Training draws the mask from `rng`
+    (`draw_mask(rng, tokens) -> (inputs, targets, weights)`); evaluation reads the batch's
+    fixed draw. `row_weight` 0 marks padding rows of an evaluation batch."""
+    row_weight_B = batch.get("row_weight", jnp.ones(batch["tokens"].shape[0]))
+    if train:
+        mask_rng, rng = jax.random.split(rng)
+        inputs, targets, weights = draw_mask(mask_rng, batch["tokens"])
+    else:
+        inputs, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
+        weights = weights * row_weight_B[:, None]
+    # Chosen positions first: at most max_predictions per row, so all of them fit in P.
+    positions_BxP = jax.lax.top_k(weights, max_predictions)[1]
+    targets_BxP = jnp.take_along_axis(targets, positions_BxP, 1)
+    weights_BxP = jnp.take_along_axis(weights, positions_BxP, 1)
+    mlm_logits, nsp_logits = model.apply(
+        params, inputs, *_feed(batch), positions_BxP, deterministic=not train,
+        rngs={"dropout": rng} if train else {})
+    ce_BxP = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, targets_BxP)
+    sums = dict(loss=jnp.sum(ce_BxP * weights_BxP), weight=jnp.sum(weights_BxP),
+                mlm_accuracy=accuracy_sum(mlm_logits, targets_BxP, weights_BxP))
+    sums["mlm_loss"] = sums["loss"]
+    if model.nsp:
+        labels_B = batch["nsp_label"]
+        nsp_ce_B = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, labels_B)
+        sums.update(nsp_loss=jnp.sum(nsp_ce_B * row_weight_B),
+                    nsp_accuracy=accuracy_sum(nsp_logits, labels_B, row_weight_B),
+                    sequences=jnp.sum(row_weight_B))
+        # loss / weight = mean MLM loss per chosen token + mean NSP loss per sequence.
+        per_sequence = jax.lax.stop_gradient(sums["weight"] / jnp.maximum(sums["sequences"], 1))
+        sums["loss"] = sums["loss"] + per_sequence * sums["nsp_loss"]
+    return sums, carry
+
+
+def pretraining_report(means):
+    if "mlm_loss" not in means:  # the best validation loss alone
+        return means
+    return dict(means, mlm_perplexity=perplexity(means["mlm_loss"]))
+
+
 def build_pretrain(config, workdir=None) -> Task:
-    validate_pretrain(config)
+    check_pretrain(config)
     d = config.data
     train_docs = data_lib.load_wikitext("train", d.train_file, d.max_documents)
     valid_docs = data_lib.load_wikitext("valid", d.valid_file, d.max_documents)
@@ -147,54 +186,21 @@ def build_pretrain(config, workdir=None) -> Task:
     # Validation: one fixed draw of the mask.
     fixed = jax.jit(draw_mask)(jax.random.PRNGKey(config.seed), valid["tokens"])
     valid.update(zip(("inputs", "targets", "weights"), map(np.asarray, fixed)))
-    batches = RowBatches(train, d.batch_size, seed=config.seed, shard_index=jax.process_index(),
-                         num_shards=jax.process_count(), what="sequences")
-    eval_batches = padded_batches(valid, d.eval_batch_size, what="validation sequences")
     model = BertPretraining(make_encoder(config, V), nsp=d.nsp)
 
     def init_params(rng):
         tokens = jnp.zeros((1, d.max_seq_len), jnp.int32)
         return model.init(rng, tokens, tokens, tokens > 0, tokens[:, :d.max_predictions])
 
-    def loss(params, batch, carry, rng, train):
-        row_weight_B = batch.get("row_weight", jnp.ones(batch["tokens"].shape[0]))
-        if train:
-            mask_rng, rng = jax.random.split(rng)
-            inputs, targets, weights = draw_mask(mask_rng, batch["tokens"])
-        else:
-            inputs, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
-            weights = weights * row_weight_B[:, None]
-        # Chosen positions first: at most max_predictions per row, so all of them fit in P.
-        positions_BxP = jax.lax.top_k(weights, d.max_predictions)[1]
-        targets_BxP = jnp.take_along_axis(targets, positions_BxP, 1)
-        weights_BxP = jnp.take_along_axis(weights, positions_BxP, 1)
-        mlm_logits, nsp_logits = model.apply(
-            params, inputs, *_feed(batch), positions_BxP, deterministic=not train,
-            rngs={"dropout": rng} if train else {})
-        ce_BxP = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, targets_BxP)
-        sums = dict(loss=jnp.sum(ce_BxP * weights_BxP), weight=jnp.sum(weights_BxP),
-                    mlm_accuracy=_accuracy_sum(mlm_logits, targets_BxP, weights_BxP))
-        sums["mlm_loss"] = sums["loss"]
-        if d.nsp:
-            labels_B = batch["nsp_label"]
-            nsp_ce_B = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, labels_B)
-            sums.update(nsp_loss=jnp.sum(nsp_ce_B * row_weight_B),
-                        nsp_accuracy=_accuracy_sum(nsp_logits, labels_B, row_weight_B),
-                        sequences=jnp.sum(row_weight_B))
-            # loss / weight = mean MLM loss per chosen token + mean NSP loss per sequence.
-            per_sequence = jax.lax.stop_gradient(sums["weight"] / jnp.maximum(sums["sequences"], 1))
-            sums["loss"] = sums["loss"] + per_sequence * sums["nsp_loss"]
-        return sums, carry
-
-    def report(means):
-        if "mlm_loss" not in means:  # the best validation loss alone
-            return means
-        return dict(means, mlm_perplexity=math.exp(min(means["mlm_loss"], 700.0)))
-
-    return Task(init_params=init_params, init_carry=lambda batch_size: (), loss=loss,
-                train_batch=batches, eval_batches=lambda: eval_batches,
+    return Task(init_params=init_params,
+                loss=functools.partial(pretraining_loss, model, draw_mask=draw_mask,
+                                       max_predictions=d.max_predictions),
+                train_batch=RowBatches(train, d.batch_size, seed=config.seed,
+                                       shard_index=jax.process_index(),
+                                       num_shards=jax.process_count(), what="sequences"),
+                eval_batches=padded_batches(valid, d.eval_batch_size, what="validation sequences"),
                 batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
-                tokens_per_batch=d.batch_size * d.max_seq_len, report=report,
+                tokens_per_batch=d.batch_size * d.max_seq_len, report=pretraining_report,
                 denominators=dict(nsp_loss="sequences", nsp_accuracy="sequences") if d.nsp else {},
                 files={TOKENIZER_FILE: tokenizer.to_str()})
 
@@ -203,8 +209,8 @@ def build_pretrain(config, workdir=None) -> Task:
 # Fine-tuning.
 # ---------------------------------------------------------------------------------------------
 
-def validate_finetune(config):
-    validate_model(config)
+def check_finetune(config):
+    check_model(config)
     config_lib.expect_positive_int(config, "data.num_classes")
     config_lib.expect_fraction(config, "model.classifier_dropout")
     for key in ("max_examples", "max_documents"):
@@ -214,8 +220,19 @@ def validate_finetune(config):
         config_lib.expect_type(config, "init_from", str)
 
 
+def classification_loss(model: BertClassifier, params, batch, carry=(), *, rng=None,
+                        train=False):
+    """Summed cross-entropy and accuracy of the sentence labels (`row_weight` 0: padding rows)."""
+    weights_B = batch.get("row_weight", jnp.ones(batch["tokens"].shape[0]))
+    logits = model.apply(params, batch["tokens"], *_feed(batch), deterministic=not train,
+                         rngs={"dropout": rng} if train else {})
+    ce_B = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    return dict(loss=jnp.sum(ce_B * weights_B), weight=jnp.sum(weights_B),
+                accuracy=accuracy_sum(logits, batch["labels"], weights_B)), carry
+
+
 def build_finetune(config, workdir=None) -> Task:
-    validate_finetune(config)
+    check_finetune(config)
     d = config.data
     tokenizer = _tokenizer(config, workdir)
 
@@ -229,11 +246,6 @@ def build_finetune(config, workdir=None) -> Task:
         return dict(data_lib.classification_arrays(tokenizer, sentences, d.max_seq_len),
                     labels=labels)
 
-    train = split("train", d.train_file)
-    batches = RowBatches(train, d.batch_size, seed=config.seed, shard_index=jax.process_index(),
-                         num_shards=jax.process_count(), what="sentences")
-    eval_batches = padded_batches(split("dev", d.valid_file), d.eval_batch_size,
-                                  what="validation sentences")
     model = BertClassifier(make_encoder(config, tokenizer.get_vocab_size()),
                            num_classes=d.num_classes, dropout_rate=config.model.classifier_dropout)
 
@@ -241,16 +253,12 @@ def build_finetune(config, workdir=None) -> Task:
         tokens = jnp.zeros((1, d.max_seq_len), jnp.int32)
         return model.init(rng, tokens, tokens, tokens > 0)
 
-    def loss(params, batch, carry, rng, train):
-        weights_B = batch.get("row_weight", jnp.ones(batch["tokens"].shape[0]))
-        logits = model.apply(params, batch["tokens"], *_feed(batch), deterministic=not train,
-                             rngs={"dropout": rng} if train else {})
-        ce_B = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-        return dict(loss=jnp.sum(ce_B * weights_B), weight=jnp.sum(weights_B),
-                    accuracy=_accuracy_sum(logits, batch["labels"], weights_B)), carry
-
-    return Task(init_params=init_params, init_carry=lambda batch_size: (), loss=loss,
-                train_batch=batches, eval_batches=lambda: eval_batches,
+    return Task(init_params=init_params, loss=functools.partial(classification_loss, model),
+                train_batch=RowBatches(split("train", d.train_file), d.batch_size,
+                                       seed=config.seed, shard_index=jax.process_index(),
+                                       num_shards=jax.process_count(), what="sentences"),
+                eval_batches=padded_batches(split("dev", d.valid_file), d.eval_batch_size,
+                                            what="validation sentences"),
                 batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
                 tokens_per_batch=d.batch_size * d.max_seq_len,
                 files={TOKENIZER_FILE: tokenizer.to_str()})

@@ -8,25 +8,25 @@ With sequential partitioning the hidden state is carried from one minibatch to t
 same way.
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from seqjax import config as config_lib
+from seqjax import decoding
 from seqjax.data import text as text_lib
 from seqjax.nn import initializers
 from seqjax.nn.lm import RecurrentLM
 from seqjax.nn.recurrent import CELLS
-from seqjax.tasks import Task, saved_file
+from seqjax.tasks.common import DTYPES, Task, check_dtype, lm_sums, saved_file, with_perplexity
 
 VOCAB_FILE = "vocab.json"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def validate_data_and_sample(config):
+def check_data_and_sample(config):
     """Checks config.data and config.sample, which every character-level LM task shares."""
     d = config.data
     config_lib.expect(d.preprocess in text_lib.PREPROCESS_MODES, "data.preprocess", d.preprocess,
@@ -38,17 +38,17 @@ def validate_data_and_sample(config):
     config_lib.expect_fraction(config, "data.valid_fraction", low_open=True)
     value = config_lib.expect_type(config, "data.min_freq", int)
     config_lib.expect(value >= 0, "data.min_freq", value, "must be >= 0")
-    config_lib.expect(config.model.dtype in DTYPES, "model.dtype", config.model.dtype,
-                      f"expected one of {sorted(DTYPES)}")
+    check_dtype(config)
     if config.get("sample"):
         unknown = set(config.sample) - {"prefix", "length", "temperature"}
         config_lib.expect(not unknown, "sample", config.sample.to_dict(),
-                          f"unknown options {sorted(unknown)}; expected prefix, length, temperature")
+                          f"unknown options {sorted(unknown)}; expected prefix, length, "
+                          f"temperature")
         check_sample_options(prefix_key="config.sample.", **config.sample)
 
 
-def validate(config):
-    validate_data_and_sample(config)
+def check_config(config):
+    check_data_and_sample(config)
     m = config.model
     config_lib.expect_positive_int(config, "model.hidden", "model.num_layers", "model.unroll")
     config_lib.expect_fraction(config, "model.dropout")
@@ -96,77 +96,59 @@ def _vocabulary(config, tokens, workdir):
 
 
 def load_corpus(config, workdir=None):
-    """(vocab, train_ids, valid_ids) of `config.data`, with the workdir's vocabulary if it has one."""
+    """(vocab, train_ids, valid_ids) of `config.data`, with the workdir's vocabulary if it has
+    one."""
     d = config.data
-    tokens = text_lib.tokenize(text_lib.preprocess(text_lib.load_text(d.path), d.preprocess), "char")
+    text = text_lib.preprocess(text_lib.load_text(d.path), d.preprocess)
+    tokens = text_lib.tokenize(text, "char")
     vocab = _vocabulary(config, tokens, workdir)
     return (vocab, *text_lib.split_train_valid(vocab.encode(tokens), d.valid_fraction))
 
 
+def loss(model: RecurrentLM, params, batch, carry, *, rng=None, train=False):
+    """Summed next-character cross-entropy of a batch read from `carry`, and the carry after it.
+    A new stream (an epoch's first batch, or every batch with random partitioning) starts from
+    a zero state; otherwise the state flows on without gradient (truncated BPTT)."""
+    carry = jax.tree.map(lambda c: jnp.where(batch["reset"], jnp.zeros_like(c), c), carry)
+    logits_BxTxV, carry = model.apply(params, batch["inputs"], carry, deterministic=not train,
+                                      rngs={"dropout": rng} if train else {})
+    sums = lm_sums(logits_BxTxV, batch["targets"], batch.get("weights"))
+    return sums, jax.lax.stop_gradient(carry)
+
+
 def build(config, workdir=None) -> Task:
-    validate(config)
+    check_config(config)
     d = config.data
     vocab, train_ids, valid_ids = load_corpus(config, workdir)
-    batches = text_lib.LMBatches(train_ids, d.batch_size, d.num_steps, partition=d.partition,
-                                 seed=config.seed, shard_index=jax.process_index(),
-                                 num_shards=jax.process_count())
-    eval_batches = text_lib.eval_batches(valid_ids, d.eval_batch_size, d.num_steps)
     model = make_model(config, len(vocab))
 
     def init_params(rng):
         tokens_BxT = jnp.zeros((1, d.num_steps), jnp.int32)
         return model.init(rng, tokens_BxT, model.initialize_carry(1))
 
-    def init_carry(batch_size):
-        return jax.device_get(model.initialize_carry(batch_size))
-
-    def loss(params, batch, carry, rng, train):
-        # A new stream (an epoch's first batch, or every batch with random partitioning) starts
-        # from a zero state; otherwise the state flows on without gradient (truncated BPTT).
-        carry = jax.tree.map(lambda c: jnp.where(batch["reset"], jnp.zeros_like(c), c), carry)
-        logits_BxTxV, carry = model.apply(params, batch["inputs"], carry, deterministic=not train,
-                                          rngs={"dropout": rng} if train else {})
-        return lm_sums(logits_BxTxV, batch), jax.lax.stop_gradient(carry)
-
     def sample_fn(params, prefix_1xP, rng, temperature, length):
         logits_1xPxV, carry = model.apply(params, prefix_1xP, model.initialize_carry(1))
-        return sample_tokens(lambda token_1, carry: model.apply(params, token_1[:, None], carry),
-                             logits_1xPxV[:, -1], carry, rng, temperature, length)
+        return decoding.sample(lambda token_1, carry: model.apply(params, token_1[:, None], carry),
+                               logits_1xPxV[:, -1], carry, rng, temperature, length)
 
-    return Task(init_params=init_params, init_carry=init_carry, loss=loss,
-                train_batch=batches, eval_batches=lambda: eval_batches,
+    return Task(init_params=init_params, loss=functools.partial(loss, model),
+                train_batch=lm_batches(config, train_ids),
+                eval_batches=text_lib.eval_batches(valid_ids, d.eval_batch_size, d.num_steps),
                 batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
-                tokens_per_batch=d.batch_size * d.num_steps, report=report,
-                files={VOCAB_FILE: vocab.to_json()},
+                tokens_per_batch=d.batch_size * d.num_steps,
+                init_carry=lambda batch_size: jax.device_get(model.initialize_carry(batch_size)),
+                report=with_perplexity, files={VOCAB_FILE: vocab.to_json()},
                 generate=text_generator(sample_fn, vocab, d.preprocess))
 
 
-# ----------------------------------------------------------------------------- shared by LM tasks
+# ------------------------------------------------------------------ shared by the char-LM tasks
 
-def lm_sums(logits_BxTxV, batch) -> dict:
-    """Summed next-token cross-entropy and its weight (padding has weight 0 in eval batches)."""
-    ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
-    weights_BxT = batch.get("weights", jnp.ones_like(ce_BxT))
-    return {"loss": jnp.sum(ce_BxT * weights_BxT), "weight": jnp.sum(weights_BxT)}
-
-
-def report(means):
-    return dict(means, perplexity=math.exp(min(means["loss"], 700.0)))
-
-
-def sample_tokens(step_fn, logits_1xV, state, rng, temperature, length):
-    """Draws `length` tokens from softmax(logits / temperature), feeding each back in with
-    `step_fn(token_1, state) -> (logits_1x1xV, state)`; temperature 0 takes the most likely."""
-    def step(carry, key):
-        logits_1xV, state = carry
-        scaled = logits_1xV / jnp.maximum(temperature, 1e-6)
-        token_1 = jnp.where(temperature > 0, jax.random.categorical(key, scaled),
-                            jnp.argmax(logits_1xV, axis=-1))
-        logits_1x1xV, state = step_fn(token_1, state)
-        return (logits_1x1xV[:, -1], state), token_1[0]
-
-    _, tokens = jax.lax.scan(step, (logits_1xV, state), jax.random.split(rng, length))
-    return tokens
+def lm_batches(config, train_ids) -> text_lib.LMBatches:
+    """This process's training batches of a character stream, a pure function of the step."""
+    d = config.data
+    return text_lib.LMBatches(train_ids, d.batch_size, d.num_steps, partition=d.partition,
+                              seed=config.seed, shard_index=jax.process_index(),
+                              num_shards=jax.process_count())
 
 
 def text_generator(sample_fn, vocab, preprocess_mode, max_tokens=None):

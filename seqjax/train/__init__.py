@@ -1,7 +1,12 @@
-"""The engine: the per-device train step (pmap or shard_map), loop, checkpoints, metrics."""
+"""The engine: `train_and_evaluate` (the loop, `loop`), and what can be done with a trained
+workdir (`saved_runs`). `train` is the name `train_and_evaluate` had before, kept for callers."""
 
-from seqjax.train.loop import (StopRequest, TrainState, evaluate, export, generate,
-                               load_init_from, restore_run, train, train_step, translate)
+from seqjax.train.checkpoint import load_init_from
+from seqjax.train.loop import StopRequest, train_and_evaluate
+from seqjax.train.saved_runs import evaluate, export, generate, restore_run, translate
+from seqjax.train.step import TrainState, train_step
+
+train = train_and_evaluate
 
 __all__ = ["StopRequest", "TrainState", "evaluate", "export", "generate", "load_init_from",
-           "restore_run", "train", "train_step", "translate"]
+           "restore_run", "train", "train_and_evaluate", "train_step", "translate"]

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the whole training state, as host (NumPy) pytrees.
+"""Orbax checkpoints of the whole training state, as host (NumPy) pytrees, and reading them back:
+the state of a saved run, and the parameters that `config.init_from` starts a new run from.
 
 `workdir/checkpoints/<step>` holds the latest `keep` states; `workdir/best/<step>` the one with the
 best validation loss. Each holds params, optimizer state, step, RNG and stream state (the data
@@ -8,7 +9,10 @@ position is the step: batches are a pure function of it), plus a small JSON of r
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from seqjax import config as config_lib
 
 
 def has_latest(workdir: str) -> bool:
@@ -22,11 +26,10 @@ class Checkpoints:
 
     def __init__(self, workdir: str, keep: int = 2):
         workdir = os.path.abspath(workdir)
-        options = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, create=True)
-        self.managers = {
-            "latest": ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options(keep)),
-            "best": ocp.CheckpointManager(os.path.join(workdir, "best"), options=options(1)),
-        }
+        manager = lambda name, keep: ocp.CheckpointManager(
+            os.path.join(workdir, name),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.managers = {"latest": manager("checkpoints", keep), "best": manager("best", 1)}
 
     def latest_step(self, which: str = "latest"):
         return self.managers[which].latest_step()
@@ -73,3 +76,53 @@ class Checkpoints:
     def close(self):
         for manager in self.managers.values():
             manager.close()
+
+
+def restore_saved(workdir: str, step: int | None = None, which: str = "latest", defaults=None):
+    """(saved config completed from `defaults`, the saved host state) of a trained workdir's
+    checkpoint (`step`, default the newest `which`)."""
+    workdir = os.path.abspath(workdir)
+    config = config_lib.load(workdir)
+    if config is None:
+        raise FileNotFoundError(f"{workdir} has no {config_lib.CONFIG_FILE}: nothing was "
+                                f"trained there")
+    config = config_lib.with_defaults(config, defaults)
+    ckpts = Checkpoints(workdir, config.keep_checkpoints)
+    try:
+        restored = ckpts.restore(step=step, which=which)
+    finally:
+        ckpts.close()
+    if restored is None:
+        raise FileNotFoundError(f"{workdir} has no {which} checkpoint")
+    return config, restored[0]
+
+
+def load_init_from(params, source: str):
+    """`params` with every top-level module that the latest checkpoint of the run in `source`
+    also has (a pretrained encoder) replaced by that run's arrays, which must have the same
+    shapes; the other modules (a new head) keep their fresh values. Only parameters are read:
+    not the optimizer state, step or RNG. Returns (params, names of the loaded modules)."""
+    saved = restore_saved(source)[1]["params"]["params"]
+    fresh = params["params"]
+    loaded = sorted(fresh.keys() & saved.keys())
+    if not loaded:
+        raise ValueError(f"config.init_from={source!r}: its modules {sorted(saved)} have none "
+                         f"in common with this model's {sorted(fresh)}")
+    check_params({k: saved[k] for k in loaded}, {k: fresh[k] for k in loaded},
+                 f"the checkpoint in config.init_from={source!r}")
+    merged = {k: saved[k] if k in loaded else v for k, v in fresh.items()}
+    return {**params, "params": jax.tree.map(np.asarray, merged)}, loaded
+
+
+def check_params(params, expected, what: str):
+    """Raises a ValueError naming the first parameter of `params` whose shape differs from
+    `expected` (arrays or shape structs), or that one of them lacks."""
+    have = {jax.tree_util.keystr(path): np.shape(x)
+            for path, x in jax.tree_util.tree_leaves_with_path(params)}
+    want = {jax.tree_util.keystr(path): tuple(x.shape)
+            for path, x in jax.tree_util.tree_leaves_with_path(expected)}
+    for name in sorted(have.keys() | want.keys()):
+        if have.get(name) != want.get(name):
+            raise ValueError(f"{what} does not fit this model: parameter {name} has shape "
+                             f"{have.get(name, 'missing')} where the model needs "
+                             f"{want.get(name, 'none')} (a different vocabulary or model size?)")

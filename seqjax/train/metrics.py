@@ -1,4 +1,5 @@
-"""Metrics to `workdir/metrics.jsonl` and TensorBoard, and a progress bar on the terminal.
+"""Metrics: means from the sums that losses report, `workdir/metrics.jsonl` and TensorBoard, and
+a progress bar on the terminal.
 
 Only process 0 writes; on other processes every method is a no-op.
 """
@@ -12,6 +13,23 @@ import jax
 import tqdm
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def means(sums: dict, denominators: dict) -> dict:
+    """Means from sums: each divided by 'weight', or by the sum `denominators` names for it."""
+    below = {"weight", *denominators.values()}
+    return {k: v / sums[denominators.get(k, "weight")] for k, v in sums.items() if k not in below}
+
+
+def train_summary(fetched: list[dict], denominators: dict) -> dict:
+    """The means over several steps' summed metrics, and their mean gradient norm."""
+    sums = {k: sum(m[k] for m in fetched) for k in fetched[0] if k != "grad_norm"}
+    return dict(means(sums, denominators),
+                grad_norm=sum(m["grad_norm"] for m in fetched) / len(fetched))
+
+
+def prefixed(prefix: str, metrics: dict) -> dict:
+    return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
 
 class MetricWriter:

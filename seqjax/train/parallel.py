@@ -5,16 +5,39 @@ Both run the same per-device function with the same named-axis collectives, so t
 same parameters. The engine talks to them through one interface: host state in and out,
 batches in, per-device functions compiled, replicated outputs read back.
 
-Host state is a dict of NumPy arrays (as saved in checkpoints) whose `carry` has a leading
-axis of this process's rows of the global batch.
+Host state is a dict of NumPy arrays (as saved in checkpoints) whose `carry` holds the rows of
+the global batch, so a checkpoint does not depend on the number of processes or devices.
 """
 
-import numpy as np
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-AXIS = "batch"
+from seqjax import config as config_lib
+from seqjax.train.step import AXIS, TrainState
+
 KINDS = ("pmap", "shard_map")
+
+
+def local_devices(config) -> list:
+    """The devices this process trains on: `config.num_devices` of them (0: all)."""
+    local = jax.local_devices()
+    if jax.process_count() > 1:
+        config_lib.expect(config.num_devices == 0, "num_devices", config.num_devices,
+                          "with several processes every process uses all its local devices (0)")
+    config_lib.expect(0 <= config.num_devices <= len(local), "num_devices", config.num_devices,
+                      f"this host has {len(local)} devices (0 uses all)")
+    return local[:config.num_devices or len(local)]
+
+
+def check_divisible(name: str, batch_size: int, devices):
+    shards = len(devices) * jax.process_count()
+    if batch_size % shards:
+        raise ValueError(
+            f"{name}={batch_size} does not split evenly over {shards} devices "
+            f"({jax.process_count()} processes x {len(devices)} local devices); "
+            f"use a multiple of {shards} or set config.num_devices")
 
 
 def make(kind: str, devices):
@@ -125,3 +148,36 @@ BATCH = object()  # an in-spec: split the arrays of this argument, replicate its
 
 def _batch_specs(tree):
     return jax.tree.map(lambda x: P(AXIS) if np.ndim(x) else P(), tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host state <-> devices, through either backend.
+# ---------------------------------------------------------------------------------------------
+
+def local_rows(tree):
+    """This process's rows of global-batch arrays (scalars as they are): with P processes,
+    process p holds rows [p, p + 1) * B / P, as every task's data source shards them."""
+    n, p = jax.process_count(), jax.process_index()
+    return jax.tree.map(lambda x: x if np.ndim(x) == 0 else
+                        np.asarray(x)[p * (len(x) // n):(p + 1) * (len(x) // n)], tree)
+
+
+def global_rows(tree):
+    """The rows of every process, in order: the inverse of `local_rows`."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def to_devices(host: dict, par) -> TrainState:
+    """Host state -> devices."""
+    replicated = par.replicate({k: host[k] for k in ("step", "params", "opt_state", "rng")})
+    return TrainState(**replicated, carry=par.batch(local_rows(host["carry"])))
+
+
+def to_host(state: TrainState, par) -> dict:
+    """Devices -> host state, the same on every process (a collective with several)."""
+    return dict(par.unreplicate(dict(step=state.step, params=state.params,
+                                     opt_state=state.opt_state, rng=state.rng)),
+                carry=global_rows(par.unbatch(state.carry)))

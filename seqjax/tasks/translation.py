@@ -15,6 +15,7 @@ unknown to the source vocabulary is a ValueError naming it.
 Dimension letters: B batch, K beam, S source length, T target length, V vocabulary.
 """
 
+import functools
 import math
 import os
 import warnings
@@ -25,20 +26,27 @@ import numpy as np
 import sacrebleu
 
 from seqjax import config as config_lib
-from seqjax import decoding
+from seqjax import decoding, plotting
 from seqjax.data import translation as data_lib
-from seqjax.nn import attention, position
-from seqjax.nn.seq2seq import Seq2SeqAttentionDecoder, Seq2SeqEncoder
 from seqjax.nn.recurrent import CELLS
-from seqjax.nn.transformer import NORMS, EncoderDecoder, TransformerDecoder, TransformerEncoder
-from seqjax.tasks import Task, saved_file
-from seqjax.tasks.charlm import DTYPES, lm_sums, report
+from seqjax.nn.seq2seq import Seq2SeqAttentionDecoder, Seq2SeqEncoder
+from seqjax.nn.transformer import EncoderDecoder, TransformerDecoder, TransformerEncoder
+from seqjax.tasks.common import (
+    DTYPES,
+    Task,
+    accuracy_sum,
+    check_dtype,
+    lm_sums,
+    saved_file,
+    transformer_config,
+    with_perplexity,
+)
 
 MODELS = ("transformer", "seq2seq_attention")
 TOKENIZER_FILES = {"src": "src_tokenizer.json", "tgt": "tgt_tokenizer.json"}
 
 
-def validate(config):
+def check_config(config):
     d, m, s = config.data, config.model, config.decode
     config_lib.expect(d.tokenizer in data_lib.TOKENIZER_KINDS, "data.tokenizer", d.tokenizer,
                       f"expected one of {data_lib.TOKENIZER_KINDS}")
@@ -51,32 +59,17 @@ def validate(config):
     if d.max_pairs is not None:
         config_lib.expect_positive_int(config, "data.max_pairs")
     config_lib.expect(m.name in MODELS, "model.name", m.name, f"expected one of {MODELS}")
-    config_lib.expect(m.dtype in DTYPES, "model.dtype", m.dtype, f"expected one of {sorted(DTYPES)}")
-    config_lib.expect_fraction(config, "model.dropout")
-    config_lib.expect_positive_int(config, "model.num_layers")
+    check_dtype(config)
     if m.name == "transformer":
-        config_lib.expect_positive_int(config, "model.d_model", "model.num_heads",
-                                       "model.ffn_hiddens", "model.block_size")
-        config_lib.expect_fraction(config, "model.attention_dropout")
-        config_lib.expect(config_lib.expect_type(config, "model.look_back", int) >= 0,
-                          "model.look_back", m.look_back, "must be >= 0")
-        config_lib.expect(m.d_model % m.num_heads == 0, "model.d_model", m.d_model,
-                          f"must be divisible by model.num_heads={m.num_heads}")
-        config_lib.expect(m.attention in attention.ATTENTION_KINDS, "model.attention",
-                          m.attention, f"expected one of {attention.ATTENTION_KINDS}")
-        config_lib.expect(m.position in position.ENCODINGS, "model.position", m.position,
-                          f"expected one of {position.ENCODINGS}")
-        config_lib.expect(m.position != "rotary" or (m.d_model // m.num_heads) % 2 == 0,
-                          "model.position", m.position, "rotary needs an even head dimension")
-        config_lib.expect(m.norm in NORMS, "model.norm", m.norm, f"expected one of {NORMS}")
-        config_lib.expect(m.activation in ("relu", "gelu"), "model.activation", m.activation,
-                          "expected 'relu' or 'gelu'")
+        transformer_config(config, max_length_key="data.num_steps")
     else:
+        config_lib.expect_fraction(config, "model.dropout")
+        config_lib.expect_positive_int(config, "model.num_layers")
         config_lib.expect(m.attention == "full", "model.attention", m.attention,
                           "the recurrent decoder attends over the whole source at every step "
                           "(additive attention); 'local' applies to the Transformer's "
                           "self-attention")
-        config_lib.expect_positive_int(config, "model.embed_size", "model.num_hiddens")
+        config_lib.expect_positive_int(config, "model.embed_dim", "model.hidden")
         config_lib.expect(m.cell in CELLS, "model.cell", m.cell, f"expected one of {sorted(CELLS)}")
     config_lib.expect_positive_int(config, "decode.beam_size", "decode.num_attention_maps")
     config_lib.expect(config_lib.expect_type(config, "decode.val_sentences", int) >= 0,
@@ -87,20 +80,25 @@ def validate(config):
 
 
 def make_model(config, src_vocab_size: int, tgt_vocab_size: int) -> EncoderDecoder:
-    m, dtype = config.model, DTYPES[config.model.dtype]
+    m = config.model
     if m.name == "transformer":
-        hp = dict(num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
-                  ffn_hiddens=m.ffn_hiddens, max_length=config.data.num_steps,
-                  position=m.position, attention=m.attention, block_size=m.block_size,
-                  look_back=m.look_back, dropout_rate=m.dropout,
-                  attention_dropout_rate=m.attention_dropout, norm=m.norm,
-                  activation=m.activation, dtype=dtype)
+        hp = transformer_config(config, max_length_key="data.num_steps").kwargs()
         return EncoderDecoder(TransformerEncoder(src_vocab_size, **hp),
                               TransformerDecoder(tgt_vocab_size, **hp))
-    hp = dict(embed_size=m.embed_size, num_hiddens=m.num_hiddens, num_layers=m.num_layers,
-              cell=m.cell, dropout_rate=m.dropout, dtype=dtype)
+    hp = dict(embed_size=m.embed_dim, num_hiddens=m.hidden, num_layers=m.num_layers,
+              cell=m.cell, dropout_rate=m.dropout, dtype=DTYPES[m.dtype])
     return EncoderDecoder(Seq2SeqEncoder(src_vocab_size, **hp),
                           Seq2SeqAttentionDecoder(tgt_vocab_size, **hp))
+
+
+def loss(model: EncoderDecoder, params, batch, carry=(), *, rng=None, train=False):
+    """Summed cross-entropy and accuracy of the teacher-forced target tokens (padding has
+    weight 0)."""
+    logits_BxTxV = model.apply(params, batch["src"], batch["src_valid_len"], batch["tgt_in"],
+                               deterministic=not train, rngs={"dropout": rng} if train else {})
+    sums = lm_sums(logits_BxTxV, batch["tgt_out"], batch["weights"])
+    sums["accuracy"] = accuracy_sum(logits_BxTxV, batch["tgt_out"], batch["weights"])
+    return sums, carry
 
 
 def _tokenizers(config, train_pairs, workdir):
@@ -120,19 +118,16 @@ def _arrays(tokenizer, texts, num_steps):
 
 
 def build(config, workdir=None) -> Task:
-    validate(config)
+    check_config(config)
     d, s = config.data, config.decode
     pairs = data_lib.load_pairs(d.path, max_pairs=d.max_pairs)
-    split = data_lib.split_pairs(pairs, num_valid=d.num_valid, num_test=d.num_test, seed=config.seed)
+    split = data_lib.split_pairs(pairs, num_valid=d.num_valid, num_test=d.num_test,
+                                 seed=config.seed)
     splits = {name: [pairs[i] for i in idx] for name, idx in split.items()}
     src_tok, tgt_tok = _tokenizers(config, splits["train"], workdir)
     arrays = {name: (*_arrays(src_tok, [p[0] for p in rows], d.num_steps),
                      *_arrays(tgt_tok, [p[1] for p in rows], d.num_steps))
               for name, rows in splits.items()}
-    batches = data_lib.TranslationBatches(*arrays["train"], d.batch_size, seed=config.seed,
-                                          shard_index=jax.process_index(),
-                                          num_shards=jax.process_count())
-    eval_batches = data_lib.eval_batches(*arrays["valid"], d.eval_batch_size)
     model = make_model(config, len(src_tok), len(tgt_tok))
     searcher = Searcher(model, d.num_steps, d.eval_batch_size)
 
@@ -140,14 +135,7 @@ def build(config, workdir=None) -> Task:
         tokens = jnp.zeros((1, d.num_steps), jnp.int32)
         return model.init(rng, tokens, jnp.ones((1,), jnp.int32), tokens)
 
-    def loss(params, batch, carry, rng, train):
-        logits_BxTxV = model.apply(params, batch["src"], batch["src_valid_len"], batch["tgt_in"],
-                                   deterministic=not train, rngs={"dropout": rng} if train else {})
-        sums = lm_sums(logits_BxTxV, {"targets": batch["tgt_out"], "weights": batch["weights"]})
-        correct_BxT = jnp.argmax(logits_BxTxV, -1) == batch["tgt_out"]
-        return dict(sums, accuracy=jnp.sum(correct_BxT * batch["weights"])), carry
-
-    def translate(params, sentences, *, beam_size=None, length_penalty=None):
+    def translate_sentences(params, sentences, *, beam_size=None, length_penalty=None):
         """Target sentences (preprocessed words, or subwords joined) of the source sentences."""
         src, src_len = _encode_inputs(src_tok, sentences, d.num_steps)
         tokens = searcher(params, src, src_len, beam_size or s.beam_size,
@@ -162,16 +150,17 @@ def build(config, workdir=None) -> Task:
         their translations (`test_translations.tsv`) and the attention maps of a few."""
         metrics = {}
         if val_pairs:
-            metrics["bleu"] = _bleu(val_pairs, translate(params, [p[0] for p in val_pairs],
-                                                         beam_size=1))
+            greedy = translate_sentences(params, [p[0] for p in val_pairs], beam_size=1)
+            metrics["bleu"] = _bleu(val_pairs, greedy)
         if final:
             sources = [p[0] for p in test_pairs]
-            greedy = translate(params, sources, beam_size=1)
+            greedy = translate_sentences(params, sources, beam_size=1)
             metrics["test_bleu_greedy"] = _bleu(test_pairs, greedy)
-            beam = translate(params, sources)
+            beam = translate_sentences(params, sources)
             metrics[f"test_bleu_beam{s.beam_size}"] = _bleu(test_pairs, beam)
             if workdir and jax.process_index() == 0:
-                with open(os.path.join(workdir, "test_translations.tsv"), "w", encoding="utf-8") as f:
+                path = os.path.join(workdir, "test_translations.tsv")
+                with open(path, "w", encoding="utf-8") as f:
                     f.write(f"source\treference\tgreedy\tbeam{s.beam_size}\n")
                     f.writelines(f"{p[0]}\t{p[1]}\t{g}\t{b}\n"
                                  for p, g, b in zip(test_pairs, greedy, beam))
@@ -181,13 +170,17 @@ def build(config, workdir=None) -> Task:
                                 os.path.join(workdir, "attention_maps.png"))
         return metrics
 
-    return Task(init_params=init_params, init_carry=lambda batch_size: (), loss=loss,
-                train_batch=batches, eval_batches=lambda: eval_batches,
+    batches = data_lib.TranslationBatches(*arrays["train"], d.batch_size, seed=config.seed,
+                                          shard_index=jax.process_index(),
+                                          num_shards=jax.process_count())
+    return Task(init_params=init_params, loss=functools.partial(loss, model),
+                train_batch=batches,
+                eval_batches=data_lib.eval_batches(*arrays["valid"], d.eval_batch_size),
                 batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
-                tokens_per_batch=d.batch_size * d.num_steps, report=report,
+                tokens_per_batch=d.batch_size * d.num_steps, report=with_perplexity,
                 files={TOKENIZER_FILES["src"]: src_tok.to_json(),
                        TOKENIZER_FILES["tgt"]: tgt_tok.to_json()},
-                translate=translate, decode_eval=decode_eval)
+                translate_sentences=translate_sentences, decode_eval=decode_eval)
 
 
 def _spread(sources, n: int) -> list[int]:
@@ -215,7 +208,8 @@ def _encode_inputs(src_tok, sentences, num_steps):
                              f"vocabulary")
         if len(tokens) > num_steps - 1:
             warnings.warn(f"sentence {i + 1} has {len(tokens)} tokens; the model reads at most "
-                          f"{num_steps - 1} (data.num_steps - 1 for <eos>): truncated")
+                          f"{num_steps - 1} (data.num_steps - 1 for <eos>): truncated",
+                          stacklevel=2)
         ids.append(tokens)
     return data_lib.build_array(ids, num_steps)
 
@@ -292,8 +286,7 @@ def cross_attention_weights(model: EncoderDecoder, params, src_1xS, src_len_1, t
 def _attention_maps(model, params, src_tok, tgt_tok, sources, hypotheses, num_steps, path):
     """One heatmap per sentence: source tokens (columns, with <eos>) against the generated
     target tokens (rows, each the prediction made from the attention in its row)."""
-    from seqjax.analysis import pyplot
-    plt = pyplot()
+    plt = plotting.pyplot()
     fig, axes = plt.subplots(1, len(sources), figsize=(4.5 * len(sources), 4.2), squeeze=False)
     for ax, source, hypothesis in zip(axes[0], sources, hypotheses):
         src, src_len = _encode_inputs(src_tok, [source], num_steps)

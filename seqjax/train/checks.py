@@ -1,0 +1,66 @@
+"""The engine's part of a config, checked before anything runs, and what a workdir's saved config
+must share with the config that resumes it. Tasks check their own sections."""
+
+import json
+import math
+
+from seqjax import config as config_lib
+from seqjax.train import parallel
+from seqjax.train.optimizer import OPTIMIZERS, SCHEDULES
+
+# What a checkpoint's shapes and meaning depend on: resuming a workdir with any of these changed
+# is an error. The rest (steps, schedule, learning rate, dropout, unroll, computation dtype,
+# evaluation, logging) may change.
+RESUME_KEYS = ("task", "model", "data.preprocess", "data.min_freq", "data.batch_size",
+               "data.tokenizer", "data.vocab_size", "data.max_pairs", "data.num_valid",
+               "data.num_test", "opt.name", "opt.grad_accum_steps")
+RESUME_FREE = ("model.dropout", "model.attention_dropout", "model.unroll", "model.dtype",
+               "model.init")
+
+
+def check_config(config):
+    """Checks the engine's part of a config: steps, devices, optimizer."""
+    config_lib.expect_positive_int(config, "num_train_steps", "log_every", "eval_every",
+                                   "checkpoint_every", "keep_checkpoints")
+    config_lib.expect_type(config, "seed", int)
+    config_lib.expect_type(config, "num_devices", int)
+    kind = config.get("parallel", "pmap")
+    config_lib.expect(kind in parallel.KINDS, "parallel", kind, f"expected one of {parallel.KINDS}")
+    opt = config.opt
+    config_lib.expect(opt.name in OPTIMIZERS, "opt.name", opt.name, f"expected one of {OPTIMIZERS}")
+    config_lib.expect(opt.schedule in SCHEDULES, "opt.schedule", opt.schedule,
+                      f"expected one of {SCHEDULES}")
+    for key in ("lr", "clip_norm", "weight_decay", "final_lr_fraction", "b1", "b2", "momentum"):
+        value = config_lib.expect_type(config, f"opt.{key}", (int, float))
+        config_lib.expect(math.isfinite(value) and value >= 0, f"opt.{key}", value,
+                          "must be a finite number >= 0")
+    config_lib.expect(opt.lr > 0, "opt.lr", opt.lr, "must be > 0")
+    config_lib.expect_positive_int(config, "opt.grad_accum_steps")
+    value = config_lib.expect_type(config, "opt.warmup_steps", int)
+    config_lib.expect(value >= 0, "opt.warmup_steps", value, "must be >= 0")
+
+
+def check_resumable(saved, config, workdir: str):
+    """Raises a ValueError listing what `config` changes of the run `saved` in `workdir`
+    (a config.json) that its checkpoints depend on."""
+    diff = config_lib.differences(resume_signature(saved), resume_signature(config))
+    if diff:
+        raise ValueError(
+            f"{workdir} holds a run with a different model or data; use another workdir, or "
+            f"the same config and overrides (see its {config_lib.CONFIG_FILE}). Differences: "
+            + "; ".join(diff))
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def resume_signature(config) -> dict:
+    flat = config_lib.flatten(config)
+    signature = {k: v for k, v in flat.items() if not _under(k, RESUME_FREE)
+                 and _under(k, RESUME_KEYS)}
+    # Switches that add or remove optimizer state.
+    signature["opt.clip_norm > 0"] = bool(flat.get("opt.clip_norm"))
+    if flat.get("opt.name") == "sgd":
+        signature["opt.momentum > 0"] = bool(flat.get("opt.momentum"))
+    return json.loads(json.dumps(signature, default=str))  # as read back from config.json
