@@ -52,6 +52,9 @@ flags.DEFINE_bool("distributed", False, "Multi-host with the cluster's own setti
                   "jax.distributed.initialize() detects them on SLURM and Cloud TPU.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+# The exit code of a run stopped by SIGTERM after saving (EX_TEMPFAIL of sysexits.h): a
+# scheduler may requeue the job, and the same command resumes it.
+STOPPED = 75
 
 
 def _which() -> str:
@@ -103,8 +106,14 @@ def _sentences() -> list[str]:
         raise ValueError(f"--beam_size={FLAGS.beam_size}: must be >= 1")
     if FLAGS.text is not None:
         return [FLAGS.text]
-    with open(FLAGS.input_file, encoding="utf-8") as f:
-        sentences = [line.strip() for line in f if line.strip()]
+    if os.path.isdir(FLAGS.input_file):
+        raise ValueError(f"--input_file {FLAGS.input_file!r} is a directory")
+    try:
+        with open(FLAGS.input_file, encoding="utf-8") as f:
+            sentences = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--input_file {FLAGS.input_file!r} is not UTF-8 text ({e.reason} at "
+                         f"byte {e.start})") from None
     if not sentences:
         raise ValueError(f"--input_file {FLAGS.input_file!r} holds no sentence")
     return sentences
@@ -125,7 +134,7 @@ def train_mode(config) -> int:
         results = train_and_evaluate(config, FLAGS.workdir)
     if jax.process_index() == 0:
         _print_results(results)
-    return 0
+    return STOPPED if results.get("stopped") else 0
 
 
 def eval_mode(config) -> int:
@@ -144,17 +153,27 @@ def sample_mode(config) -> int:
 
 
 def translate_mode(config) -> int:
+    """Prints one line per sentence: its translation, or an empty line where the sentence
+    cannot be translated (reported on stderr; the exit code is then 1)."""
     from seqjax.train import saved_runs
     options = {} if FLAGS.beam_size is None else {"beam_size": FLAGS.beam_size}
-    print("\n".join(saved_runs.translate(FLAGS.workdir, _sentences(), step=FLAGS.step,
-                                         which=_which(), defaults=config, **options)))
-    return 0
+    sentences = _sentences()
+    problems = []
+    translations = saved_runs.translate(FLAGS.workdir, sentences, step=FLAGS.step,
+                                        which=_which(), defaults=config,
+                                        on_error=problems.append, **options)
+    print("\n".join(t or "" for t in translations))
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def export_mode(config) -> int:
     from seqjax.train import saved_runs
     if not FLAGS.out:
         raise ValueError("--mode export needs --out FILE.npz")
+    if os.path.isdir(FLAGS.out):
+        raise ValueError(f"--out {FLAGS.out!r} is a directory; give the .npz file to write")
     shapes = saved_runs.export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, which=_which())
     print(f"wrote {len(shapes)} parameters to {FLAGS.out}")
     return 0
@@ -178,7 +197,7 @@ def sweep_mode(config) -> int:
             raise app.UsageError(f"--sweep_point={FLAGS.sweep_point}: get_sweep() has "
                                  f"{len(points)} points")
         row = sweep.run_point(config, points[FLAGS.sweep_point], FLAGS.workdir)
-        return 0 if row["status"] in ("ok", "stopped") else 1
+        return {"ok": 0, "stopped": STOPPED}.get(row["status"], 1)
     if FLAGS.parallel > 1 and jax.process_count() > 1:
         raise app.UsageError("--parallel runs points as local processes: not with multi-host")
     stopped = sweep.run(config, points, FLAGS.workdir, parallel=FLAGS.parallel,
@@ -186,8 +205,10 @@ def sweep_mode(config) -> int:
     if stopped:
         print("sweep stopped; run the same command again to resume it")
     if jax.process_index() != 0:
-        return 0
+        return STOPPED if stopped else 0
     rows = _summarize(points)
+    if stopped:
+        return STOPPED
     return 1 if any(row["status"].startswith("failed") for row in rows) else 0
 
 
@@ -222,19 +243,68 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     _init_distributed()
     from seqjax import analysis
-    config = FLAGS.config
+    from seqjax.train.checkpoint import CheckpointError
     mode = "sweep" if FLAGS.sweep else FLAGS.mode
     try:
+        config = _config()
+        if not FLAGS.workdir.strip():
+            raise ValueError("--workdir is empty: give the directory of the run")
+        if mode in ("train", "sweep") and (FLAGS.step is not None or FLAGS.best):
+            raise ValueError("--step and --best choose the checkpoint of eval, sample, "
+                             "translate and export; training resumes from the latest one")
         if config.task in analysis.ANALYSES and mode != "train":
             raise ValueError(f"{config.task} is an analysis: it runs in the default mode only")
         return MODES[mode](config)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
+    except CheckpointError as e:
+        # orbax's threads may still wait on the failed write: exit now, not at their leisure.
+        print(f"error: {e}; the checkpoints written before it are kept", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    except (ValueError, TypeError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
 
+def _config():
+    """FLAGS.config; a config file that fails to load is a ValueError, not a traceback."""
+    try:
+        return FLAGS.config
+    except Exception as e:
+        while e.__cause__ is not None or (e.args and isinstance(e.args[0], BaseException)):
+            e = e.__cause__ or e.args[0]
+        reason = " ".join(str(e).split())
+        raise ValueError(f"--config {FLAGS['config'].config_filename}: {type(e).__name__}: "
+                         f"{reason}") from None
+
+
+def _config_file(argv) -> str | None:
+    """The path of the --config file (without its `:arg`)."""
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":")[0]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].split(":")[0]
+    return None
+
+
+def _check_config_file(argv):
+    """The --config file must be an existing Python file."""
+    path = _config_file(argv)
+    if path is not None and not os.path.exists(path):
+        return f"--config {path}: no such file"
+    if path is not None and (not os.path.isfile(path) or not path.endswith(".py")):
+        return f"--config {path}: not an experiment file (experiments/X.py)"
+    return None
+
+
 def _parse_flags(argv):
-    """absl's parser, with an unknown `--config.x` field reported in one line, not a traceback."""
+    """absl's parser, with a bad config file or an unknown `--config.x` field reported in one
+    line, not a traceback."""
+    problem = _check_config_file(argv)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -247,7 +317,11 @@ def _parse_flags(argv):
             e = e.args[0]
         reason = " ".join(str(e.args[0] if e.args else e).split())
         bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        print(f"error: unknown config field in {' '.join(bad)}: {reason}", file=sys.stderr)
+        if "has no attribute 'get_config'" in reason:
+            print(f"error: --config {_config_file(argv)} defines no get_config(arg)",
+                  file=sys.stderr)
+        else:
+            print(f"error: unknown config field in {' '.join(bad)}: {reason}", file=sys.stderr)
     except (ValueError, TypeError) as e:  # raised by the config file's get_config(arg)
         print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

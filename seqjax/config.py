@@ -88,6 +88,14 @@ def _tuple(types):
     return types if isinstance(types, tuple) else (types,)
 
 
+def expect_run_dir(config, key: str):
+    """Checks that config value `key` names an existing directory (another run's workdir)."""
+    path = expect_type(config, key, str)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config.{key}={path!r}: no such directory")
+    expect(os.path.isdir(path), key, path, "is a file, not the workdir of a run")
+
+
 def expect_positive_int(config, *keys):
     for key in keys:
         value = expect_type(config, key, int)

@@ -65,6 +65,7 @@ def run_point(config, overrides: dict, workdir: str) -> dict:
     writes its row; an exception is the point's failure, recorded, not raised."""
     import jax
 
+    from seqjax.train.checkpoint import CheckpointError
     from seqjax.train.loop import train_and_evaluate
     name = point_name(overrides)
     subdir = os.path.join(workdir, name)
@@ -76,16 +77,19 @@ def run_point(config, overrides: dict, workdir: str) -> dict:
     print(f"=== sweep point {name}", flush=True)
     if jax.process_index() == 0:
         _forget(subdir)
+    error = None
     try:
         results = train_and_evaluate(point, subdir)
         status = "stopped" if results.get("stopped") else "ok"
     except Exception as e:
         traceback.print_exc()
-        results, status = {}, f"failed: {type(e).__name__}: {e}"
+        results, status, error = {}, f"failed: {type(e).__name__}: {e}", e
     row = {"point": name, **overrides, "status": status,
            **{k: v for k, v in results.items() if k not in ("sample", "stopped")}}
     if jax.process_index() == 0:
         _write_json(os.path.join(subdir, RESULT_FILE), row)
+    if isinstance(error, CheckpointError):  # the disk, not the point: stop the sweep
+        raise error
     return row
 
 

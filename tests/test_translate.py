@@ -155,3 +155,17 @@ def test_a_run_saved_under_the_old_key_names_evaluates_and_resumes(workdir, tmp_
     assert train_and_evaluate(config, str(old))["step"] == 12
     model = json.loads((old / "config.json").read_text())["model"]
     assert "hidden" in model and "num_hiddens" not in model
+
+
+def test_an_input_file_with_bad_lines_translates_the_others(workdir, tmp_path):
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("I see.\nxylophonist quixotically\nHe is calm.\n", encoding="utf-8")
+    proc = launch("--config", "experiments/translate.py:tiny", "--workdir", str(workdir),
+                  "--mode", "translate", "--input_file", str(sentences), "--beam_size", "2",
+                  timeout=300)
+    lines = proc.stdout.split("\n")[:3]
+    expected = saved_runs.translate(str(workdir), ["I see.", "He is calm."], beam_size=2)
+    assert proc.returncode == 1 and lines == [expected[0], "", expected[1]], proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert errors == ["error: sentence 2 ('xylophonist quixotically') holds no word of the "
+                      "source vocabulary"]

@@ -16,7 +16,6 @@ Dimension letters: B batch, L max_seq_len, P max_predictions, V vocabulary.
 """
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -77,8 +76,7 @@ def _tokenizer(config, workdir, train_documents=None):
     else one trained on the pretraining corpus' training split."""
     text = saved_file(workdir, TOKENIZER_FILE)
     if text is None and config.get("init_from"):
-        if not os.path.isdir(config.init_from):
-            raise FileNotFoundError(f"config.init_from={config.init_from!r}: no such directory")
+        config_lib.expect_run_dir(config, "init_from")
         text = saved_file(config.init_from, TOKENIZER_FILE)
         if text is None:
             raise FileNotFoundError(f"config.init_from={config.init_from!r} holds no "

@@ -100,6 +100,10 @@ def load_corpus(config, workdir=None):
     one."""
     d = config.data
     text = text_lib.preprocess(text_lib.load_text(d.path), d.preprocess)
+    if not text.strip():
+        raise ValueError(f"{d.path or 'the corpus'} holds no text after preprocessing "
+                         f"(data.preprocess={d.preprocess!r}"
+                         + (": it keeps the letters a-z)" if d.preprocess == "letters" else ")"))
     tokens = text_lib.tokenize(text, "char")
     vocab = _vocabulary(config, tokens, workdir)
     return (vocab, *text_lib.split_train_valid(vocab.encode(tokens), d.valid_fraction))

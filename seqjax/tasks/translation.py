@@ -135,12 +135,18 @@ def build(config, workdir=None) -> Task:
         tokens = jnp.zeros((1, d.num_steps), jnp.int32)
         return model.init(rng, tokens, jnp.ones((1,), jnp.int32), tokens)
 
-    def translate_sentences(params, sentences, *, beam_size=None, length_penalty=None):
-        """Target sentences (preprocessed words, or subwords joined) of the source sentences."""
-        src, src_len = _encode_inputs(src_tok, sentences, d.num_steps)
+    def translate_sentences(params, sentences, *, beam_size=None, length_penalty=None,
+                            on_error=None):
+        """Target sentences (preprocessed words, or subwords joined) of the source sentences.
+        A sentence that cannot be read is a ValueError, or with `on_error`, is passed to
+        `on_error(message)` and translated as None."""
+        src, src_len, kept = _encode_inputs(src_tok, sentences, d.num_steps, on_error)
         tokens = searcher(params, src, src_len, beam_size or s.beam_size,
                           s.length_penalty if length_penalty is None else length_penalty)
-        return [tgt_tok.decode(row) for row in tokens]
+        translations = [None] * len(sentences)
+        for i, row in zip(kept, tokens):
+            translations[i] = tgt_tok.decode(row)
+        return translations
 
     val_pairs = splits["valid"][:s.val_sentences]
     test_pairs = splits["test"]
@@ -196,22 +202,30 @@ def _bleu(pairs, hypotheses) -> float:
     return sacrebleu.corpus_bleu(hypotheses, [references], force=True).score
 
 
-def _encode_inputs(src_tok, sentences, num_steps):
-    """Source ids [N, num_steps] and lengths [N] of user sentences, with the input checks."""
-    ids = []
+def _encode_inputs(src_tok, sentences, num_steps, on_error=None):
+    """Source ids [N, num_steps] and lengths [N] of the user sentences that can be read, and
+    their indices; a sentence that cannot is a ValueError, or is passed to `on_error`."""
+    ids, kept = [], []
     for i, sentence in enumerate(sentences):
         tokens = src_tok.encode(sentence)
+        problem = None
         if not tokens:
-            raise ValueError(f"sentence {i + 1} ({sentence!r}) is empty")
-        if all(t == data_lib.UNK_ID for t in tokens):
-            raise ValueError(f"sentence {i + 1} ({sentence!r}) holds no word of the source "
-                             f"vocabulary")
+            problem = f"sentence {i + 1} ({sentence!r}) is empty"
+        elif all(t == data_lib.UNK_ID for t in tokens):
+            problem = (f"sentence {i + 1} ({sentence!r}) holds no word of the source "
+                       f"vocabulary")
+        if problem is not None:
+            if on_error is None:
+                raise ValueError(problem)
+            on_error(problem)
+            continue
         if len(tokens) > num_steps - 1:
             warnings.warn(f"sentence {i + 1} has {len(tokens)} tokens; the model reads at most "
                           f"{num_steps - 1} (data.num_steps - 1 for <eos>): truncated",
                           stacklevel=2)
         ids.append(tokens)
-    return data_lib.build_array(ids, num_steps)
+        kept.append(i)
+    return (*data_lib.build_array(ids, num_steps), kept)
 
 
 class Searcher:
@@ -289,7 +303,7 @@ def _attention_maps(model, params, src_tok, tgt_tok, sources, hypotheses, num_st
     plt = plotting.pyplot()
     fig, axes = plt.subplots(1, len(sources), figsize=(4.5 * len(sources), 4.2), squeeze=False)
     for ax, source, hypothesis in zip(axes[0], sources, hypotheses):
-        src, src_len = _encode_inputs(src_tok, [source], num_steps)
+        src, src_len, _ = _encode_inputs(src_tok, [source], num_steps)
         tgt = tgt_tok.encode(hypothesis)[:num_steps - 1] + [data_lib.EOS_ID]
         tgt_in = np.asarray([[data_lib.BOS_ID] + tgt[:-1]], np.int32)
         weights_TxS = cross_attention_weights(model, params, src, src_len, tgt_in)

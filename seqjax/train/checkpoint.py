@@ -6,13 +6,28 @@ best validation loss. Each holds params, optimizer state, step, RNG and stream s
 position is the step: batches are a pure function of it), plus a small JSON of run metadata.
 """
 
+import logging
 import os
+import shutil
+import sys
+import threading
 
+import etils.epath as epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from seqjax import config as config_lib
+
+DAMAGED_DIR = "damaged"  # where a training run sets aside the checkpoints it cannot read
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written: the run stops, keeping the checkpoints written before."""
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint that cannot be read back (cut short, corrupted, or an empty directory)."""
 
 
 def has_latest(workdir: str) -> bool:
@@ -22,12 +37,55 @@ def has_latest(workdir: str) -> bool:
     return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:400]}"
+
+
+def _leaf_shapes(tree) -> dict:
+    """{'opt_state/1/0/mu/params/head/kernel': shape} of a state or of orbax's metadata of one:
+    tuples and lists, dicts and named tuples give the same names."""
+    def name(key):
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+    return {"/".join(map(name, path)): tuple(getattr(x, "shape", np.shape(x)))
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _is_closed_loop(error) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _quiet_closed_loop_errors():
+    """Reading a damaged checkpoint, orbax's other reads end on an event loop it has closed:
+    the storage library's callbacks raise 'Event loop is closed' (caught by Python's hooks) and
+    asyncio logs 'Task exception was never retrieved' for each, dozens of tracebacks after the
+    one DamagedCheckpoint that says it all. Installed once, these filters drop only those."""
+    if getattr(sys.excepthook, "quiet_closed_loop", False):
+        return
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+    thread_hook = threading.excepthook
+
+    def quiet_excepthook(kind, value, traceback):
+        if not _is_closed_loop(value):
+            excepthook(kind, value, traceback)
+
+    quiet_excepthook.quiet_closed_loop = True
+    sys.excepthook = quiet_excepthook
+    sys.unraisablehook = lambda u: None if _is_closed_loop(u.exc_value) else unraisablehook(u)
+    threading.excepthook = lambda a: None if _is_closed_loop(a.exc_value) else thread_hook(a)
+    logging.getLogger("asyncio").addFilter(
+        lambda record: "exception was never retrieved" not in record.getMessage())
+
+
 class Checkpoints:
 
     def __init__(self, workdir: str, keep: int = 2):
-        workdir = os.path.abspath(workdir)
+        self.workdir = os.path.abspath(workdir)
         manager = lambda name, keep: ocp.CheckpointManager(
-            os.path.join(workdir, name),
+            os.path.join(self.workdir, name),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
         self.managers = {"latest": manager("checkpoints", keep), "best": manager("best", 1)}
 
@@ -36,42 +94,99 @@ class Checkpoints:
 
     def save(self, step: int, state, meta: dict, which: str = "latest"):
         """Saves `state` and `meta` as `step`, replacing a checkpoint of that step: a run that
-        resumes from an earlier step replays the steps after it and may save them again."""
+        resumes from an earlier step replays the steps after it and may save them again.
+        A failed write (of this save or of an earlier one still in flight) is a CheckpointError."""
         manager = self.managers[which]
-        if jax.process_count() > 1:
-            # orbax names its cross-process barrier after the step alone: the best and latest
-            # saves of one step must not be in flight together.
-            self.wait()
-        if step in manager.all_steps():
-            manager.delete(step)
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        manager.save(step, args=args, force=True)
+        try:
+            if jax.process_count() > 1:
+                # orbax names its cross-process barrier after the step alone: the best and
+                # latest saves of one step must not be in flight together.
+                self.wait()
+            if step in manager.all_steps():
+                manager.delete(step)
+            args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      meta=ocp.args.JsonSave(meta))
+            manager.save(step, args=args, force=True)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"saving step {step} in {manager.directory} failed: "
+                                  f"{_one_line(e)}") from e
 
     def meta(self, which: str = "latest") -> dict | None:
-        """The metadata of the newest `which` checkpoint, without reading its arrays."""
+        """The metadata of the newest readable `which` checkpoint, without reading its arrays."""
         manager = self.managers[which]
-        step = manager.latest_step()
-        if step is None:
-            return None
-        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                return manager.restore(step, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore()))["meta"]
+            except Exception:  # damaged: restore() reports it when the state is read
+                continue
+        return None
 
-    def restore(self, template=None, step: int | None = None, which: str = "latest"):
-        """Returns (state, meta) of `step` (default: the newest), or None if there is none."""
+    def restore(self, template=None, step: int | None = None, which: str = "latest",
+                on_damaged=None):
+        """(state, meta) of `step`, or by default of the newest checkpoint that reads back:
+        each damaged one skipped is passed to `on_damaged(step, DamagedCheckpoint)`. Returns
+        None if there is none. With a `template` (the state this config makes), a checkpoint
+        whose arrays have other names or shapes is a ValueError, not damage: the config
+        differs from the run's."""
         manager = self.managers[which]
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            return None
-        if step not in manager.all_steps():
-            raise FileNotFoundError(
-                f"no {which} checkpoint at step {step} in {manager.directory}; "
-                f"saved steps: {list(manager.all_steps())}")
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
+        if step is not None:
+            if step not in manager.all_steps():
+                raise FileNotFoundError(
+                    f"no {which} checkpoint at step {step} in {manager.directory}; "
+                    f"saved steps: {list(manager.all_steps())}")
+            return self._restore_step(manager, step, template)
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                return self._restore_step(manager, step, template)
+            except DamagedCheckpoint as e:
+                if on_damaged is None:
+                    raise
+                on_damaged(step, e)
+        return None
+
+    def _restore_step(self, manager, step: int, template):
+        path = epath.Path(manager.directory) / str(step)
+        try:
+            stored = ocp.StandardCheckpointHandler().metadata(path / "state")
+        except Exception as e:
+            raise DamagedCheckpoint(f"{path / 'state'}: its metadata cannot be read "
+                                    f"({_one_line(e)})") from e
+        if template is not None:
+            have, want = _leaf_shapes(stored.tree), _leaf_shapes(template)
+            for name in sorted(have.keys() | want.keys()):
+                if have.get(name) != want.get(name):
+                    raise ValueError(
+                        f"the checkpoint {path} does not fit this config: its array {name} has "
+                        f"shape {have.get(name, 'none')} where this config makes "
+                        f"{want.get(name, 'none')}")
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            _quiet_closed_loop_errors()
+            raise DamagedCheckpoint(f"{path}: {_one_line(e)}") from e
         return restored["state"], restored["meta"]
 
+    def set_aside(self, step: int, which: str = "latest") -> str:
+        """Moves a damaged checkpoint out of the way of new saves into `workdir/damaged/`
+        (kept, not deleted: a person may want it); returns where it went."""
+        manager = self.managers[which]
+        name = f"{os.path.basename(manager.directory)}-{step}"
+        target = os.path.join(self.workdir, DAMAGED_DIR, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(os.path.join(manager.directory, str(step)), target)
+        manager.reload()
+        return target
+
     def wait(self):
-        for manager in self.managers.values():
-            manager.wait_until_finished()
+        try:
+            for manager in self.managers.values():
+                manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(f"a checkpoint save failed: {_one_line(e)}") from e
 
     def close(self):
         for manager in self.managers.values():
@@ -81,6 +196,8 @@ class Checkpoints:
 def restore_saved(workdir: str, step: int | None = None, which: str = "latest", defaults=None):
     """(saved config completed from `defaults`, the saved host state) of a trained workdir's
     checkpoint (`step`, default the newest `which`)."""
+    if not workdir.strip():
+        raise ValueError(f"workdir {workdir!r}: give the directory of a trained run")
     workdir = os.path.abspath(workdir)
     config = config_lib.load(workdir)
     if config is None:
@@ -88,8 +205,10 @@ def restore_saved(workdir: str, step: int | None = None, which: str = "latest", 
                                 f"trained there")
     config = config_lib.with_defaults(config, defaults)
     ckpts = Checkpoints(workdir, config.keep_checkpoints)
+    skipped = lambda step, error: print(f"warning: skipped damaged checkpoint {error}",
+                                        file=sys.stderr)
     try:
-        restored = ckpts.restore(step=step, which=which)
+        restored = ckpts.restore(step=step, which=which, on_damaged=skipped)
     finally:
         ckpts.close()
     if restored is None:

@@ -3,6 +3,7 @@ must share with the config that resumes it. Tasks check their own sections."""
 
 import json
 import math
+import os
 
 from seqjax import config as config_lib
 from seqjax.train import parallel
@@ -38,6 +39,17 @@ def check_config(config):
     config_lib.expect_positive_int(config, "opt.grad_accum_steps")
     value = config_lib.expect_type(config, "opt.warmup_steps", int)
     config_lib.expect(value >= 0, "opt.warmup_steps", value, "must be >= 0")
+    if config.get("init_from"):
+        config_lib.expect_run_dir(config, "init_from")
+
+
+def check_workdir(workdir: str) -> str:
+    """The absolute path of a workdir that is not empty and, if it exists, is a directory."""
+    if not isinstance(workdir, str) or not workdir.strip():
+        raise ValueError(f"workdir {workdir!r}: give the directory of the run")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"workdir {workdir!r} is a file, not a directory")
+    return os.path.abspath(workdir)
 
 
 def check_resumable(saved, config, workdir: str):

@@ -24,6 +24,7 @@ from seqjax import tasks
 from seqjax.train import checks, parallel
 from seqjax.train.checkpoint import Checkpoints, has_latest, load_init_from
 from seqjax.train.evaluation import make_evaluator
+from seqjax.train.lock import WorkdirLock
 from seqjax.train.metrics import MetricWriter, Progress, prefixed, train_summary
 from seqjax.train.optimizer import learning_rate_at, make_optimizer
 from seqjax.train.step import state_specs, train_step
@@ -117,14 +118,27 @@ def _fresh_state(config, workdir, task, tx):
     return host, loaded
 
 
-def _restore(ckpts, template, workdir):
-    """(host state, metadata) of the workdir's latest checkpoint, or None."""
+def _restore(ckpts, template):
+    """(host state, metadata) of the newest checkpoint of the workdir that reads back, or None.
+    Damaged ones are set aside (by process 0), so that the steps replayed after the restored
+    one can be saved again."""
+    damaged = []
     try:
-        return ckpts.restore(template=template)
-    except Exception as e:
+        restored = ckpts.restore(template=template,
+                                 on_damaged=lambda step, e: damaged.append((step, e)))
+    except Exception:
         ckpts.close()
-        raise ValueError(f"the checkpoint in {workdir} does not fit this config: "
-                         f"{type(e).__name__}: {e}") from e
+        raise
+    for step, error in damaged:
+        if jax.process_index() == 0:
+            where = ckpts.set_aside(step)
+            print(f"skipped damaged checkpoint {error}; moved it to {where}", flush=True)
+    if damaged and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("seqjax: damaged checkpoints set aside")
+        for manager in ckpts.managers.values():
+            manager.reload()
+    return restored
 
 
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict:
@@ -136,33 +150,33 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     """
     # --- check everything, then build -------------------------------------------------------
     checks.check_config(config)
+    workdir = checks.check_workdir(workdir)
     devices = parallel.local_devices(config)
     par = parallel.make(config.get("parallel", "pmap"), devices)
-    workdir = os.path.abspath(workdir)
     saved = config_lib.load(workdir)
     if saved is not None:
         checks.check_resumable(saved, config, workdir)
     task = tasks.build(config, workdir)
     parallel.check_divisible("config.data.batch_size", task.batch_size, devices)
     parallel.check_divisible("config.data.eval_batch_size", task.eval_batch_size, devices)
-    total_steps = config.num_train_steps
-    tx = make_optimizer(config.opt, total_steps)
-
-    # --- the starting state: the workdir's checkpoint, else init_from, else scratch ----------
+    tx = make_optimizer(config.opt, config.num_train_steps)
     host, loaded = _fresh_state(config, workdir, task, tx)
     os.makedirs(workdir, exist_ok=True)
+    with WorkdirLock(workdir):
+        return _run(config, workdir, task, par, tx, host, loaded, stop_after)
+
+
+def _run(config, workdir, task, par, tx, host, loaded, stop_after) -> dict:
+    """The run itself, on a locked workdir, from the fresh state `host` (with the modules named
+    in `loaded` from config.init_from) unless the workdir has a checkpoint."""
+    # --- the starting state: the workdir's checkpoint, else init_from, else scratch ----------
     ckpts = Checkpoints(workdir, config.keep_checkpoints)
-    restored = _restore(ckpts, host, workdir)
+    restored = _restore(ckpts, host)
     meta = {}
     if restored is not None:
         (host, meta), loaded = restored, []
-    start = int(host["step"])
+    start, total_steps = int(host["step"]), config.num_train_steps
     state = parallel.to_devices(host, par)
-    if jax.process_index() == 0:
-        config_lib.save(config, workdir)
-        for name, text in task.files.items():
-            with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
-                f.write(text)
     record = RunRecord.from_meta(meta, ckpts.meta("best") or {})
     results = {"step": start, **prefixed("train", record.last_train)}
     validation_metrics = make_evaluator(task, par)
@@ -181,6 +195,18 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
         progress.update(done, **{k: v for k, v in record.last_train.items() if k != "grad_norm"})
         results.update(prefixed("train", record.last_train))
 
+    files_saved = False  # the run's config and files are written with its first checkpoint
+
+    def checkpoint(done, host, which="latest"):
+        nonlocal files_saved
+        if not files_saved and jax.process_index() == 0:
+            config_lib.save(config, workdir)
+            for name, text in task.files.items():
+                with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+                    f.write(text)
+        files_saved = True
+        ckpts.save(done, host, record.meta(), which=which)
+
     def evaluate_and_keep_best(done, state):
         """Validation metrics, and a new best saved at once; returns the host state if that
         save fetched it."""
@@ -192,11 +218,11 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
             return None
         record.best_loss, record.best_step = val["loss"], done
         host = parallel.to_host(state, par)
-        ckpts.save(done, host, record.meta(), which="best")
+        checkpoint(done, host, which="best")
         return host
 
     def save(done, state, host=None):
-        ckpts.save(done, parallel.to_host(state, par) if host is None else host, record.meta())
+        checkpoint(done, parallel.to_host(state, par) if host is None else host)
 
     # --- the loop ---------------------------------------------------------------------------
     def train_steps(state):

@@ -62,6 +62,10 @@ def export(workdir: str, out: str, *, step: int | None = None, which: str = "lat
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(out)}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return {name: x.shape for name, x in arrays.items()}

@@ -1,0 +1,94 @@
+"""One run per workdir: a lock file `workdir/.lock` naming the process that holds it.
+
+A second run on the same workdir is refused with the holder's pid and host. A lock left by a
+run that died (SIGKILL, a crash of the machine) is stale: on the same host a dead pid shows it
+and the lock is taken over; from another host it cannot be checked, and the error says which
+file to delete. With several processes the lock belongs to the run: process 0 takes it and
+tells the others whether it could.
+"""
+
+import json
+import os
+import socket
+import time
+
+import jax
+
+LOCK_FILE = ".lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+class WorkdirLock:
+    """`with WorkdirLock(workdir):` holds the workdir's lock (the workdir must exist)."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self.held = False
+
+    def __enter__(self):
+        error = self._acquire() if jax.process_index() == 0 else None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            failed = multihost_utils.broadcast_one_to_all(int(error is not None))
+            if failed and error is None:
+                error = f"{os.path.dirname(self.path)} is in use by another run (see process 0)"
+        if error:
+            raise ValueError(error)
+        return self
+
+    def _acquire(self) -> str | None:
+        """Takes the lock; returns why it could not, or None."""
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder == {}:  # released meanwhile
+                    continue
+                if holder is None or (holder.get("host") == me["host"]
+                                      and not _alive(int(holder.get("pid", -1)))):
+                    print(f"removed the stale lock of a run that is no longer running "
+                          f"({holder or 'unreadable'}): {self.path}", flush=True)
+                    os.remove(self.path)
+                    continue
+                return (f"{os.path.dirname(self.path)} is in use by another run (pid "
+                        f"{holder.get('pid')} on {holder.get('host')}, since "
+                        f"{holder.get('since')}); wait for it to end, or if no run is using "
+                        f"this workdir, delete {self.path}")
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return None
+        return f"could not take the lock {self.path}"
+
+    def _holder(self) -> dict | None:
+        """The lock's holder; None if the file stays unreadable for a second (a holder writes
+        it at once after creating it)."""
+        for _ in range(5):
+            try:
+                with open(self.path, encoding="utf-8") as f:
+                    return json.load(f)
+            except FileNotFoundError:
+                return {}
+            except (OSError, ValueError):
+                time.sleep(0.2)
+        return None
+
+    def __exit__(self, *_):
+        if self.held:
+            self.held = False
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
