@@ -246,9 +246,9 @@ def main(argv):
     from seqjax.train.checkpoint import CheckpointError
     mode = "sweep" if FLAGS.sweep else FLAGS.mode
     try:
-        config = _config()
-        if not FLAGS.workdir.strip():
-            raise ValueError("--workdir is empty: give the directory of the run")
+        from seqjax.train.checks import check_workdir
+        config = FLAGS.config
+        check_workdir(FLAGS.workdir)
         if mode in ("train", "sweep") and (FLAGS.step is not None or FLAGS.best):
             raise ValueError("--step and --best choose the checkpoint of eval, sample, "
                              "translate and export; training resumes from the latest one")
@@ -264,18 +264,6 @@ def main(argv):
     except (ValueError, TypeError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-
-
-def _config():
-    """FLAGS.config; a config file that fails to load is a ValueError, not a traceback."""
-    try:
-        return FLAGS.config
-    except Exception as e:
-        while e.__cause__ is not None or (e.args and isinstance(e.args[0], BaseException)):
-            e = e.__cause__ or e.args[0]
-        reason = " ".join(str(e).split())
-        raise ValueError(f"--config {FLAGS['config'].config_filename}: {type(e).__name__}: "
-                         f"{reason}") from None
 
 
 def _config_file(argv) -> str | None:
@@ -324,6 +312,9 @@ def _parse_flags(argv):
             print(f"error: unknown config field in {' '.join(bad)}: {reason}", file=sys.stderr)
     except (ValueError, TypeError) as e:  # raised by the config file's get_config(arg)
         print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # anything else the config file raises while it loads
+        print(f"error: --config {_config_file(argv)}: {type(e).__name__}: "
+              f"{' '.join(str(e).split())}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -12,10 +12,10 @@ import ml_collections
 
 def load_experiment(path: str):
     """The module of an experiment file (`experiments/X.py`, without a `:arg` suffix)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no experiment file {path!r}")
     name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(f"seqjax_experiment_{name}", path)
-    if spec is None or not os.path.isfile(path):
-        raise FileNotFoundError(f"no experiment file {path!r}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

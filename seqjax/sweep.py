@@ -86,10 +86,13 @@ def run_point(config, overrides: dict, workdir: str) -> dict:
         results, status, error = {}, f"failed: {type(e).__name__}: {e}", e
     row = {"point": name, **overrides, "status": status,
            **{k: v for k, v in results.items() if k not in ("sample", "stopped")}}
+    if isinstance(error, CheckpointError):  # the disk, not the point: stop the sweep
+        try:
+            _write_json(os.path.join(subdir, RESULT_FILE), row)
+        finally:
+            raise error
     if jax.process_index() == 0:
         _write_json(os.path.join(subdir, RESULT_FILE), row)
-    if isinstance(error, CheckpointError):  # the disk, not the point: stop the sweep
-        raise error
     return row
 
 
@@ -151,12 +154,13 @@ def _run_workers(config, points, workdir: str, command, parallel: int, stop):
 def summarize(points, workdir: str, metric: str = "best_val_loss") -> list[dict]:
     """Writes summary.csv, summary.md (sorted by `metric`, best first) and summary.png (the
     metric's curve of every point) from the points' results; returns the sorted rows."""
+    from seqjax.train.metrics import METRICS_FILE
     rows = []
     for overrides in points:
         subdir = os.path.join(workdir, point_name(overrides))
         row = _read_json(os.path.join(subdir, RESULT_FILE))
         if row is None:
-            started = os.path.exists(os.path.join(subdir, config_lib.CONFIG_FILE))
+            started = os.path.exists(os.path.join(subdir, METRICS_FILE))
             row = {"point": point_name(overrides), **overrides,
                    "status": "interrupted" if started else "not run"}
         rows.append(row)

@@ -15,8 +15,7 @@ CSV and PNG:
    random weights they do not.
 
 Training goes through the engine (`seqjax.train.train_and_evaluate`), one sub-workdir per run,
-so every run
-resumes and its metrics and checkpoints can be inspected like any other.
+so every run resumes and its metrics and checkpoints can be inspected like any other.
 """
 
 import csv

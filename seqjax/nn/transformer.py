@@ -44,15 +44,15 @@ class TransformerConfig:
     num_heads: int
     ffn_hiddens: int
     max_length: int
-    position: str = "sinusoidal"
-    attention: str = "full"
-    block_size: int = 128
-    look_back: int = 0
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    norm: str = "post"
-    activation: str = "relu"
-    dtype: Optional[Dtype] = None
+    position: str
+    attention: str
+    block_size: int
+    look_back: int
+    dropout_rate: float
+    attention_dropout_rate: float
+    norm: str
+    activation: str
+    dtype: Optional[Dtype]
 
     def check(self, name=lambda field: field, expect=_raise) -> "TransformerConfig":
         """Calls `expect(ok, name(field), value, what)` for every rule (the default raises a

@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from seqjax import config as config_lib
+from seqjax.train.checks import check_workdir
 
 DAMAGED_DIR = "damaged"  # where a training run sets aside the checkpoints it cannot read
 
@@ -54,30 +55,32 @@ def _leaf_shapes(tree) -> dict:
             for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _is_closed_loop(error) -> bool:
-    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+_damaged_paths: set = set()  # checkpoints whose failed reads are left to finish quietly
 
 
-def _quiet_closed_loop_errors():
-    """Reading a damaged checkpoint, orbax's other reads end on an event loop it has closed:
-    the storage library's callbacks raise 'Event loop is closed' (caught by Python's hooks) and
-    asyncio logs 'Task exception was never retrieved' for each, dozens of tracebacks after the
-    one DamagedCheckpoint that says it all. Installed once, these filters drop only those."""
-    if getattr(sys.excepthook, "quiet_closed_loop", False):
+def _quiet_closed_loop_errors(path: str):
+    """Reading a damaged checkpoint, orbax's other reads of it end on an event loop it has
+    closed: the storage library's callbacks raise 'Event loop is closed' (caught by Python's
+    hooks) and asyncio logs '... exception was never retrieved' for each, dozens of tracebacks
+    after the one DamagedCheckpoint that says it all. These filters drop those: the loop
+    errors, and the never-retrieved errors that name a damaged checkpoint's files."""
+    first = not _damaged_paths
+    _damaged_paths.add(path)
+    if not first:
         return
+    closed_loop = lambda e: isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
     excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
     thread_hook = threading.excepthook
+    sys.excepthook = lambda kind, value, tb: None if closed_loop(value) else excepthook(
+        kind, value, tb)
+    sys.unraisablehook = lambda u: None if closed_loop(u.exc_value) else unraisablehook(u)
+    threading.excepthook = lambda a: None if closed_loop(a.exc_value) else thread_hook(a)
 
-    def quiet_excepthook(kind, value, traceback):
-        if not _is_closed_loop(value):
-            excepthook(kind, value, traceback)
+    def keep(record):
+        text = f"{record.getMessage()} {record.exc_info[1] if record.exc_info else ''}"
+        return not ("never retrieved" in text and any(p in text for p in _damaged_paths))
 
-    quiet_excepthook.quiet_closed_loop = True
-    sys.excepthook = quiet_excepthook
-    sys.unraisablehook = lambda u: None if _is_closed_loop(u.exc_value) else unraisablehook(u)
-    threading.excepthook = lambda a: None if _is_closed_loop(a.exc_value) else thread_hook(a)
-    logging.getLogger("asyncio").addFilter(
-        lambda record: "exception was never retrieved" not in record.getMessage())
+    logging.getLogger("asyncio").addFilter(keep)
 
 
 class Checkpoints:
@@ -110,8 +113,8 @@ class Checkpoints:
         except CheckpointError:
             raise
         except Exception as e:
-            raise CheckpointError(f"saving step {step} in {manager.directory} failed: "
-                                  f"{_one_line(e)}") from e
+            raise CheckpointError(f"a checkpoint write in {manager.directory} failed (seen "
+                                  f"when saving step {step}): {_one_line(e)}") from e
 
     def meta(self, which: str = "latest") -> dict | None:
         """The metadata of the newest readable `which` checkpoint, without reading its arrays."""
@@ -155,18 +158,13 @@ class Checkpoints:
             raise DamagedCheckpoint(f"{path / 'state'}: its metadata cannot be read "
                                     f"({_one_line(e)})") from e
         if template is not None:
-            have, want = _leaf_shapes(stored.tree), _leaf_shapes(template)
-            for name in sorted(have.keys() | want.keys()):
-                if have.get(name) != want.get(name):
-                    raise ValueError(
-                        f"the checkpoint {path} does not fit this config: its array {name} has "
-                        f"shape {have.get(name, 'none')} where this config makes "
-                        f"{want.get(name, 'none')}")
+            _check_shapes(_leaf_shapes(stored.tree), _leaf_shapes(template),
+                          f"the checkpoint {path}")
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
-        except Exception as e:
-            _quiet_closed_loop_errors()
+        except (ValueError, OSError, KeyError) as e:  # a file cut short, corrupted or missing
+            _quiet_closed_loop_errors(str(path))
             raise DamagedCheckpoint(f"{path}: {_one_line(e)}") from e
         return restored["state"], restored["meta"]
 
@@ -176,6 +174,8 @@ class Checkpoints:
         manager = self.managers[which]
         name = f"{os.path.basename(manager.directory)}-{step}"
         target = os.path.join(self.workdir, DAMAGED_DIR, name)
+        while os.path.exists(target):  # the same step damaged again after a replay
+            target += "+"
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.move(os.path.join(manager.directory, str(step)), target)
         manager.reload()
@@ -196,9 +196,7 @@ class Checkpoints:
 def restore_saved(workdir: str, step: int | None = None, which: str = "latest", defaults=None):
     """(saved config completed from `defaults`, the saved host state) of a trained workdir's
     checkpoint (`step`, default the newest `which`)."""
-    if not workdir.strip():
-        raise ValueError(f"workdir {workdir!r}: give the directory of a trained run")
-    workdir = os.path.abspath(workdir)
+    workdir = check_workdir(workdir)
     config = config_lib.load(workdir)
     if config is None:
         raise FileNotFoundError(f"{workdir} has no {config_lib.CONFIG_FILE}: nothing was "
@@ -236,10 +234,13 @@ def load_init_from(params, source: str):
 def check_params(params, expected, what: str):
     """Raises a ValueError naming the first parameter of `params` whose shape differs from
     `expected` (arrays or shape structs), or that one of them lacks."""
-    have = {jax.tree_util.keystr(path): np.shape(x)
-            for path, x in jax.tree_util.tree_leaves_with_path(params)}
-    want = {jax.tree_util.keystr(path): tuple(x.shape)
-            for path, x in jax.tree_util.tree_leaves_with_path(expected)}
+    shapes = lambda tree: {jax.tree_util.keystr(path): tuple(np.shape(x))
+                           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+    _check_shapes(shapes(params), shapes(expected), what)
+
+
+def _check_shapes(have: dict, want: dict, what: str):
+    """Raises a ValueError naming the first array whose shape in `have` differs from `want`."""
     for name in sorted(have.keys() | want.keys()):
         if have.get(name) != want.get(name):
             raise ValueError(f"{what} does not fit this model: parameter {name} has shape "

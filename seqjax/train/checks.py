@@ -10,13 +10,13 @@ from seqjax.train import parallel
 from seqjax.train.optimizer import OPTIMIZERS, SCHEDULES
 
 # What a checkpoint's shapes and meaning depend on: resuming a workdir with any of these changed
-# is an error. The rest (steps, schedule, learning rate, dropout, unroll, computation dtype,
-# evaluation, logging) may change.
+# is an error. The rest (steps, schedule, learning rate, dropout, unroll, a linear
+# recurrence's scan, computation dtype, evaluation, logging) may change.
 RESUME_KEYS = ("task", "model", "data.preprocess", "data.min_freq", "data.batch_size",
                "data.tokenizer", "data.vocab_size", "data.max_pairs", "data.num_valid",
                "data.num_test", "opt.name", "opt.grad_accum_steps")
 RESUME_FREE = ("model.dropout", "model.attention_dropout", "model.unroll", "model.dtype",
-               "model.init")
+               "model.init", "model.linear.scan")
 
 
 def check_config(config):
@@ -39,8 +39,6 @@ def check_config(config):
     config_lib.expect_positive_int(config, "opt.grad_accum_steps")
     value = config_lib.expect_type(config, "opt.warmup_steps", int)
     config_lib.expect(value >= 0, "opt.warmup_steps", value, "must be >= 0")
-    if config.get("init_from"):
-        config_lib.expect_run_dir(config, "init_from")
 
 
 def check_workdir(workdir: str) -> str:

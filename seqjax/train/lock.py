@@ -4,7 +4,8 @@ A second run on the same workdir is refused with the holder's pid and host. A lo
 run that died (SIGKILL, a crash of the machine) is stale: on the same host a dead pid shows it
 and the lock is taken over; from another host it cannot be checked, and the error says which
 file to delete. With several processes the lock belongs to the run: process 0 takes it and
-tells the others whether it could.
+tells the others whether it could. (Two runs that find the same stale lock in the same
+instant may both take it over: the window is between reading the lock and replacing it.)
 """
 
 import json
@@ -35,7 +36,12 @@ class WorkdirLock:
         self.held = False
 
     def __enter__(self):
-        error = self._acquire() if jax.process_index() == 0 else None
+        error = None
+        if jax.process_index() == 0:
+            try:
+                error = self._acquire()
+            except OSError as e:  # a read-only file system, say: the others must hear of it
+                error = f"cannot take the lock {self.path}: {e}"
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             failed = multihost_utils.broadcast_one_to_all(int(error is not None))
@@ -56,10 +62,13 @@ class WorkdirLock:
                 holder = self._holder()
                 if holder == {}:  # released meanwhile
                     continue
-                if holder is None or (holder.get("host") == me["host"]
-                                      and not _alive(int(holder.get("pid", -1)))):
+                if holder is None:
+                    return (f"{self.path} is not a lock this code wrote; if no run is using "
+                            f"{os.path.dirname(self.path)}, delete it")
+                if holder["host"] == me["host"] and not _alive(holder["pid"]):
                     print(f"removed the stale lock of a run that is no longer running "
-                          f"({holder or 'unreadable'}): {self.path}", flush=True)
+                          f"(pid {holder['pid']}, since {holder.get('since')}): {self.path}",
+                          flush=True)
                     os.remove(self.path)
                     continue
                 return (f"{os.path.dirname(self.path)} is in use by another run (pid "
@@ -78,11 +87,15 @@ class WorkdirLock:
         for _ in range(5):
             try:
                 with open(self.path, encoding="utf-8") as f:
-                    return json.load(f)
+                    holder = json.load(f)
+                if isinstance(holder, dict) and isinstance(holder.get("pid"), int) \
+                        and isinstance(holder.get("host"), str):
+                    return holder
             except FileNotFoundError:
                 return {}
             except (OSError, ValueError):
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         return None
 
     def __exit__(self, *_):

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from seqjax import config as config_lib
 from seqjax import tasks
 from seqjax.train import checks, parallel
-from seqjax.train.checkpoint import Checkpoints, has_latest, load_init_from
+from seqjax.train.checkpoint import CheckpointError, Checkpoints, has_latest, load_init_from
 from seqjax.train.evaluation import make_evaluator
 from seqjax.train.lock import WorkdirLock
 from seqjax.train.metrics import MetricWriter, Progress, prefixed, train_summary
@@ -111,6 +111,7 @@ def _fresh_state(config, workdir, task, tx):
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     params, loaded = task.init_params(init_rng), []
     if config.get("init_from") and not has_latest(workdir):
+        config_lib.expect_run_dir(config, "init_from")
         params, loaded = load_init_from(params, config.init_from)
     host = dict(step=np.asarray(0, np.int32), params=jax.device_get(params),
                 opt_state=jax.device_get(tx.init(params)), rng=np.asarray(state_rng),
@@ -119,26 +120,47 @@ def _fresh_state(config, workdir, task, tx):
 
 
 def _restore(ckpts, template):
-    """(host state, metadata) of the newest checkpoint of the workdir that reads back, or None.
-    Damaged ones are set aside (by process 0), so that the steps replayed after the restored
-    one can be saved again."""
+    """(host state, metadata) of the newest checkpoint of the workdir that reads back, or None
+    if it has none. Damaged ones are set aside (by process 0), so that the steps replayed after
+    the restored one can be saved again; if every one is damaged, the run is refused rather
+    than started from scratch beside them."""
     damaged = []
     try:
         restored = ckpts.restore(template=template,
                                  on_damaged=lambda step, e: damaged.append((step, e)))
+        if damaged and restored is None:
+            raise ValueError(f"every checkpoint in {ckpts.workdir}/checkpoints is damaged; "
+                             f"the newest: {damaged[0][1]}")
+        if jax.process_index() == 0:
+            for step, error in damaged:
+                where = ckpts.set_aside(step)
+                print(f"skipped damaged checkpoint {error}; moved it to {where}", flush=True)
     except Exception:
         ckpts.close()
         raise
-    for step, error in damaged:
-        if jax.process_index() == 0:
-            where = ckpts.set_aside(step)
-            print(f"skipped damaged checkpoint {error}; moved it to {where}", flush=True)
-    if damaged and jax.process_count() > 1:
+    if jax.process_count() > 1:  # the others see the checkpoints process 0 has moved
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("seqjax: damaged checkpoints set aside")
         for manager in ckpts.managers.values():
             manager.reload()
     return restored
+
+
+def _close(progress, writer, ckpts, *, failed: bool):
+    """Closes the run's outputs. After a success it waits for the saves in flight and raises
+    their errors; after a failure, the error in flight is the one to report."""
+    progress.close()
+    writer.close()
+    if failed:
+        try:
+            ckpts.close()
+        except Exception:
+            pass
+        return
+    try:
+        ckpts.wait()
+    finally:
+        ckpts.close()
 
 
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict:
@@ -197,14 +219,20 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after) -> dict:
 
     files_saved = False  # the run's config and files are written with its first checkpoint
 
-    def checkpoint(done, host, which="latest"):
+    def save_files():
         nonlocal files_saved
         if not files_saved and jax.process_index() == 0:
-            config_lib.save(config, workdir)
-            for name, text in task.files.items():
-                with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
-                    f.write(text)
+            try:
+                config_lib.save(config, workdir)
+                for name, text in task.files.items():
+                    with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+                        f.write(text)
+            except OSError as e:
+                raise CheckpointError(f"writing the run's files to {workdir} failed: {e}") from e
         files_saved = True
+
+    def checkpoint(done, host, which="latest"):
+        save_files()
         ckpts.save(done, host, record.meta(), which=which)
 
     def evaluate_and_keep_best(done, state):
@@ -220,9 +248,6 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after) -> dict:
         host = parallel.to_host(state, par)
         checkpoint(done, host, which="best")
         return host
-
-    def save(done, state, host=None):
-        checkpoint(done, parallel.to_host(state, par) if host is None else host)
 
     # --- the loop ---------------------------------------------------------------------------
     def train_steps(state):
@@ -251,7 +276,7 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after) -> dict:
                     fetched = []
                 host = evaluate_and_keep_best(done, state) if do_eval else None
                 if do_save:
-                    save(done, state, host)
+                    checkpoint(done, parallel.to_host(state, par) if host is None else host)
                 results["step"] = done
                 if stopping and done != total_steps:
                     progress.write(f"stopped early: saved step {done} to {workdir}/checkpoints")
@@ -267,11 +292,11 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after) -> dict:
         else:
             progress.write(f"{workdir} has finished its {start} steps; evaluating its last "
                            f"checkpoint")
-    finally:
-        progress.close()
-        writer.close()
-        ckpts.wait()
-        ckpts.close()
+            save_files()  # the settings that may change (evaluation, say) are this call's
+    except BaseException:
+        _close(progress, writer, ckpts, failed=True)
+        raise
+    _close(progress, writer, ckpts, failed=False)
 
     # --- what the run reports ---------------------------------------------------------------
     results["train_time_s"] = record.train_time_s()

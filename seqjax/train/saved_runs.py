@@ -45,7 +45,8 @@ def generate(workdir: str, *, step: int | None = None, which: str = "latest", se
 
 def translate(workdir: str, sentences: list[str], *, step: int | None = None,
               which: str = "latest", defaults=None, **options) -> list[str]:
-    """Translations of `sentences` by a saved checkpoint (`options`: beam_size, length_penalty)."""
+    """Translations of `sentences` by a saved checkpoint (`options`: beam_size, length_penalty,
+    on_error: see the task's `translate_sentences`)."""
     saved, task, params, _ = restore_run(workdir, step, which, defaults)
     if task.translate_sentences is None:
         raise ValueError(f"task {saved.task!r} does not translate")
