@@ -5,7 +5,9 @@ r"""Character-level language model on The Time Machine (LSTM by default).
     python launch.py --config experiments/charlm.py --workdir runs/charlm --mode sample \
         --prefix "the time machine" --length 200
 
-Arguments after the colon: `cell=rnn|gru|lstm`, `tiny` (a seconds-long run for tests and laptops).
+Arguments after the colon: `cell=rnn|gru|lstm` (the textbook's cells) or `cell=mingru|minlstm|lru`
+(linear recurrences that train in parallel over time), `tiny` (a seconds-long run for tests and
+laptops).
 Any field can be overridden with `--config.opt.lr=0.5`-style flags; an unknown field is an error.
 Expected result: see the README's results table.
 """
@@ -45,6 +47,10 @@ def get_config(arg=None):
         dropout=0.4,  # between layers and before the output layer; this corpus is small
         unroll=1,
         dtype="float32",
+        # linear recurrences (cell=mingru|minlstm|lru): the scan, minGRU/minLSTM's log-space
+        # form, and the ring the LRU's eigenvalue moduli start on, and their largest phase
+        linear=dict(scan="associative", log_space=False, r_min=0.9, r_max=0.999,
+                    max_phase=6.283),
         # initialisers, see seqjax/nn/initializers.py: e.g. 'normal:0.01' as in the textbook
         init=dict(kernel="lecun_normal", recurrent="orthogonal", bias="zeros",
                   head="lecun_normal", forget_bias=0.0),

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seqjax.nn.linear_recurrent import LINEAR_CELLS, LinearRecurrentStack
 from seqjax.nn.recurrent import StackedRecurrent
 
 Initializer = Callable[..., jax.Array]
@@ -37,9 +38,19 @@ class RecurrentLM(nn.Module):
     bias_init: Initializer = nn.initializers.zeros_init()
     forget_bias: float = 0.0
     head_init: Initializer = nn.initializers.lecun_normal()
+    # linear recurrences (mingru, minlstm, lru): their scan, and options of the layers
+    scan_method: str = "associative"
+    layer_options: tuple = ()
 
     @nn.nowrap
-    def _rnn(self, **kwargs) -> StackedRecurrent:
+    def _rnn(self, **kwargs) -> StackedRecurrent | LinearRecurrentStack:
+        if self.cell in LINEAR_CELLS:
+            return LinearRecurrentStack(
+                self.cell, self.hidden, num_layers=self.num_layers,
+                dropout_rate=self.dropout_rate, method=self.scan_method,
+                layer_options=self.layer_options, dtype=self.dtype,
+                param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                bias_init=self.bias_init, **kwargs)
         return StackedRecurrent(self.cell, self.hidden, num_layers=self.num_layers,
                                 dropout_rate=self.dropout_rate, unroll=self.unroll,
                                 dtype=self.dtype, param_dtype=self.param_dtype,

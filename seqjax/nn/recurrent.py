@@ -26,7 +26,7 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 
-def _check_inputs(inputs_BxTxF, seq_lengths=None):
+def check_inputs(inputs_BxTxF, seq_lengths=None):
     """Raises a ValueError for inputs `Recurrent` cannot run: fewer than two axes, an empty time
     axis, or `seq_lengths` whose shape is not the batch shape, whose dtype is not integer, or
     (when its values are concrete, i.e. not traced under jit/vmap) with entries outside
@@ -73,7 +73,7 @@ class Recurrent(nn.Module):
     untouched, so each sequence starts at its own last valid token; outputs keep the
     original time order.
 
-    Bad inputs raise a ValueError before anything runs (see `_check_inputs`): an empty time
+    Bad inputs raise a ValueError before anything runs (see `check_inputs`): an empty time
     axis, `seq_lengths` of the wrong shape or dtype, concrete lengths outside [0, T], and
     inputs whose feature size differs from the one the parameters were made for. Lengths
     traced under jit cannot be checked; there a length above T acts as T and one below 0 as 0.
@@ -98,7 +98,7 @@ class Recurrent(nn.Module):
 
     def __call__(self, inputs_BxTxF, initial_carry=None, *, seq_lengths=None, return_carry=None):
         """Returns outputs_BxTxH, or (final_carry, outputs_BxTxH) if `return_carry`."""
-        _check_inputs(inputs_BxTxF, seq_lengths)
+        check_inputs(inputs_BxTxF, seq_lengths)
         cell, F = self.cell, inputs_BxTxF.shape[-1]
         if initial_carry is None:
             initial_carry = cell.initialize_carry(None, inputs_BxTxF.shape[:-2] + (F,))

@@ -19,6 +19,7 @@ from seqjax import config as config_lib
 from seqjax import decoding
 from seqjax.data import text as text_lib
 from seqjax.nn import initializers
+from seqjax.nn.linear_recurrent import LINEAR_CELLS, SCAN_METHODS
 from seqjax.nn.lm import RecurrentLM
 from seqjax.nn.recurrent import CELLS
 from seqjax.tasks.common import DTYPES, Task, check_dtype, lm_sums, saved_file, with_perplexity
@@ -54,7 +55,15 @@ def check_config(config):
     config_lib.expect_fraction(config, "model.dropout")
     value = config_lib.expect_type(config, "model.embed_dim", int)
     config_lib.expect(value >= 0, "model.embed_dim", value, "must be >= 0")
-    config_lib.expect(m.cell in CELLS, "model.cell", m.cell, f"expected one of {sorted(CELLS)}")
+    cells = sorted(CELLS) + sorted(LINEAR_CELLS)
+    config_lib.expect(m.cell in cells, "model.cell", m.cell, f"expected one of {cells}")
+    if m.cell in LINEAR_CELLS and "linear" in m:
+        lin = m.linear
+        config_lib.expect(lin.scan in SCAN_METHODS, "model.linear.scan", lin.scan,
+                          f"expected one of {SCAN_METHODS}")
+        config_lib.expect(0 <= lin.r_min < lin.r_max <= 1, "model.linear.r_max", lin.r_max,
+                          f"need 0 <= model.linear.r_min={lin.r_min} < r_max <= 1")
+        config_lib.expect_type(config, "model.linear.log_space", bool)
     for key in ("kernel", "recurrent", "bias", "head"):
         try:
             initializers.from_spec(m.init[key])
@@ -80,9 +89,14 @@ def make_model(config, vocab_size: int) -> RecurrentLM:
     m = config.model
     init = {f"{key}_init": initializers.from_spec(m.init[key])
             for key in ("kernel", "recurrent", "bias", "head")}
+    linear = m.get("linear", {})
+    options = {"lru": ("r_min", "r_max", "max_phase"), "mingru": ("log_space",),
+               "minlstm": ("log_space",)}.get(m.cell, ())
     return RecurrentLM(vocab_size=vocab_size, cell=m.cell, hidden=m.hidden,
                        num_layers=m.num_layers, embed_dim=m.embed_dim, dropout_rate=m.dropout,
                        unroll=m.unroll, dtype=DTYPES[m.dtype], forget_bias=m.init.forget_bias,
+                       scan_method=linear.get("scan", "associative"),
+                       layer_options=tuple((k, linear[k]) for k in options if k in linear),
                        **init)
 
 
