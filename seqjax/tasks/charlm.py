@@ -8,6 +8,7 @@ With sequential partitioning the hidden state is carried from one minibatch to t
 same way.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -90,13 +91,14 @@ def make_model(config, vocab_size: int) -> RecurrentLM:
     init = {f"{key}_init": initializers.from_spec(m.init[key])
             for key in ("kernel", "recurrent", "bias", "head")}
     linear = m.get("linear", {})
-    options = {"lru": ("r_min", "r_max", "max_phase"), "mingru": ("log_space",),
-               "minlstm": ("log_space",)}.get(m.cell, ())
+    # the config's linear options that this cell's layer has as fields
+    options = {f.name for f in dataclasses.fields(LINEAR_CELLS[m.cell])} if m.cell in LINEAR_CELLS \
+        else ()
     return RecurrentLM(vocab_size=vocab_size, cell=m.cell, hidden=m.hidden,
                        num_layers=m.num_layers, embed_dim=m.embed_dim, dropout_rate=m.dropout,
                        unroll=m.unroll, dtype=DTYPES[m.dtype], forget_bias=m.init.forget_bias,
                        scan_method=linear.get("scan", "associative"),
-                       layer_options=tuple((k, linear[k]) for k in options if k in linear),
+                       layer_options=tuple((k, linear[k]) for k in sorted(linear) if k in options),
                        **init)
 
 
