@@ -51,7 +51,7 @@ def get_config(arg=None):
     config.opt = dict(
         name="adamw", lr=3e-4, b1=0.9, b2=0.999, momentum=0.0, weight_decay=0.01,
         schedule="linear", warmup_steps=200, final_lr_fraction=0.0,
-        clip_norm=1.0, grad_accum_steps=1,
+        clip_norm=1.0, grad_accum_steps=1, decay_biases_and_norms=False,
     )
 
     config.num_train_steps = 2000

@@ -56,7 +56,7 @@ def get_config(arg=None):
     config.opt = dict(
         name="adamw", lr=1e-3, b1=0.9, b2=0.98, momentum=0.0, weight_decay=0.01,
         schedule="linear", warmup_steps=500, final_lr_fraction=0.0,
-        clip_norm=1.0, grad_accum_steps=1,
+        clip_norm=1.0, grad_accum_steps=1, decay_biases_and_norms=False,
     )
 
     # --- train, eval and checkpoints ----------------------------------------------------------

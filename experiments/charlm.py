@@ -46,7 +46,9 @@ def get_config(arg=None):
         embed_dim=0,  # 0: one-hot input as in the textbook, else a learned embedding
         dropout=0.4,  # between layers and before the output layer; this corpus is small
         unroll=1,
-        dtype="float32",
+        dtype="float32",  # computation; 'bfloat16' keeps params, softmax, norms, logits float32
+        param_dtype="float32",
+        remat="none",  # 'block' or 'full': recompute each layer's activations in the backward pass
         # linear recurrences (cell=mingru|minlstm|lru): the scan, minGRU/minLSTM's log-space
         # form, and the ring the LRU's eigenvalue moduli start on, and their largest phase
         linear=dict(scan="associative", log_space=False, r_min=0.9, r_max=0.999,
@@ -61,7 +63,7 @@ def get_config(arg=None):
         name="adamw", lr=2e-3, b1=0.9, b2=0.999, momentum=0.0, weight_decay=0.0,
         schedule="cosine", warmup_steps=100, final_lr_fraction=0.05,
         clip_norm=1.0,  # the textbook's gradient clipping theta; 0 disables it
-        grad_accum_steps=1,
+        grad_accum_steps=1, decay_biases_and_norms=False,
     )
 
     # --- train, eval and checkpoints ----------------------------------------------------------

@@ -54,7 +54,10 @@ def get_config(arg=None):
     # --- model --------------------------------------------------------------------------------
     config.model = dict(
         name=args.model,
-        dtype="float32",
+        dtype="float32",  # computation; 'bfloat16' keeps params, softmax, norms, logits float32
+        param_dtype="float32",
+        remat="none",  # 'block' or 'full': recompute each layer's activations in the backward pass
+        attention_impl="auto",  # full attention: 'seqjax', 'xla', 'cudnn'; 'auto': cuDNN on GPUs
         dropout=0.1,
         # transformer
         num_layers=2,
@@ -86,7 +89,7 @@ def get_config(arg=None):
     config.opt = dict(
         name="adamw", lr=2e-3, b1=0.9, b2=0.98, momentum=0.0, weight_decay=0.01,
         schedule="cosine", warmup_steps=200, final_lr_fraction=0.02,
-        clip_norm=1.0, grad_accum_steps=1,
+        clip_norm=1.0, grad_accum_steps=1, decay_biases_and_norms=False,
     )
 
     # --- train, eval and checkpoints ----------------------------------------------------------

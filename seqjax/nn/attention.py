@@ -9,7 +9,17 @@ may see (the textbook, "Attention Scoring Functions"):
 - scaled dot product: a(q, k) = q . k / sqrt(d);
 - additive (Bahdanau): a(q, k) = w_v . tanh(W_q q + W_k k).
 Masks are boolean, True where a query may attend. A query with no key to attend to gets zero
-weights everywhere (and a zero output), never NaN. Softmax runs in float32 whatever the dtype.
+weights everywhere (and a zero output), never NaN. Scores come out of their product in float32
+(`preferred_element_type`, not a bfloat16 product cast up afterwards) and softmax runs in
+float32, whatever the dtype of q, k and v.
+
+Full attention has interchangeable implementations (`ATTENTION_IMPLS`): 'seqjax' (this
+module's einsums, the reference), 'xla' and 'cudnn' (`jax.nn.dot_product_attention`; cuDNN's
+fused flash attention on NVIDIA GPUs), and 'auto' (cuDNN where it runs, else 'seqjax'). The
+fused ones have no dropout on the weights and return no weights to sow. cuDNN's
+`local_window_size` is a sliding window (each query sees the W keys before it), not seqjax's
+contiguous blocks (every query of a block sees the same keys), so block-local attention keeps
+its own scan on every backend.
 
 `local_attention` (from `seqjax.nn.local_attention`) splits a length-N sequence into C = N/S
 blocks of S positions; the queries of a block see the keys of their own block and of the
@@ -31,6 +41,7 @@ from seqjax.nn.local_attention import local_window_mask as local_window_mask  # 
 
 Dtype = Any
 ATTENTION_KINDS = ("full", "local")
+ATTENTION_IMPLS = ("seqjax", "xla", "cudnn", "auto")
 
 
 # ----------------------------------------------------------------------------- softmax and scores
@@ -75,7 +86,8 @@ def additive_scores(q_BxQxA, k_BxKxA, w_v_A):
 def dot_product_weights(q_BxQxHxD, k_BxKxHxD, mask=None, bias=None):
     """Attention weights [B, H, Q, K] (float32) of scaled dot-product scores; `mask` (bool)
     and `bias` (added to the scores) broadcast to [B, H, Q, K]."""
-    scores = jnp.einsum("...qhd,...khd->...hqk", scale_queries(q_BxQxHxD), k_BxKxHxD)
+    scores = jnp.einsum("...qhd,...khd->...hqk", scale_queries(q_BxQxHxD), k_BxKxHxD,
+                        preferred_element_type=jnp.float32)
     if bias is not None:
         scores = scores + bias
     return softmax_where(scores, mask)
@@ -95,6 +107,43 @@ def dot_product_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask=None, bias=None,
     weights = dot_product_weights(q_BxQxHxD, k_BxKxHxD, mask, bias)
     weights = _dropout(weights, dropout_rate, dropout_rng).astype(v_BxKxHxD.dtype)
     return jnp.einsum("...hqk,...khd->...qhd", weights, v_BxKxHxD)
+
+
+def fused_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, *, implementation: str,
+                    key_mask_BxK=None, causal: bool = False):
+    """Full attention through `jax.nn.dot_product_attention` ('xla' or 'cudnn'), with a
+    key-padding mask [B, K] (True = a real token) and causal masking; equal to
+    `dot_product_attention` with the same masks. cuDNN takes padding as lengths, so the real
+    keys of a row must come first (as every padding mask seqjax builds has them)."""
+    lengths_B = None if key_mask_BxK is None else jnp.sum(key_mask_BxK, -1, dtype=jnp.int32)
+    if implementation == "cudnn":
+        out = jax.nn.dot_product_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, is_causal=causal,
+                                           key_value_seq_lengths=lengths_B,
+                                           implementation="cudnn")
+    elif implementation == "xla":
+        mask = None if key_mask_BxK is None else key_mask_BxK[:, None, None, :]
+        out = jax.nn.dot_product_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask=mask,
+                                           is_causal=causal, implementation="xla")
+    else:
+        raise ValueError(f"implementation={implementation!r}: expected 'xla' or 'cudnn'")
+    if lengths_B is None:
+        return out
+    return jnp.where(lengths_B[:, None, None, None] > 0, out, 0).astype(out.dtype)
+
+
+def cudnn_runs(dtype, head_dim: int) -> bool:
+    """Whether cuDNN's flash attention takes these inputs here: an NVIDIA GPU, half-precision
+    inputs and a head dimension it supports."""
+    return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128)
+
+
+def check_impl(implementation: str, dropout_rate: float = 0.0):
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={implementation!r}: expected one of {ATTENTION_IMPLS}")
+    if implementation in ("xla", "cudnn") and dropout_rate > 0:
+        raise ValueError(f"attention_impl={implementation!r} has no dropout on the attention "
+                         f"weights (attention dropout {dropout_rate}): use 'seqjax' or 'auto'")
 
 
 # ----------------------------------------------------------------------------- modules
@@ -132,6 +181,8 @@ class MultiHeadAttention(nn.Module):
     over by name. `attention='local'` uses `local_attention` (self-attention only) with
     `block_size` and `look_back`. `causal` masks later keys; `mask` is a key-padding mask
     [B, K] (True = a real token). `rotary` applies rotary position embeddings to q and k.
+    `attention_impl` picks full attention's implementation (see the module docstring); a call
+    with 'intermediates' mutable (an analysis asking for the weights) runs seqjax's own.
 
     Decoding: with `decode=True`, calling `init` with a [B, max_length, E] input creates a
     'cache' collection (keys, values and the index of the next position); each later call,
@@ -150,6 +201,7 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: float = 0.0
     decode: bool = False
     use_bias: bool = True
+    attention_impl: str = "seqjax"
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable = nn.initializers.lecun_normal()
@@ -158,6 +210,7 @@ class MultiHeadAttention(nn.Module):
     def __call__(self, inputs_q, inputs_kv=None, *, mask=None, deterministic: bool = True):
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTION_KINDS}")
+        check_impl(self.attention_impl, self.dropout_rate)
         local = self.attention == "local"
         if local:
             check_local(self.block_size, self.look_back)
@@ -198,6 +251,9 @@ class MultiHeadAttention(nn.Module):
                 out = local_attention(q, k, v, block_size=self.block_size, causal=self.causal,
                                       look_back=self.look_back, mask=mask,
                                       dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
+            elif (impl := self._full_impl(q.dtype, q.shape[-1])) != "seqjax":
+                out = fused_attention(q, k, v, implementation=impl, key_mask_BxK=mask,
+                                      causal=self.causal)
             else:
                 full_mask = None if mask is None else mask[:, None, None, :]
                 if self.causal:
@@ -213,6 +269,13 @@ class MultiHeadAttention(nn.Module):
                                use_bias=self.use_bias, dtype=self.dtype,
                                param_dtype=self.param_dtype, kernel_init=self.kernel_init,
                                name="W_o")(out)
+
+    def _full_impl(self, dtype, head_dim: int) -> str:
+        if self.is_mutable_collection("intermediates"):
+            return "seqjax"
+        if self.attention_impl == "auto":
+            return "cudnn" if self.dropout_rate == 0 and cudnn_runs(dtype, head_dim) else "seqjax"
+        return self.attention_impl
 
     def _decode_step(self, q, k, v, mask):
         """Appends this call's L positions to the cache and attends over it. The caller keeps

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from seqjax.nn import compute
 from seqjax.nn.position import LearnedPosition
 from seqjax.nn.transformer import EncoderBlock, _check_norm
 
@@ -36,7 +37,8 @@ class BertEncoder(nn.Module):
     `num_layers` `EncoderBlock`s with GELU, post-norm as in BERT (`norm='pre'`: LayerNorm
     before each sublayer and once at the end). `attention='local'` attends within blocks of
     `block_size` and `look_back` earlier blocks, at O(L * block_size) cost. A sequence longer
-    than `max_length` (the position table) is a clear error."""
+    than `max_length` (the position table) is a clear error. `remat` and `attention_impl` as in
+    `seqjax.nn.transformer`."""
 
     vocab_size: int
     num_layers: int = 2
@@ -51,6 +53,8 @@ class BertEncoder(nn.Module):
     attention: str = "full"
     block_size: int = 128
     look_back: int = 0
+    remat: str = "none"
+    attention_impl: str = "seqjax"
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
 
@@ -64,8 +68,9 @@ class BertEncoder(nn.Module):
         self.embed_ln = nn.LayerNorm(**kw)
         self.embed_dropout = nn.Dropout(self.dropout_rate)
         attention_kwargs = (("attention", self.attention), ("block_size", self.block_size),
-                            ("look_back", self.look_back))
-        self.blocks = [EncoderBlock(self.num_heads, self.ffn_hiddens, self.dropout_rate,
+                            ("look_back", self.look_back), ("attention_impl", self.attention_impl))
+        block = compute.remat(EncoderBlock, self.remat, static_argnums=(3,))
+        self.blocks = [block(self.num_heads, self.ffn_hiddens, self.dropout_rate,
                                     self.attention_dropout_rate, norm=self.norm,
                                     activation="gelu", attention_kwargs=attention_kwargs, **kw)
                        for _ in range(self.num_layers)]
@@ -79,7 +84,7 @@ class BertEncoder(nn.Module):
         x = self.token_embed(tokens_BxL) + self.segment_embed(segments_BxL)
         x = self.embed_dropout(self.embed_ln(self.position(x)), deterministic=deterministic)
         for block in self.blocks:
-            x = block(x, mask_BxL, deterministic=deterministic)
+            x = block(x, mask_BxL, deterministic)
         return self.ln_final(x) if self.norm == "pre" else x
 
     def embedding(self):
@@ -113,8 +118,9 @@ class MLMHead(nn.Module):
         x = nn.LayerNorm(name="ln", **kw)(x)
         bias = self.param("bias", nn.initializers.zeros, (embedding_VxE.shape[0],),
                           self.param_dtype)
-        logits = jnp.einsum("bpe,ve->bpv", x, embedding_VxE.astype(x.dtype))
-        return logits.astype(jnp.float32) + bias
+        logits = jnp.einsum("bpe,ve->bpv", x, embedding_VxE.astype(x.dtype),
+                            preferred_element_type=jnp.float32)
+        return logits + bias
 
 
 class BertPretraining(nn.Module):
@@ -135,7 +141,8 @@ class BertPretraining(nn.Module):
         nsp_logits = None
         if self.nsp:
             pooled = Pooler(name="pooler", **kw)(x)
-            nsp_logits = nn.Dense(2, name="nsp_head", **kw)(pooled).astype(jnp.float32)
+            nsp_logits = nn.Dense(2, name="nsp_head", dot_general=compute.float32_dot,
+                                  **kw)(pooled).astype(jnp.float32)
         return mlm_logits, nsp_logits
 
 
@@ -153,4 +160,5 @@ class BertClassifier(nn.Module):
         x = self.encoder(tokens_BxL, segments_BxL, mask_BxL, deterministic=deterministic)
         pooled = nn.Dropout(self.dropout_rate)(Pooler(name="pooler", **kw)(x),
                                                deterministic=deterministic)
-        return nn.Dense(self.num_classes, name="classifier", **kw)(pooled).astype(jnp.float32)
+        return nn.Dense(self.num_classes, name="classifier", dot_general=compute.float32_dot,
+                        **kw)(pooled).astype(jnp.float32)

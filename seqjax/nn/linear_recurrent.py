@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from seqjax.nn import compute
 from seqjax.nn.recurrent import check_inputs
 
 Dtype = Any
@@ -265,7 +266,8 @@ class LinearRecurrentStack(nn.Module):
     whose outputs are concatenated before the GLU. Parameters: `input`, `block_{i}` (or
     `block_{i}_fwd`, `block_{i}_bwd`), `block_{i}_norm`, `block_{i}_glu`, `norm`. The carry is
     a tuple with one state per block (a (forward, backward) pair when bidirectional); outputs
-    at padded steps are exactly zero. `layer_options` go to every layer (log_space, r_min, ...)."""
+    at padded steps are exactly zero. `layer_options` go to every layer (log_space, r_min, ...);
+    `remat` rematerialises each layer (`seqjax.nn.compute`)."""
 
     cell_type: str
     features: int
@@ -274,6 +276,7 @@ class LinearRecurrentStack(nn.Module):
     bidirectional: bool = False
     method: str = "associative"
     layer_options: tuple = ()
+    remat: str = "none"
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
     kernel_init: Initializer = nn.initializers.lecun_normal()
@@ -284,7 +287,7 @@ class LinearRecurrentStack(nn.Module):
         if self.cell_type not in LINEAR_CELLS:
             raise ValueError(f"unknown cell_type {self.cell_type!r}; expected one of "
                              f"{sorted(LINEAR_CELLS)}")
-        return LINEAR_CELLS[self.cell_type](
+        return compute.remat(LINEAR_CELLS[self.cell_type], self.remat)(
             self.features, method=self.method, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=self.kernel_init, bias_init=self.bias_init,
             **dict(self.layer_options), **kwargs)

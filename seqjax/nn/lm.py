@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seqjax.nn import compute
 from seqjax.nn.linear_recurrent import LINEAR_CELLS, LinearRecurrentStack
 from seqjax.nn.recurrent import StackedRecurrent
 
@@ -41,6 +42,7 @@ class RecurrentLM(nn.Module):
     # linear recurrences (mingru, minlstm, lru): their scan, and options of the layers
     scan_method: str = "associative"
     layer_options: tuple = ()
+    remat: str = "none"  # each recurrent layer's, see seqjax.nn.compute
 
     @nn.nowrap
     def _rnn(self, **kwargs) -> StackedRecurrent | LinearRecurrentStack:
@@ -48,12 +50,12 @@ class RecurrentLM(nn.Module):
             return LinearRecurrentStack(
                 self.cell, self.hidden, num_layers=self.num_layers,
                 dropout_rate=self.dropout_rate, method=self.scan_method,
-                layer_options=self.layer_options, dtype=self.dtype,
+                layer_options=self.layer_options, remat=self.remat, dtype=self.dtype,
                 param_dtype=self.param_dtype, kernel_init=self.kernel_init,
                 bias_init=self.bias_init, **kwargs)
         return StackedRecurrent(self.cell, self.hidden, num_layers=self.num_layers,
                                 dropout_rate=self.dropout_rate, unroll=self.unroll,
-                                dtype=self.dtype, param_dtype=self.param_dtype,
+                                remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype,
                                 kernel_init=self.kernel_init, recurrent_init=self.recurrent_init,
                                 bias_init=self.bias_init, forget_bias=self.forget_bias, **kwargs)
 
@@ -64,7 +66,8 @@ class RecurrentLM(nn.Module):
         self.rnn = self._rnn()
         self.drop = nn.Dropout(self.dropout_rate)
         self.head = nn.Dense(self.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                             kernel_init=self.head_init, bias_init=self.bias_init)
+                             kernel_init=self.head_init, bias_init=self.bias_init,
+                             dot_general=compute.float32_dot)
 
     def __call__(self, tokens_BxT, carry=None, *, deterministic: bool = True):
         """Returns (logits_BxTxV in float32, carry after the last step)."""

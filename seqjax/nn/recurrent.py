@@ -11,7 +11,6 @@ its gradient with respect to W_h is one matmul after the loop (see
 `Recurrent.fused_weight_grad`).
 """
 
-import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -19,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax.nn import recurrent_scan
+from seqjax.nn import compute, recurrent_scan
 from seqjax.nn.cells import CELLS, GRUCell, LSTMCell, RNNCell  # noqa: F401  (re-exported)
 
 Dtype = Any
@@ -152,7 +151,8 @@ class StackedRecurrent(nn.Module):
     Parameters live under `layer_{i}` (or `layer_{i}_fwd` / `layer_{i}_bwd`), e.g.
     `layer_0/W_xi`. A carry is a tuple with one entry per layer: the cell's carry, or the
     pair (forward, backward) when bidirectional. `forget_bias` applies to LSTM cells and
-    `reset_after` to GRU cells; `fused_weight_grad` is `Recurrent`'s.
+    `reset_after` to GRU cells; `fused_weight_grad` is `Recurrent`'s. `remat` rematerialises
+    each layer (`seqjax.nn.compute`): its backward pass recomputes the scan from its input.
     """
 
     cell_type: str
@@ -169,6 +169,7 @@ class StackedRecurrent(nn.Module):
     forget_bias: float = 0.0
     reset_after: bool = False
     fused_weight_grad: bool = True
+    remat: str = "none"
 
     @nn.nowrap
     def _make_cell(self, **kwargs):
@@ -195,18 +196,20 @@ class StackedRecurrent(nn.Module):
     def __call__(self, inputs_BxTxF, initial_carry=None, *, seq_lengths=None,
                  deterministic: bool = True):
         """Returns (carries, outputs_BxTxH), outputs of size 2H when bidirectional."""
-        layer = functools.partial(Recurrent, unroll=self.unroll,
-                                  fused_weight_grad=self.fused_weight_grad)
+        options = dict(unroll=self.unroll, fused_weight_grad=self.fused_weight_grad)
         x, carries = inputs_BxTxF, []
         for i in range(self.num_layers):
             if i > 0:
                 x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
             if self.bidirectional:
-                rnn = Bidirectional(layer(self._make_cell(name=f"layer_{i}_fwd")),
-                                    layer(self._make_cell(name=f"layer_{i}_bwd"), reverse=True))
+                rnn = compute.remat(Bidirectional, self.remat)(
+                    Recurrent(self._make_cell(name=f"layer_{i}_fwd"), **options),
+                    Recurrent(self._make_cell(name=f"layer_{i}_bwd"), reverse=True, **options),
+                    return_carry=True)
             else:
-                rnn = layer(self._make_cell(name=f"layer_{i}"))
+                rnn = compute.remat(Recurrent, self.remat)(
+                    self._make_cell(name=f"layer_{i}"), return_carry=True, **options)
             layer_carry = None if initial_carry is None else initial_carry[i]
-            carry, x = rnn(x, layer_carry, seq_lengths=seq_lengths, return_carry=True)
+            carry, x = rnn(x, layer_carry, seq_lengths=seq_lengths)
             carries.append(carry)
         return tuple(carries), x

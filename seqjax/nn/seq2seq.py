@@ -19,6 +19,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from seqjax.nn import compute
 from seqjax.nn.attention import AdditiveAttention
 from seqjax.nn.recurrent import CELLS, StackedRecurrent
 
@@ -34,6 +35,7 @@ class _Seq2Seq(nn.Module):
     num_layers: int = 2
     cell: str = "gru"
     dropout_rate: float = 0.0
+    remat: str = "none"  # the encoder's recurrent layers', see seqjax.nn.compute
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
 
@@ -47,7 +49,7 @@ class Seq2SeqEncoder(_Seq2Seq):
         x_BxSxE = nn.Embed(self.vocab_size, self.embed_size, name="embed", **kw)(tokens_BxS)
         carries, outputs_BxSxH = StackedRecurrent(
             self.cell, self.num_hiddens, num_layers=self.num_layers,
-            dropout_rate=self.dropout_rate, name="rnn", **kw)(
+            dropout_rate=self.dropout_rate, remat=self.remat, name="rnn", **kw)(
                 x_BxSxE, seq_lengths=valid_len_B, deterministic=deterministic)
         return outputs_BxSxH, carries
 
@@ -107,5 +109,6 @@ class Seq2SeqAttentionDecoder(_Seq2Seq):
         carries, y_BxTxH = steps(self.num_hiddens, self.num_layers, self.cell, self.dropout_rate,
                                  deterministic, name="step", **kw)(
             carries, x_BxTxE, enc_outputs_BxSxH, src_valid_len_B)
-        logits_BxTxV = nn.Dense(self.vocab_size, name="head", **kw)(y_BxTxH)
+        logits_BxTxV = nn.Dense(self.vocab_size, name="head", dot_general=compute.float32_dot,
+                                **kw)(y_BxTxH)
         return logits_BxTxV.astype(jnp.float32), (enc_outputs_BxSxH, src_valid_len_B, carries)

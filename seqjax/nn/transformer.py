@@ -9,6 +9,11 @@ Every sublayer (self-attention, cross-attention, position-wise FFN) is followed 
 (`norm='pre'`, which trains deep stacks without warm-up tricks). An `EncoderBlock` with
 causal self-attention is a decoder-only (GPT-style) block; a `DecoderBlock` adds
 cross-attention to the encoder's output between the two.
+
+Precision: with `dtype=bfloat16` the products run in bfloat16 on float32 parameters
+(`param_dtype`), while attention scores and softmax, LayerNorm statistics and the logits stay
+in float32. `remat` rematerialises each block (`seqjax.nn.compute`), `attention_impl` picks
+full attention's implementation (`seqjax.nn.attention`).
 """
 
 import dataclasses
@@ -20,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax.nn import position
-from seqjax.nn.attention import ATTENTION_KINDS, MultiHeadAttention
+from seqjax.nn import compute, position
+from seqjax.nn.attention import ATTENTION_IMPLS, ATTENTION_KINDS, MultiHeadAttention
 
 Dtype = Any
 NORMS = ("post", "pre")
@@ -52,7 +57,10 @@ class TransformerConfig:
     attention_dropout_rate: float
     norm: str
     activation: str
+    remat: str
+    attention_impl: str
     dtype: Optional[Dtype]
+    param_dtype: Dtype
 
     def check(self, name=lambda field: field, expect=_raise) -> "TransformerConfig":
         """Calls `expect(ok, name(field), value, what)` for every rule (the default raises a
@@ -87,6 +95,12 @@ class TransformerConfig:
                name("position"), self.position, "rotary needs an even head dimension")
         one_of("norm", NORMS)
         one_of("activation", ACTIVATIONS)
+        one_of("remat", compute.REMAT)
+        one_of("attention_impl", ATTENTION_IMPLS)
+        expect(self.attention_impl not in ("xla", "cudnn") or self.attention_dropout_rate == 0,
+               name("attention_impl"), self.attention_impl,
+               f"has no dropout on the attention weights: set {name('attention_dropout_rate')} "
+               f"to 0, or use 'seqjax' or 'auto'")
         return self
 
     def kwargs(self, *exclude: str) -> dict:
@@ -160,7 +174,7 @@ class EncoderBlock(_Block):
     """Self-attention and FFN with residuals: [B, L, E] -> [B, L, E]."""
 
     @nn.compact
-    def __call__(self, x_BxLxE, mask=None, *, deterministic: bool = True):
+    def __call__(self, x_BxLxE, mask=None, deterministic: bool = True):
         _check_norm(self.norm)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attention = MultiHeadAttention(self.num_heads, dropout_rate=self.attention_dropout_rate,
@@ -197,6 +211,8 @@ class _Stack(nn.Module):
     attention_dropout_rate: float = 0.0
     norm: str = "pre"
     activation: str = "gelu"
+    remat: str = "none"
+    attention_impl: str = "seqjax"
     decode: bool = False
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
@@ -208,7 +224,8 @@ class _Stack(nn.Module):
     @nn.nowrap
     def _block_kwargs(self, causal: bool) -> dict:
         attention_kwargs = dict(attention=self.attention, block_size=self.block_size,
-                                look_back=self.look_back, rotary=self.position == "rotary")
+                                look_back=self.look_back, rotary=self.position == "rotary",
+                                attention_impl=self.attention_impl)
         if causal:
             attention_kwargs.update(causal=True, decode=self.decode)
         return dict(num_heads=self.num_heads, ffn_hiddens=self.ffn_hiddens,
@@ -216,6 +233,13 @@ class _Stack(nn.Module):
                     attention_dropout_rate=self.attention_dropout_rate, norm=self.norm,
                     activation=self.activation, attention_kwargs=tuple(attention_kwargs.items()),
                     **self._kw())
+
+    @nn.nowrap
+    def _block(self, block_cls, i: int, *, causal: bool):
+        """Block i, rematerialised as `remat` says (not when decoding: no backward pass)."""
+        static = (4,) if block_cls is DecoderBlock else (3,)  # `deterministic`
+        return compute.remat(block_cls, "none" if self.decode else self.remat, static)(
+            **self._block_kwargs(causal=causal), name=f"block{i}")
 
     @nn.nowrap
     def _embed(self, tokens_BxL, deterministic: bool):
@@ -249,7 +273,8 @@ class _Stack(nn.Module):
         """Final LayerNorm (pre-norm stacks) and the linear head: logits [B, L, V] in float32."""
         if self.norm == "pre":
             x_BxLxE = nn.LayerNorm(name="ln_final", **self._kw())(x_BxLxE)
-        return nn.Dense(self.vocab_size, name="head", **self._kw())(x_BxLxE).astype(jnp.float32)
+        return nn.Dense(self.vocab_size, name="head", dot_general=compute.float32_dot,
+                        **self._kw())(x_BxLxE).astype(jnp.float32)
 
 
 class TransformerLM(_Stack):
@@ -261,8 +286,7 @@ class TransformerLM(_Stack):
     def __call__(self, tokens_BxL, *, deterministic: bool = True):
         x = self._embed(tokens_BxL, deterministic)
         for i in range(self.num_layers):
-            x = EncoderBlock(**self._block_kwargs(causal=True), name=f"block{i}")(
-                x, deterministic=deterministic)
+            x = self._block(EncoderBlock, i, causal=True)(x, None, deterministic)
         return self._head(x)
 
 
@@ -274,15 +298,16 @@ class DecoderBlock(_Block):
     rotary, decode); cross-attention is always full attention over the source."""
 
     @nn.compact
-    def __call__(self, x_BxTxE, memory_BxSxE, memory_mask_BxS=None, *,
-                 deterministic: bool = True):
+    def __call__(self, x_BxTxE, memory_BxSxE, memory_mask_BxS=None, deterministic: bool = True):
         _check_norm(self.norm)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attention = functools.partial(MultiHeadAttention, self.num_heads,
                                       dropout_rate=self.attention_dropout_rate, **kw)
-        self_attention = attention(name="self_attention",
-                                   **{**dict(self.attention_kwargs), "causal": True})
-        cross_attention = attention(name="cross_attention")
+        attention_kwargs = dict(self.attention_kwargs)
+        self_attention = attention(name="self_attention", **{**attention_kwargs, "causal": True})
+        cross_attention = attention(
+            name="cross_attention",
+            attention_impl=attention_kwargs.get("attention_impl", "seqjax"))
         ffn = PositionwiseFFN(self.ffn_hiddens, activation=self.activation, name="ffn", **kw)
         sublayers = (
             lambda x: self_attention(x, deterministic=deterministic),
@@ -308,8 +333,7 @@ class TransformerEncoder(_Stack):
         mask_BxS = None if valid_len_B is None else source_mask(valid_len_B, tokens_BxS.shape[1])
         x = self._embed(tokens_BxS, deterministic)
         for i in range(self.num_layers):
-            x = EncoderBlock(**self._block_kwargs(causal=False), name=f"block{i}")(
-                x, mask_BxS, deterministic=deterministic)
+            x = self._block(EncoderBlock, i, causal=False)(x, mask_BxS, deterministic)
         if self.norm == "pre":
             x = nn.LayerNorm(name="ln_final", **self._kw())(x)
         return x
@@ -333,8 +357,7 @@ class TransformerDecoder(_Stack):
     def __call__(self, tokens_BxT, memory, *, deterministic: bool = True):
         x = self._embed(tokens_BxT, deterministic)
         for i in range(self.num_layers):
-            x = DecoderBlock(**self._block_kwargs(causal=True), name=f"block{i}")(
-                x, *memory, deterministic=deterministic)
+            x = self._block(DecoderBlock, i, causal=True)(x, *memory, deterministic)
         return self._head(x), memory
 
 

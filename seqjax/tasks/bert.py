@@ -30,7 +30,6 @@ from seqjax.nn.bert import BERT_SIZES, BertClassifier, BertEncoder, BertPretrain
 from seqjax.tasks.common import (
     Task,
     accuracy_sum,
-    check_dtype,
     perplexity,
     saved_file,
     transformer_config,
@@ -47,7 +46,8 @@ def model_config(size: str) -> dict:
     num_layers, d_model, num_heads = BERT_SIZES[size]
     return dict(size=size, num_layers=num_layers, d_model=d_model, num_heads=num_heads,
                 ffn_hiddens=4 * d_model, max_position=512, norm="post", attention="full",
-                block_size=64, look_back=1, dropout=0.1, attention_dropout=0.1, dtype="float32")
+                block_size=64, look_back=1, dropout=0.1, attention_dropout=0.1, dtype="float32",
+                param_dtype="float32", remat="none", attention_impl="auto")
 
 
 def _encoder_config(config):
@@ -56,7 +56,6 @@ def _encoder_config(config):
 
 
 def check_model(config):
-    check_dtype(config)
     _encoder_config(config)
     config_lib.expect_positive_int(config, "data.batch_size", "data.eval_batch_size",
                                    "data.vocab_size", "data.max_seq_len")

@@ -23,7 +23,14 @@ from seqjax.nn import initializers
 from seqjax.nn.linear_recurrent import LINEAR_CELLS, SCAN_METHODS
 from seqjax.nn.lm import RecurrentLM
 from seqjax.nn.recurrent import CELLS
-from seqjax.tasks.common import DTYPES, Task, check_dtype, lm_sums, saved_file, with_perplexity
+from seqjax.tasks.common import (
+    Task,
+    check_precision,
+    lm_sums,
+    precision,
+    saved_file,
+    with_perplexity,
+)
 
 VOCAB_FILE = "vocab.json"
 
@@ -40,7 +47,7 @@ def check_data_and_sample(config):
     config_lib.expect_fraction(config, "data.valid_fraction", low_open=True)
     value = config_lib.expect_type(config, "data.min_freq", int)
     config_lib.expect(value >= 0, "data.min_freq", value, "must be >= 0")
-    check_dtype(config)
+    check_precision(config)
     if config.get("sample"):
         unknown = set(config.sample) - {"prefix", "length", "temperature"}
         config_lib.expect(not unknown, "sample", config.sample.to_dict(),
@@ -96,7 +103,7 @@ def make_model(config, vocab_size: int) -> RecurrentLM:
         else ()
     return RecurrentLM(vocab_size=vocab_size, cell=m.cell, hidden=m.hidden,
                        num_layers=m.num_layers, embed_dim=m.embed_dim, dropout_rate=m.dropout,
-                       unroll=m.unroll, dtype=DTYPES[m.dtype], forget_bias=m.init.forget_bias,
+                       unroll=m.unroll, forget_bias=m.init.forget_bias, **precision(config),
                        scan_method=linear.get("scan", "associative"),
                        layer_options=tuple((k, linear[k]) for k in sorted(linear) if k in options),
                        **init)

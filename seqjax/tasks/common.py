@@ -16,9 +16,12 @@ import jax.numpy as jnp
 import optax
 
 from seqjax import config as config_lib
+from seqjax.nn.compute import REMAT
 from seqjax.nn.transformer import TransformerConfig
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# float16 is refused: its 5-bit exponent underflows small gradients unless the loss is scaled
+# (dynamic loss scaling), which seqjax does not do; bfloat16 has float32's range.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,21 +62,35 @@ def saved_file(workdir: str | None, name: str) -> str | None:
         return f.read()
 
 
-def check_dtype(config):
-    config_lib.expect(config.model.dtype in DTYPES, "model.dtype", config.model.dtype,
-                      f"expected one of {sorted(DTYPES)}")
+def check_precision(config):
+    """model.dtype (computation), model.param_dtype (parameters) and model.remat."""
+    for key in ("model.dtype", "model.param_dtype"):
+        value = config_lib.get(config, key)
+        hint = (": float16 needs loss scaling, which seqjax does not do; bfloat16 has "
+                "float32's range") if value == "float16" else ""
+        config_lib.expect(value in DTYPES, key, value, f"expected one of {sorted(DTYPES)}{hint}")
+    config_lib.expect(config_lib.get(config, "model.remat") in REMAT, "model.remat",
+                      config_lib.get(config, "model.remat"), f"expected one of {REMAT}")
+
+
+def precision(config) -> dict:
+    """The dtype, param_dtype and remat of `config.model` as module keyword arguments."""
+    m = config.model
+    return dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], remat=m.remat)
 
 
 def transformer_config(config, *, max_length_key: str, **fixed) -> TransformerConfig:
     """The checked `TransformerConfig` of `config.model`; its length limit is the config value
     at `max_length_key`, and errors name config keys."""
+    check_precision(config)
     m = config.model
     keys = {"dropout_rate": "model.dropout", "attention_dropout_rate": "model.attention_dropout",
             "max_length": max_length_key}
     values = {f.name: config_lib.get(config, keys.get(f.name, f"model.{f.name}"))
               for f in dataclasses.fields(TransformerConfig)
-              if f.name not in fixed and f.name != "dtype"}
-    return TransformerConfig(**values, **fixed, dtype=DTYPES[m.dtype]).check(
+              if f.name not in fixed and f.name not in ("dtype", "param_dtype")}
+    return TransformerConfig(**values, **fixed, dtype=DTYPES[m.dtype],
+                             param_dtype=DTYPES[m.param_dtype]).check(
         name=lambda field: keys.get(field, f"model.{field}"), expect=config_lib.expect)
 
 

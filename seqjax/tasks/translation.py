@@ -32,11 +32,11 @@ from seqjax.nn.recurrent import CELLS
 from seqjax.nn.seq2seq import Seq2SeqAttentionDecoder, Seq2SeqEncoder
 from seqjax.nn.transformer import EncoderDecoder, TransformerDecoder, TransformerEncoder
 from seqjax.tasks.common import (
-    DTYPES,
     Task,
     accuracy_sum,
-    check_dtype,
+    check_precision,
     lm_sums,
+    precision,
     saved_file,
     transformer_config,
     with_perplexity,
@@ -59,7 +59,7 @@ def check_config(config):
     if d.max_pairs is not None:
         config_lib.expect_positive_int(config, "data.max_pairs")
     config_lib.expect(m.name in MODELS, "model.name", m.name, f"expected one of {MODELS}")
-    check_dtype(config)
+    check_precision(config)
     if m.name == "transformer":
         transformer_config(config, max_length_key="data.num_steps")
     else:
@@ -86,7 +86,7 @@ def make_model(config, src_vocab_size: int, tgt_vocab_size: int) -> EncoderDecod
         return EncoderDecoder(TransformerEncoder(src_vocab_size, **hp),
                               TransformerDecoder(tgt_vocab_size, **hp))
     hp = dict(embed_size=m.embed_dim, num_hiddens=m.hidden, num_layers=m.num_layers,
-              cell=m.cell, dropout_rate=m.dropout, dtype=DTYPES[m.dtype])
+              cell=m.cell, dropout_rate=m.dropout, **precision(config))
     return EncoderDecoder(Seq2SeqEncoder(src_vocab_size, **hp),
                           Seq2SeqAttentionDecoder(tgt_vocab_size, **hp))
 

@@ -11,12 +11,13 @@ from seqjax.train.optimizer import OPTIMIZERS, SCHEDULES
 
 # What a checkpoint's shapes and meaning depend on: resuming a workdir with any of these changed
 # is an error. The rest (steps, schedule, learning rate, dropout, unroll, a linear
-# recurrence's scan, computation dtype, evaluation, logging) may change.
+# recurrence's scan, computation dtype, rematerialisation, attention implementation,
+# evaluation, logging) may change.
 RESUME_KEYS = ("task", "model", "data.preprocess", "data.min_freq", "data.batch_size",
                "data.tokenizer", "data.vocab_size", "data.max_pairs", "data.num_valid",
                "data.num_test", "opt.name", "opt.grad_accum_steps")
 RESUME_FREE = ("model.dropout", "model.attention_dropout", "model.unroll", "model.dtype",
-               "model.init", "model.linear.scan")
+               "model.init", "model.linear.scan", "model.remat", "model.attention_impl")
 
 
 def check_config(config):
@@ -37,6 +38,8 @@ def check_config(config):
                           "must be a finite number >= 0")
     config_lib.expect(opt.lr > 0, "opt.lr", opt.lr, "must be > 0")
     config_lib.expect_positive_int(config, "opt.grad_accum_steps")
+    if "decay_biases_and_norms" in opt:  # absent from configs written before it: True
+        config_lib.expect_type(config, "opt.decay_biases_and_norms", bool)
     value = config_lib.expect_type(config, "opt.warmup_steps", int)
     config_lib.expect(value >= 0, "opt.warmup_steps", value, "must be >= 0")
 

@@ -1,5 +1,6 @@
 """Optimisers and learning-rate schedules from `config.opt`, all through optax."""
 
+import jax
 import optax
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -30,9 +31,69 @@ def _update_schedule(opt, total_steps: int) -> optax.Schedule:
 
 
 def learning_rate_at(opt, total_steps: int):
-    """step -> the learning rate that `make_optimizer` applies at training step `step`."""
+    """step -> the learning rate `make_optimizer` gives the update that training step `step`
+    (a batch; a micro-step with gradient accumulation) goes into: update step // k."""
     schedule = _update_schedule(opt, total_steps)
     return lambda step: float(schedule(step // opt.grad_accum_steps))
+
+
+# Names (a parameter's last path key) of biases and norm gains, never decayed: Flax's 'bias'
+# (Dense, DenseGeneral, LayerNorm, BERT's MLM output bias) and LayerNorm's gain 'scale'.
+_NO_DECAY_NAMES = ("bias", "scale")
+
+
+def decay_mask(params):
+    """params -> the same tree of bools: True where AdamW's weight decay applies.
+
+    The rule of BERT and the Transformer literature (BERT's `exclude_from_weight_decay` of
+    'bias' and 'LayerNorm', nanoGPT's "2-D parameters only"): decay the matrices -- kernels, the
+    textbook cells' W_x* and W_h*, embeddings, learned positions, additive attention's w_v,
+    the LRU's B and C -- where decay is the L2 prior on weights it stands for; leave biases
+    ('bias', the cells' 'b_*') and LayerNorm's 'scale' alone, since pulling a bias or a gain
+    towards 0 does not make the model simpler, it shifts or silences what the next layer sees.
+    A parameter is decayed when it has at least two axes and is not named like a bias or a
+    gain (attention's DenseGeneral biases have two axes, [heads, head_dim]).
+
+    Vectors are not decayed, which settles the LRU's diagonal parameters too. `nu_log`,
+    `theta_log` and `gamma_log` are logarithms: decay pulls them towards 0, i.e. every
+    eigenvalue modulus towards exp(-1), every phase towards 1 radian and the normalisation
+    towards 1 -- a drift to an arbitrary point that undoes the ring initialisation's long
+    memory, not a shrinkage (S5's reference code likewise trains its eigenvalues with plain
+    Adam). The skip gain `D` is a per-feature gain, like LayerNorm's scale.
+    """
+    def decayed(path, x):
+        name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
+        bias = name in _NO_DECAY_NAMES or name.startswith("b_")
+        return len(getattr(x, "shape", ())) >= 2 and not bias
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def _masked_decay(weight_decay: float, mask) -> optax.GradientTransformation:
+    """optax.add_decayed_weights where `mask(params)` is True, with that transform's own state.
+
+    `optax.adamw(mask=...)` wraps the decay in optax.masked, whose MaskedState node changes
+    the optimizer state's tree: orbax then cannot restore a checkpoint written without a mask
+    (every run before `opt.decay_biases_and_norms` existed) and reports it as damaged. Masking
+    the decay's output instead keeps the tree of `optax.adamw(mask=None)`, so the switch can
+    change on resume like `opt.weight_decay` itself.
+    """
+    decay = optax.add_decayed_weights(weight_decay)
+
+    def update(updates, state, params):
+        decayed, state = decay.update(updates, state, params)
+        return jax.tree.map(lambda m, d, u: d if m else u, mask(params), decayed, updates), state
+    return optax.GradientTransformation(decay.init, update)
+
+
+def _adamw(opt, lr) -> optax.GradientTransformation:
+    """optax.adamw, decaying only the parameters of `decay_mask` unless
+    `opt.decay_biases_and_norms` (absent from configs written before it existed: their rule,
+    decay everything)."""
+    if opt.get("decay_biases_and_norms", True):
+        return optax.adamw(lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
+    return optax.chain(optax.scale_by_adam(b1=opt.b1, b2=opt.b2),
+                       _masked_decay(opt.weight_decay, decay_mask),
+                       optax.scale_by_learning_rate(lr))
 
 
 def make_optimizer(opt, total_steps: int) -> optax.GradientTransformation:
@@ -45,7 +106,7 @@ def make_optimizer(opt, total_steps: int) -> optax.GradientTransformation:
     if opt.name == "adam":
         update = optax.adam(lr, b1=opt.b1, b2=opt.b2)
     elif opt.name == "adamw":
-        update = optax.adamw(lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
+        update = _adamw(opt, lr)
     elif opt.name == "sgd":
         update = optax.sgd(lr, momentum=opt.momentum or None)
     else:
