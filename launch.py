@@ -12,6 +12,7 @@ translate, export (the parameters as a NumPy .npz archive), or a sweep and its s
         --text "he is calm ." --beam_size 4
     python launch.py --config experiments/charlm.py --workdir runs/charlm --mode export \
         --out params.npz
+    python launch.py --config experiments/charlm.py --workdir runs/charlm --profile_steps=10,20
 """
 
 import os
@@ -44,6 +45,9 @@ flags.DEFINE_string("input_file", None, "translate: a file of sentences, one per
 flags.DEFINE_integer("beam_size", None, "translate: beam size; 1 is greedy "
                      "(default: config.decode.beam_size).")
 flags.DEFINE_string("out", None, "export: the .npz file to write the parameters to.")
+flags.DEFINE_string("profile_steps", None, "train: a jax.profiler trace of steps A to B "
+                    "(--profile_steps=A,B, counted from 1) in WORKDIR/profile, which "
+                    "`tensorboard --logdir WORKDIR/profile` shows in its profile tab.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0, with "
                     "--num_processes and --process_id; the same command runs on every host.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes.")
@@ -123,6 +127,17 @@ def _sentences() -> list[str]:
 # Modes: each a function of the config that returns the exit code.
 # ---------------------------------------------------------------------------------------------
 
+def _profile_steps(mode: str, config):
+    """(A, B) of --profile_steps, or None; a ValueError where it does not apply."""
+    from seqjax import analysis, profiling
+    if FLAGS.profile_steps is None:
+        return None
+    if mode != "train" or config.task in analysis.ANALYSES:
+        raise ValueError("--profile_steps traces the steps of a training run: the default "
+                         "mode, without --sweep, of a task that trains")
+    return profiling.parse_steps(FLAGS.profile_steps)
+
+
 def train_mode(config) -> int:
     import jax
 
@@ -131,7 +146,8 @@ def train_mode(config) -> int:
     if config.task in analysis.ANALYSES:
         results = analysis.run(config, FLAGS.workdir)
     else:
-        results = train_and_evaluate(config, FLAGS.workdir)
+        results = train_and_evaluate(config, FLAGS.workdir,
+                                     profile_steps=_profile_steps("train", config))
     if jax.process_index() == 0:
         _print_results(results)
     return STOPPED if results.get("stopped") else 0
@@ -254,6 +270,7 @@ def main(argv):
                              "translate and export; training resumes from the latest one")
         if config.task in analysis.ANALYSES and mode != "train":
             raise ValueError(f"{config.task} is an analysis: it runs in the default mode only")
+        _profile_steps(mode, config)
         return MODES[mode](config)
     except CheckpointError as e:
         # orbax's threads may still wait on the failed write: exit now, not at their leisure.

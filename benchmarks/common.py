@@ -6,19 +6,19 @@ flags; importing one script from another would define them twice). The scripts i
 folder on sys.path.
 """
 
-import collections
-import glob
-import gzip
-import json
 import os
-import re
 import statistics
-import tempfile
 import time
 
 import flax
 import jax
 import jax.numpy as jnp
+
+# The op breakdown from a profiler trace lives in the package, which the engine's step traces
+# share; the scripts import it from here with the rest.
+from seqjax.nn.linear_recurrent import LinearRecurrentStack
+from seqjax.nn.recurrent import StackedRecurrent
+from seqjax.profiling import op_parts, op_profile  # noqa: F401
 
 # P of the P x P @ P x P float32 matmul that measures the machine's peak FLOP rate: the
 # default of every benchmark's --peak_size, so their "% peak" are against the same matmul.
@@ -86,68 +86,18 @@ def verdict(ok) -> str:
     return "met" if ok else "NOT met"
 
 
-def _hlo_ops(hlo_text: str) -> dict:
-    """{instruction name: (is a matrix product, the JAX op_name of its metadata or '')} of a
-    compiled HLO module, without loops and calls (the ops of their bodies are listed and
-    timed themselves). Matrix products are `dot`s, library calls whose target names a matmul
-    or GEMM (oneDNN, cuBLAS), and fusions whose computation contains one of those (XLA:CPU
-    wraps its library matmuls in fusions)."""
-    computations, ops, body = {}, {}, None
-    for line in hlo_text.splitlines():
-        head = re.match(r"(?:ENTRY )?%([\w.\-]+) \(.*\{$", line)
-        if head:
-            body = computations.setdefault(head.group(1), [])
-            continue
-        op = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\(", line)
-        if op and body is not None:
-            target = re.search(r'custom_call_target="([^"]*)"', line)
-            kind = "dot" if op.group(2) == "dot" or (
-                target and re.search(r"matmul|gemm", target.group(1), re.I)) else op.group(2)
-            body.append(kind)
-            called = re.search(r"calls=%([\w.\-]+)", line)
-            op_name = re.search(r'op_name="([^"]*)"', line)
-            ops[op.group(1)] = (kind, called.group(1) if called else None,
-                                op_name.group(1) if op_name else "")
-    return {name: (kind == "dot" or "dot" in computations.get(called, ()), op_name)
-            for name, (kind, called, op_name) in ops.items()
-            if kind not in ("while", "conditional", "call")}  # their time is their bodies'
+def _linear(cell, method):
+    return lambda H: LinearRecurrentStack(cell, H, num_layers=1, method=method)
 
 
-def op_profile(compiled, args, runs: int = 3) -> dict:
-    """{HLO op name: (milliseconds per run, calls per run, is a matmul, JAX op_name)} of
-    `compiled(*args)` (a `jax.stages.Compiled`; its arguments must not be donated), from a
-    `jax.profiler` trace of `runs` runs after a warm-up. Ops that run in a loop appear once,
-    with their calls and total time. Times are summed over the threads ops run on, so with
-    ops running side by side the total can exceed the wall time."""
-    step = block(compiled, *args)
-    step()
-    hlo_text = compiled.as_text()
-    module = re.match(r"HloModule ([\w.\-]+)", hlo_text).group(1)
-    hlo_ops = _hlo_ops(hlo_text)
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            for _ in range(runs):
-                step()
-        (path,) = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
-                            recursive=True)
-        with gzip.open(path) as f:
-            events = json.load(f)["traceEvents"]
-    total, calls = collections.Counter(), collections.Counter()
-    for event in events:
-        name = event.get("args", {}).get("hlo_op")
-        if (event.get("ph") == "X" and name in hlo_ops
-                and event["args"].get("hlo_module", module) == module):
-            total[name] += event["dur"]
-            calls[name] += 1
-    return {name: (total[name] / 1e3 / runs, calls[name] // runs, *hlo_ops[name])
-            for name in total}
-
-
-def op_parts(ops: dict) -> dict:
-    """{(is a matmul, runs in a loop): (ms per run, distinct ops)} of an `op_profile` result;
-    an op called more than once per run is in a loop."""
-    parts = collections.defaultdict(lambda: (0.0, 0))
-    for ms, calls, is_matmul, _ in ops.values():
-        total, count = parts[is_matmul, calls > 1]
-        parts[is_matmul, calls > 1] = (total + ms, count + 1)
-    return parts
+# The linear recurrences' benchmark rows (linear_recurrent.py, accelerator.py): row name ->
+# builder H -> a Flax module whose __call__(x) returns (carries, outputs).
+LSTM_ROW = "lstm (sequential)"
+RECURRENT_ROWS = {
+    LSTM_ROW: lambda H: StackedRecurrent("lstm", H, num_layers=1),
+    "mingru associative": _linear("mingru", "associative"),
+    "mingru sequential": _linear("mingru", "sequential"),
+    "minlstm associative": _linear("minlstm", "associative"),
+    "lru associative": _linear("lru", "associative"),
+    "lru sequential": _linear("lru", "sequential"),
+}

@@ -37,11 +37,18 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from seqjax.nn.linear_recurrent import LinearRecurrentStack
-from seqjax.nn.recurrent import StackedRecurrent
 from seqjax.plotting import pyplot
 
-from common import block, environment, interleaved_times, load_average, paired_median, timed
+from common import (
+    LSTM_ROW,
+    RECURRENT_ROWS,
+    block,
+    environment,
+    interleaved_times,
+    load_average,
+    paired_median,
+    timed,
+)
 
 flags.DEFINE_integer("tokens", 16384, "Tokens per batch, batch * T; the batch is "
                      "max(1, tokens // T).")
@@ -55,23 +62,9 @@ flags.DEFINE_bool("quick", False, "T = 32, 128 at --tokens=1024 and 2 repeats, a
 flags.DEFINE_string("plot", "", "If set, write a log-log PNG of tokens/s against T here.")
 FLAGS = flags.FLAGS
 
-LSTM = "lstm (sequential)"  # the reference row of "x LSTM"
+LSTM = LSTM_ROW  # the reference row of "x LSTM"
 FLATNESS_T = 512  # the short length that "flatness" divides by
-
-
-def _linear(cell, method):
-    return lambda H: LinearRecurrentStack(cell, H, num_layers=1, method=method)
-
-
-# row name -> builder H -> a Flax module whose __call__(x) returns (carries, outputs)
-ROWS = {
-    LSTM: lambda H: StackedRecurrent("lstm", H, num_layers=1),
-    "mingru associative": _linear("mingru", "associative"),
-    "mingru sequential": _linear("mingru", "sequential"),
-    "minlstm associative": _linear("minlstm", "associative"),
-    "lru associative": _linear("lru", "associative"),
-    "lru sequential": _linear("lru", "sequential"),
-}
+ROWS = RECURRENT_ROWS
 
 
 def jax_step(module, x_BxTxF):

@@ -1,11 +1,14 @@
-r"""Gradient flow through time in RNN, GRU and LSTM language models (see the README's plots).
+r"""Gradient flow through time in recurrent language models, from the textbook's RNN, GRU and
+LSTM to the linear recurrences minGRU, minLSTM and LRU (see the README's plots).
 
     python launch.py --config experiments/gradient_flow.py --workdir runs/gradient_flow
 
 Trains a small char LM per cell (the config of experiments/charlm.py, smaller and shorter), then
 writes gradient_flow.{csv,png} (gradient norm against distance, at initialisation with the
-recurrent weights scaled and after training), clipping.{csv,png} (an exploding tanh RNN trained
-with and without gradient clipping) and symmetry.csv (constant against random initialisation).
+recurrent weights scaled, or for the LRU its eigenvalues on each ring, and after training),
+lru_eigenvalues.{csv,png} (the LRU's eigenvalues before and after training), clipping.{csv,png}
+(an exploding tanh RNN trained with and without gradient clipping) and symmetry.csv (constant
+against random initialisation).
 `:tiny` shrinks everything for tests.
 """
 
@@ -25,10 +28,13 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.task = "gradient_flow"
     config.seed = 0
-    config.cells = ("rnn", "gru", "lstm")
+    config.cells = ("rnn", "gru", "lstm", "mingru", "minlstm", "lru")
     config.seq_len = 200  # inputs read before the predicted character
     config.batch_size = 32  # windows of the validation text the norms are averaged over
     config.recurrent_scales = (0.5, 1.0, 2.0)  # W_h* multiplied by these at initialisation
+    # The LRU's counterpart (it has no W_h): rings [r_min, r_max] its |lambda| start on, at
+    # initialisation; it trains on config.lm.model.linear's ring (0.9, 0.999).
+    config.lru_rings = ((0.0, 0.5), (0.5, 0.9), (0.9, 0.999))
 
     # The char LM trained for each cell and in the runs below.
     config.lm = _charlm_config("tiny" if args.tiny else None)

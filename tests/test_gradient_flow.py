@@ -8,9 +8,12 @@ import numpy as np
 import optax
 import pytest
 
+from seqjax import config as config_lib
 from seqjax.analysis import gradient_flow as gf
 from seqjax.nn import initializers
 from seqjax.nn.lm import RecurrentLM
+from seqjax.tasks import charlm
+from seqjax.train import loop
 
 from conftest import load_config
 
@@ -56,6 +59,39 @@ def test_geometric_rate_and_recurrent_scaling():
                                   params["params"]["head"]["kernel"])
 
 
+@pytest.mark.parametrize("cell", ["mingru", "lru"])
+def test_linear_cells_have_nothing_to_scale(cell):
+    model = RecurrentLM(5, cell=cell, hidden=3)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
+    unscaled = gf.scale_recurrent(params, 1.0)
+    jax.tree.map(np.testing.assert_array_equal, unscaled, params)
+    with pytest.raises(ValueError, match="no recurrent matrix"):
+        gf.scale_recurrent(params, 2.0)
+
+
+def test_lru_eigenvalues_match_numpy():
+    nu_log, theta_log = np.array([-3.0, -1.0, 0.5]), np.array([-2.0, 0.0, 1.5])
+    params = {"params": {"rnn": {
+        "input": {"kernel": np.ones((2, 3))},
+        "block_0": {"nu_log": nu_log, "theta_log": theta_log, "gamma_log": np.zeros(3)},
+        "block_1_fwd": {"nu_log": nu_log[:2], "theta_log": theta_log[:2]},
+        "block_1_norm": {"scale": np.ones(3)}}}}
+    found = gf.lru_eigenvalues(params)
+    assert sorted(found) == ["rnn/block_0", "rnn/block_1_fwd"]
+    modulus, phase = np.exp(-np.exp(nu_log)), np.exp(theta_log)
+    np.testing.assert_allclose(found["rnn/block_0"],
+                               modulus * (np.cos(phase) + 1j * np.sin(phase)), rtol=1e-12)
+    np.testing.assert_allclose(found["rnn/block_1_fwd"], found["rnn/block_0"][:2])
+    assert gf.lru_eigenvalues({"params": {"head": {"kernel": np.ones(2)}}}) == {}
+
+
+def test_initial_params_are_those_training_starts_from(tmp_path, tiny_charlm):
+    lm = config_lib.override(tiny_charlm, {"model.cell": "lru"})
+    task = charlm.build(lm, str(tmp_path))
+    state, _ = loop._fresh_state(lm, str(tmp_path), task, optax.identity())
+    jax.tree.map(np.testing.assert_array_equal, gf.initial_params(task, lm), state["params"])
+
+
 def test_unit_spread_sees_every_per_unit_weight():
     model = RecurrentLM(5, cell="rnn", hidden=3, kernel_init=initializers.from_spec("constant:0.1"),
                         recurrent_init=initializers.from_spec("constant:0.1"),
@@ -88,25 +124,61 @@ def test_initializer_specs():
 
 def test_tiny_run_writes_every_result(tmp_path):
     config = load_config("gradient_flow", "tiny")
-    config.cells = ("rnn", "lstm")
+    assert {"mingru", "minlstm", "lru"} <= set(config.cells)  # the default
+    config.cells = ("rnn", "mingru", "lru")
+    config.lru_rings = ((0.0, 0.5), (0.9, 0.999))
     summary = gf.run(config, str(tmp_path))
-    for name in ("gradient_flow.csv", "gradient_flow.png", "clipping.csv", "clipping.png",
-                 "symmetry.csv", "summary.json"):
+    for name in ("gradient_flow.csv", "gradient_flow.png", "lru_eigenvalues.csv",
+                 "lru_eigenvalues.png", "clipping.csv", "clipping.png", "symmetry.csv",
+                 "summary.json"):
         assert (tmp_path / name).stat().st_size > 0
-    with open(tmp_path / "gradient_flow.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * (len(config.recurrent_scales) + 1) * config.seq_len
     assert summary["symmetry_constant_max_unit_difference"] < 1e-6  # float32 rounding
     assert summary["symmetry_random_max_unit_difference"] > 0.1
-    # Smaller recurrent weights make gradients vanish faster, at initialisation.
+
+    with open(tmp_path / "gradient_flow.csv") as f:
+        rows = list(csv.DictReader(f))
+    row_sets = {(r["cell"], r["state"], r["recurrent_scale"], r["r_min"], r["r_max"])
+                for r in rows}
+    assert row_sets == {
+        *(("rnn", "init", str(s), "", "") for s in config.recurrent_scales),
+        ("rnn", "trained", "1.0", "", ""),
+        ("mingru", "init", "1.0", "", ""), ("mingru", "trained", "1.0", "", ""),
+        ("lru", "init", "1.0", "0.0", "0.5"), ("lru", "init", "1.0", "0.9", "0.999"),
+        ("lru", "trained", "1.0", "0.9", "0.999")}
+    assert len(rows) == len(row_sets) * config.seq_len
+    # Smaller recurrent weights make gradients vanish faster, at initialisation; so do
+    # eigenvalues further inside the unit circle.
     rates = [summary[f"rnn_init_x{s:g}_rate"] for s in config.recurrent_scales]
     assert rates == sorted(rates)
+    assert summary["lru_init_ring0-0.5_rate"] < summary["lru_init_ring0.9-0.999_rate"]
+    for key in ("mingru_init_x1", "mingru_trained_x1", "lru_trained_x1"):
+        assert 0 < summary[f"{key}_rate"] < 1
+
+    with open(tmp_path / "lru_eigenvalues.csv") as f:
+        eigen = list(csv.DictReader(f))
+    assert list(eigen[0]) == ["layer", "when", "modulus", "phase"]
+    assert {r["layer"] for r in eigen} == {"rnn/block_0"}
+    lin = config.lm.model.linear
+    for when in ("init", "trained"):
+        moduli = [float(r["modulus"]) for r in eigen if r["when"] == when]
+        assert len(moduli) == config.lm.model.hidden and max(moduli) < 1
+        if when == "init":
+            assert all(lin.r_min <= m <= lin.r_max for m in moduli)
+    assert all(-np.pi <= float(r["phase"]) <= np.pi for r in eigen)
 
 
 def test_bad_config_is_a_clear_error(tmp_path):
     config = load_config("gradient_flow", "tiny")
     config.cells = ("rnn", "transformer")
     with pytest.raises(ValueError, match="config.cells"):
+        gf.run(config, str(tmp_path / "w"))
+    config = load_config("gradient_flow", "tiny")
+    config.lru_rings = ((0.5, 0.2),)
+    with pytest.raises(ValueError, match="config.lru_rings"):
+        gf.run(config, str(tmp_path / "w"))
+    config = load_config("gradient_flow", "tiny")
+    config.lm.model.linear.r_max = 1.5
+    with pytest.raises(ValueError, match="config.model.linear.r_max"):
         gf.run(config, str(tmp_path / "w"))
     config = load_config("gradient_flow", "tiny")
     config.lm.model.init.recurrent = "orthogonal:big"

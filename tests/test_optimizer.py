@@ -236,6 +236,18 @@ def test_decay_switch_is_a_bool_and_absent_means_decay_everything():
     assert all(float(jnp.min(jnp.abs(c))) > 0 for c in jax.tree.leaves(change))
 
 
+def test_steps_that_no_update_would_apply_are_refused():
+    config = ml_collections.ConfigDict(dict(
+        num_train_steps=10, log_every=1, eval_every=1, checkpoint_every=1, keep_checkpoints=1,
+        seed=0, num_devices=0, opt=_opt(grad_accum_steps=4, schedule="constant",
+                                        warmup_steps=0).to_dict()))
+    with pytest.raises(ValueError, match="config.num_train_steps=10: must be a multiple of "
+                                         "opt.grad_accum_steps=4"):
+        checks.check_config(config)
+    config.num_train_steps = 12
+    checks.check_config(config)
+
+
 def test_switch_changes_on_resume_and_an_old_workdir_without_it_resumes(tiny_charlm, tmp_path):
     """The switch leaves the optimizer state's tree as it is, so a workdir resumes whatever
     its value was, including one whose config.json predates it (its checkpoints were written

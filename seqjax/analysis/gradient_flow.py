@@ -1,16 +1,28 @@
 """Gradient flow through time in recurrent language models (D2L 9.7 and 10.1-10.3).
 
-Three measurements on the character LM of `seqjax.tasks.charlm`, each written to the workdir as
-CSV and PNG:
+Measurements on the character LM of `seqjax.tasks.charlm`, each written to the workdir as CSV
+and PNG:
 
 1. `gradient_flow.*`: the norm of the gradient of the loss at the last step with respect to the
    input at each earlier step, ||dL_T / dx_t||, against the distance T - t, for each cell, at
-   initialisation (with the recurrent weights scaled down and up) and after training. Its
-   geometric rate per step (exp of the slope of log-norm against distance) summarises it:
-   below 1 gradients vanish, above 1 they explode.
-2. `clipping.*`: training loss of a tanh RNN whose recurrent weights make gradients explode,
+   initialisation and after training. Its geometric rate per step (exp of the slope of log-norm
+   against distance) summarises it: below 1 gradients vanish, above 1 they explode. What
+   "at initialisation" varies depends on the cell (one CSV row set each):
+   - rnn, gru, lstm: the recurrent matrices W_h* scaled by each of `config.recurrent_scales`
+     (recurrent_scale in the CSV; r_min and r_max empty).
+   - mingru, minlstm: scale 1 only. They have no hidden-to-hidden matrix; how far back a
+     gradient reaches is set by gates that read only the input, so there is nothing to scale.
+   - lru: one row set per ring of `config.lru_rings` (r_min and r_max in the CSV;
+     recurrent_scale 1), the ring its eigenvalue moduli |lambda| are drawn from. The ring is
+     the LRU's own knob for the same question: the gradient d steps back is carried by
+     lambda^d, so the ring bounds its rate from the start.
+   The trained row of every cell is the model trained on `config.lm` (the LRU's ring being
+   config.lm.model.linear's r_min and r_max).
+2. `lru_eigenvalues.*` (when 'lru' is in `config.cells`): the eigenvalues lambda of every LRU
+   layer at initialisation and after training, on the complex plane and by modulus.
+3. `clipping.*`: training loss of a tanh RNN whose recurrent weights make gradients explode,
    with and without gradient clipping by global norm.
-3. `symmetry.csv`: with every weight initialised to one constant, all hidden units of a trained
+4. `symmetry.csv`: with every weight initialised to one constant, all hidden units of a trained
    RNN stay identical (their largest difference stays zero, up to float32 rounding); with
    random weights they do not.
 
@@ -22,6 +34,7 @@ import csv
 import json
 import math
 import os
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +42,7 @@ import numpy as np
 import optax
 
 from seqjax import config as config_lib
+from seqjax.nn.linear_recurrent import LINEAR_CELLS
 from seqjax.nn.recurrent import CELLS
 from seqjax.plotting import pyplot
 from seqjax.tasks import charlm
@@ -76,11 +90,43 @@ def geometric_rate(norms_by_distance) -> float:
 
 
 def scale_recurrent(params, scale: float):
-    """A copy of `params` with every recurrent matrix W_h* multiplied by `scale`."""
-    def scaled(path, x):
+    """A copy of `params` with every recurrent matrix W_h* multiplied by `scale`. Parameters
+    without one (the linear recurrences') are refused for any scale but 1, so that a row is
+    never labelled with a scaling that did not happen."""
+    def is_recurrent(path):
         name = getattr(path[-1], "key", None)
-        return x * scale if isinstance(name, str) and name.startswith("W_h") else x
-    return jax.tree_util.tree_map_with_path(scaled, params)
+        return isinstance(name, str) and name.startswith("W_h")
+
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    if scale != 1 and not any(is_recurrent(path) for path, _ in leaves):
+        raise ValueError(f"scale {scale:g}: these parameters have no recurrent matrix W_h*")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x * scale if is_recurrent(path) else x, params)
+
+
+def lru_lambda(nu_log, theta_log) -> np.ndarray:
+    """The LRU's eigenvalues lambda = exp(-exp(nu_log) + i exp(theta_log)), in complex128: the
+    diagonal of its recurrence x_t = lambda * x_{t-1} + ..., so |lambda|^d is what is left of
+    an input d steps back."""
+    nu_log, theta_log = np.asarray(nu_log, np.float64), np.asarray(theta_log, np.float64)
+    return np.exp(-np.exp(nu_log) + 1j * np.exp(theta_log))
+
+
+def lru_eigenvalues(params) -> dict[str, np.ndarray]:
+    """{layer path ('rnn/block_0'): its lambda} for every LRU layer in `params`, found by its
+    parameters nu_log and theta_log, so that stacked and bidirectional layers all appear."""
+    found = {}
+
+    def visit(path, tree):
+        if not isinstance(tree, Mapping):
+            return
+        if "nu_log" in tree and "theta_log" in tree:
+            found["/".join(path)] = lru_lambda(tree["nu_log"], tree["theta_log"])
+        for key, value in tree.items():
+            visit(path + (str(key),), value)
+
+    visit((), params.get("params", params))
+    return found
 
 
 def unit_spread(params) -> float:
@@ -109,12 +155,18 @@ def unit_spread(params) -> float:
 def check_config(config):
     config_lib.expect_positive_int(config, "seq_len", "batch_size", "clipping.num_train_steps",
                                    "symmetry.num_train_steps")
+    cells = sorted(CELLS) + sorted(LINEAR_CELLS)
     for cell in config.cells:
-        config_lib.expect(cell in CELLS, "cells", config.cells,
-                          f"expected cells from {sorted(CELLS)}")
+        config_lib.expect(cell in cells, "cells", config.cells, f"expected cells from {cells}")
     for scale in config.recurrent_scales:
         config_lib.expect(isinstance(scale, (int, float)) and 0 < scale < math.inf,
                           "recurrent_scales", config.recurrent_scales, "expected positive numbers")
+    for ring in config.lru_rings:
+        config_lib.expect(
+            isinstance(ring, (tuple, list)) and len(ring) == 2
+            and all(isinstance(r, (int, float)) for r in ring)
+            and 0 <= ring[0] < ring[1] <= 1, "lru_rings", config.lru_rings,
+            "expected (r_min, r_max) pairs with 0 <= r_min < r_max <= 1")
     config_lib.expect(config.clipping.cell in CELLS, "clipping.cell", config.clipping.cell,
                       f"expected one of {sorted(CELLS)}")
     value = config_lib.expect_type(config, "clipping.clip_norm", (int, float))
@@ -122,7 +174,8 @@ def check_config(config):
     value = config_lib.expect_type(config, "symmetry.constant", (int, float))
     config_lib.expect(value != 0, "symmetry.constant", value, "must be non-zero")
     checks.check_config(config.lm)
-    charlm.check_config(config.lm)
+    for cell in dict.fromkeys((config.lm.model.cell, *config.cells)):
+        charlm.check_config(_lm_config(config, **{"model.cell": cell}))
 
 
 def _lm_config(config, **overrides):
@@ -142,16 +195,41 @@ def _train_losses(workdir):
     return [(r["step"], r["loss"]) for r in read_metrics(workdir, "train")]
 
 
+def initial_params(task, lm):
+    """The parameters training started from: the engine draws them from the first half of
+    PRNGKey(seed) split in two (`seqjax.train.loop`), so that before and after are the same
+    weights, eigenvalue by eigenvalue."""
+    return task.init_params(jax.random.split(jax.random.PRNGKey(lm.seed))[0])
+
+
+def _initialisations(config, lm, cell, task, run_dir):
+    """[(recurrent scale, ring or None, params)] at initialisation, as the module docstring says
+    for each cell."""
+    initial = initial_params(task, lm)
+    if cell in CELLS:
+        return [(s, None, scale_recurrent(initial, s)) for s in config.recurrent_scales]
+    if cell != "lru":
+        return [(1.0, None, initial)]
+    measured = []
+    for r_min, r_max in config.lru_rings:
+        ring_lm = _lm_config(config, **{"model.cell": cell, "model.linear.r_min": float(r_min),
+                                        "model.linear.r_max": float(r_max)})
+        measured.append((1.0, (r_min, r_max),
+                         initial_params(charlm.build(ring_lm, run_dir), ring_lm)))
+    return measured
+
+
 def run(config, workdir: str) -> dict:
-    """Runs the three measurements; returns a summary, also saved as summary.json."""
+    """Runs the measurements; returns a summary, also saved as summary.json."""
     check_config(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     config_lib.save(config, workdir)
     summary = {}
 
-    # 1. gradient norm against distance, at initialisation (scaled) and after training.
-    rows = []
+    # 1. gradient norm against distance, at initialisation and after training; 2. the LRU's
+    # eigenvalues before and after.
+    rows, eigenvalues = [], {}
     for cell in config.cells:
         lm = _lm_config(config, **{"model.cell": cell})
         run_dir = os.path.join(workdir, f"lm_{cell}")
@@ -162,19 +240,36 @@ def run(config, workdir: str) -> dict:
         vocab, _, valid_ids = charlm.load_corpus(lm, run_dir)
         model = charlm.make_model(lm, len(vocab))
         tokens = _windows(valid_ids, config.seq_len + 1, config.batch_size, config.seed)
-        initial = task.init_params(jax.random.PRNGKey(lm.seed))
-        measured = [("init", s, scale_recurrent(initial, s)) for s in config.recurrent_scales]
-        measured.append(("trained", 1.0, trained))
-        for state, scale, params in measured:
+        lm_ring = (lm.model.linear.r_min, lm.model.linear.r_max) if cell == "lru" else None
+        measured = [("init", *m) for m in _initialisations(config, lm, cell, task, run_dir)]
+        measured.append(("trained", 1.0, lm_ring, trained))
+        for state, scale, ring, params in measured:
             norms = input_gradient_norms(model, params, tokens)
-            rows += [dict(cell=cell, state=state, recurrent_scale=scale, distance=d,
-                          grad_norm=float(n)) for d, n in enumerate(norms)]
-            summary[f"{cell}_{state}_x{scale:g}_rate"] = geometric_rate(norms)
+            r_min, r_max = ring or (None, None)
+            rows += [dict(cell=cell, state=state, recurrent_scale=scale, r_min=r_min, r_max=r_max,
+                          distance=d, grad_norm=float(n)) for d, n in enumerate(norms)]
+            variant = f"ring{r_min:g}-{r_max:g}" if ring and state == "init" else f"x{scale:g}"
+            summary[f"{cell}_{state}_{variant}_rate"] = geometric_rate(norms)
         summary[f"{cell}_val_perplexity"] = results["val_perplexity"]
+        if cell == "lru":
+            for when, params in (("init", initial_params(task, lm)), ("trained", trained)):
+                for layer, lam in lru_eigenvalues(params).items():
+                    eigenvalues[layer, when] = lam
+                    key = f"lru_{layer.replace('/', '_')}_{when}_modulus"
+                    summary[f"{key}_min"] = float(np.abs(lam).min())
+                    summary[f"{key}_median"] = float(np.median(np.abs(lam)))
+                    summary[f"{key}_max"] = float(np.abs(lam).max())
     _write_csv(os.path.join(workdir, "gradient_flow.csv"), rows)
     _plot_gradient_flow(rows, os.path.join(workdir, "gradient_flow.png"))
+    if eigenvalues:
+        _write_csv(os.path.join(workdir, "lru_eigenvalues.csv"),
+                   [dict(layer=layer, when=when, modulus=float(abs(lam)),
+                         phase=float(np.angle(lam)))
+                    for (layer, when), lams in eigenvalues.items() for lam in lams])
+        _plot_lru_eigenvalues(eigenvalues, config.lm.model.linear,
+                              os.path.join(workdir, "lru_eigenvalues.png"))
 
-    # 2. exploding gradients with and without clipping.
+    # 3. exploding gradients with and without clipping.
     curves = {}
     c = config.clipping
     for theta in (0.0, c.clip_norm):
@@ -196,7 +291,7 @@ def run(config, workdir: str) -> dict:
                 for s, loss in curve])
     _plot_clipping(curves, c, os.path.join(workdir, "clipping.png"))
 
-    # 3. symmetry: one constant for every weight vs random initialisation.
+    # 4. symmetry: one constant for every weight vs random initialisation.
     s = config.symmetry
     sym_rows = []
     constant = f"constant:{s.constant}"
@@ -239,22 +334,92 @@ def _write_csv(path, rows):
         writer.writerows(rows)
 
 
+def _panel(row):
+    """Where a row is drawn: the LRU's rings at initialisation share a panel of their own; every
+    other row goes to the panel of its state and recurrent scale."""
+    if row["state"] == "init" and row["r_min"] is not None:
+        return ("init", "rings")
+    return (row["state"], row["recurrent_scale"])
+
+
 def _plot_gradient_flow(rows, path):
     plt = pyplot()
-    panels = sorted({(r["state"], r["recurrent_scale"]) for r in rows},
-                    key=lambda p: (p[0] == "trained", p[1]))
+    panels = sorted({_panel(r) for r in rows},
+                    key=lambda p: (p[0] == "trained", p[1] == "rings", 0 if p[1] == "rings"
+                                   else p[1]))
+    cells = list(dict.fromkeys(r["cell"] for r in rows))
+    colors = {cell: f"C{i}" for i, cell in enumerate(cells)}
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), sharey=True,
                              squeeze=False)
-    for ax, (state, scale) in zip(axes[0], panels):
-        for cell in dict.fromkeys(r["cell"] for r in rows):
-            points = [(r["distance"], r["grad_norm"]) for r in rows
-                      if (r["cell"], r["state"], r["recurrent_scale"]) == (cell, state, scale)]
-            ax.semilogy(*zip(*points), label=cell)
-        ax.set_title(f"{state}" + (f", W_h x {scale:g}" if state == "init" else ""))
+    for ax, panel in zip(axes[0], panels):
+        lines = {}
+        for r in rows:
+            if _panel(r) == panel:
+                ring = (r["r_min"], r["r_max"]) if panel[1] == "rings" else None
+                lines.setdefault((r["cell"], ring), []).append((r["distance"], r["grad_norm"]))
+        rings = sorted({ring for _, ring in lines if ring})
+        for (cell, ring), points in lines.items():
+            if ring:
+                style = dict(label=f"{cell} ring [{ring[0]:g}, {ring[1]:g}]",
+                             alpha=0.35 + 0.65 * (rings.index(ring) + 1) / len(rings))
+            else:
+                style = dict(label=cell)
+            ax.semilogy(*zip(*points), color=colors[cell], **style)
+        state, scale = panel
+        if state == "trained":
+            ax.set_title("trained")
+        elif scale == "rings":
+            ax.set_title("init, LRU by the ring of |lambda|")
+        else:
+            ax.set_title(f"init, W_h x {scale:g}" + (" (linear cells: unscaled)" if any(
+                cell in LINEAR_CELLS for cell, _ in lines) else ""))
         ax.set_xlabel("distance T - t (steps)")
         ax.grid(alpha=0.3)
+        if state == "trained" or scale == "rings":
+            ax.legend(fontsize=7)
     axes[0][0].set_ylabel("||dL_T / dx_t||")
-    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_lru_eigenvalues(eigenvalues, linear, path):
+    """The complex plane (unit circle, the initial ring of `linear`'s r_min and r_max shaded)
+    and the sorted moduli, each layer's eigenvalues at initialisation and after training."""
+    plt = pyplot()
+    fig, (plane, moduli) = plt.subplots(1, 2, figsize=(10, 4.6))
+    angle = np.linspace(0, 2 * np.pi, 400)
+    plane.plot(np.cos(angle), np.sin(angle), color="black", lw=0.8)
+    r_min, r_max = linear.r_min, linear.r_max
+    plane.fill(np.concatenate([r_max * np.cos(angle), r_min * np.cos(angle[::-1])]),
+               np.concatenate([r_max * np.sin(angle), r_min * np.sin(angle[::-1])]),
+               color="C2", alpha=0.15, lw=0, label=f"initial ring [{r_min:g}, {r_max:g}]")
+    layers = list(dict.fromkeys(layer for layer, _ in eigenvalues))
+    for (layer, when), lam in eigenvalues.items():
+        color = f"C{layers.index(layer)}" if len(layers) > 1 else (
+            "C0" if when == "init" else "C3")
+        style = dict(marker="o" if when == "init" else "x", color=color,
+                     alpha=0.5 if when == "init" else 0.9)
+        label = f"{layer}, {when}" if len(layers) > 1 else when
+        plane.scatter(lam.real, lam.imag, s=12, label=label, **style)
+        modulus = np.sort(np.abs(lam))
+        moduli.plot(np.arange(len(modulus)), modulus, style["marker"], ms=3, label=label,
+                    color=style["color"], alpha=style["alpha"])
+    plane.set_aspect("equal")
+    plane.set_xlim(-1.1, 1.1)
+    plane.set_ylim(-1.1, 1.1)
+    plane.set_xlabel("Re lambda")
+    plane.set_ylabel("Im lambda")
+    plane.set_title("LRU eigenvalues lambda")
+    plane.legend(fontsize=7, loc="lower left")
+    for r in (r_min, r_max):
+        moduli.axhline(r, color="C2", ls="--", lw=0.8)
+    moduli.axhline(1.0, color="black", lw=0.8)
+    moduli.set_xlabel("eigenvalue, sorted by |lambda|")
+    moduli.set_ylabel("|lambda|")
+    moduli.set_title("moduli (dashed: the initial ring)")
+    moduli.legend(fontsize=7)
+    moduli.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

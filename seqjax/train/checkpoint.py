@@ -1,5 +1,7 @@
-"""Orbax checkpoints of the whole training state, as host (NumPy) pytrees, and reading them back:
+"""Orbax checkpoints of the whole training state, and reading them back as host (NumPy) pytrees:
 the state of a saved run, and the parameters that `config.init_from` starts a new run from.
+A training run saves the arrays on its devices (`parallel.to_saved`); orbax copies them to the
+host and writes them in the background.
 
 `workdir/checkpoints/<step>` holds the latest `keep` states; `workdir/best/<step>` the one with the
 best validation loss. Each holds params, optimizer state, step, RNG and stream state (the data
@@ -83,22 +85,48 @@ def _quiet_closed_loop_errors(path: str):
     logging.getLogger("asyncio").addFilter(keep)
 
 
+def _state_handler():
+    """orbax's PyTree handler (which StandardSave wraps: the same files) with its standard
+    type handlers, except that a replicated jax.Array is written whole by one replica, as a
+    host array is, rather than cut into one slice per replica (orbax's default unless
+    JAX_PLATFORMS names a GPU). Slices make the files depend on the device count, and small
+    slices are inlined into the index when orbax merges it, leaving the data files they were
+    first written to on disk, unread (a tiny run's checkpoint tripled in size)."""
+    handlers = [(t, ocp.type_handlers.get_type_handler(t))
+                for t in ocp.type_handlers.supported_types() if t is not jax.Array]
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)), *handlers)
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 class Checkpoints:
 
     def __init__(self, workdir: str, keep: int = 2):
         self.workdir = os.path.abspath(workdir)
         manager = lambda name, keep: ocp.CheckpointManager(
             os.path.join(self.workdir, name),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_handlers={"state": _state_handler(), "meta": ocp.JsonCheckpointHandler()})
         self.managers = {"latest": manager("checkpoints", keep), "best": manager("best", 1)}
 
     def latest_step(self, which: str = "latest"):
         return self.managers[which].latest_step()
 
     def save(self, step: int, state, meta: dict, which: str = "latest"):
-        """Saves `state` and `meta` as `step`, replacing a checkpoint of that step: a run that
-        resumes from an earlier step replays the steps after it and may save them again.
-        A failed write (of this save or of an earlier one still in flight) is a CheckpointError."""
+        """Saves `state` (host arrays, or global jax.Arrays on the devices) and `meta` as
+        `step`, replacing a checkpoint of that step: a run that resumes from an earlier step
+        replays the steps after it and may save them again. A failed write (of this save or of
+        an earlier one still in flight) is a CheckpointError.
+
+        Device arrays may be donated to the next step as soon as this returns: orbax 0.12's
+        save() copies every array to host memory before it returns (its blocking phase:
+        AsyncCheckpointer.save awaits ArrayHandler.serialize, whose
+        replica_slices.transfer_arrays_to_host starts every copy and waits for them all, as it
+        does when the handler has no `save_device_host_concurrent_gb` limit, and ours has
+        none); only the writing of files runs in its background thread. Were a later orbax to
+        read them afterwards, a donated array would read as deleted: the save would fail with
+        an error, never write another step's values (tests/test_host_path.py checks that a
+        save has its copies when it returns)."""
         manager = self.managers[which]
         try:
             if jax.process_count() > 1:
@@ -107,7 +135,7 @@ class Checkpoints:
                 self.wait()
             if step in manager.all_steps():
                 manager.delete(step)
-            args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+            args = ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                       meta=ocp.args.JsonSave(meta))
             manager.save(step, args=args, force=True)
         except CheckpointError:
@@ -151,6 +179,9 @@ class Checkpoints:
         return None
 
     def _restore_step(self, manager, step: int, template):
+        """(state, meta) of `step`, the state as host arrays: read into `template`, or without
+        one into arrays of the saved shapes (not onto the devices that saved them, which this
+        process may not have)."""
         path = epath.Path(manager.directory) / str(step)
         try:
             stored = ocp.StandardCheckpointHandler().metadata(path / "state")
@@ -160,9 +191,12 @@ class Checkpoints:
         if template is not None:
             _check_shapes(_leaf_shapes(stored.tree), _leaf_shapes(template),
                           f"the checkpoint {path}")
+        else:
+            template = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), stored.tree)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
+                state=ocp.args.PyTreeRestore(template, ocp.checkpoint_utils.construct_restore_args(
+                    template)), meta=ocp.args.JsonRestore()))
         except (ValueError, OSError, KeyError) as e:  # a file cut short, corrupted or missing
             _quiet_closed_loop_errors(str(path))
             raise DamagedCheckpoint(f"{path}: {_one_line(e)}") from e

@@ -38,6 +38,9 @@ def check_config(config):
                           "must be a finite number >= 0")
     config_lib.expect(opt.lr > 0, "opt.lr", opt.lr, "must be > 0")
     config_lib.expect_positive_int(config, "opt.grad_accum_steps")
+    config_lib.expect(config.num_train_steps % opt.grad_accum_steps == 0, "num_train_steps",
+                      config.num_train_steps, f"must be a multiple of opt.grad_accum_steps="
+                      f"{opt.grad_accum_steps}: the last micro-steps would never be applied")
     if "decay_biases_and_norms" in opt:  # absent from configs written before it: True
         config_lib.expect_type(config, "opt.decay_biases_and_norms", bool)
     value = config_lib.expect_type(config, "opt.warmup_steps", int)

@@ -12,7 +12,9 @@ import dataclasses
 import functools
 import math
 import os
+import queue
 import signal
+import threading
 import time
 
 import jax
@@ -20,7 +22,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from seqjax import config as config_lib
-from seqjax import tasks
+from seqjax import profiling, tasks
 from seqjax.train import checks, parallel
 from seqjax.train.checkpoint import CheckpointError, Checkpoints, has_latest, load_init_from
 from seqjax.train.evaluation import make_evaluator
@@ -59,6 +61,71 @@ class StopRequest:
     def __exit__(self, *_):
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+
+
+PREFETCH = 2  # host batches built ahead of the step that takes them
+PROFILE_DIR = "profile"  # workdir/profile: the trace of --profile_steps, for TensorBoard
+
+
+class Feed:
+    """The batches of steps `start` to `stop` - 1 on the devices, so that the host never
+    stalls them: a background thread builds host batches (`build(step)`) up to PREFETCH steps
+    ahead, and `transfer_next()`, called once a step is dispatched, puts the next batch on the
+    devices while that step runs. Every device program (a transfer under pmap is one) is still
+    issued by the calling thread, in the same order on every process.
+
+    A batch is a pure function of its step, so building it ahead changes no value. An error of
+    `build` or of the transfer is raised by `take()` for the step it belongs to, as building
+    inline would have raised it there; `close()` stops the thread (a daemon, so that even a
+    builder stuck in a call cannot keep the process alive)."""
+
+    def __init__(self, build, put, start: int, stop: int):
+        self._put, self._left = put, stop - start
+        self._queue = queue.Queue(PREFETCH)
+        self._closed = threading.Event()
+        self._next = None  # (device batch, error) of the next step, once transferred
+        self._thread = threading.Thread(target=self._build, args=(build, start, stop),
+                                        name="seqjax-batches", daemon=True)
+        self._thread.start()
+
+    def _build(self, build, start, stop):
+        for step in range(start, stop):
+            try:
+                item = (build(step), None)
+            except BaseException as e:  # handed to the loop, which raises it
+                item = (None, e)
+            self._queue.put(item)  # close() empties the queue, so this returns
+            if item[1] is not None or self._closed.is_set():
+                return
+
+    def transfer_next(self):
+        if self._next is not None or not self._left:
+            return
+        self._left -= 1
+        batch, error = self._queue.get()
+        if error is None:
+            try:
+                batch = self._put(batch)
+            except Exception as e:
+                error = e
+        self._next = (batch, error)
+
+    def take(self):
+        """The next step's batch on the devices."""
+        self.transfer_next()
+        (batch, error), self._next = self._next, None
+        if error is not None:
+            raise error
+        return batch
+
+    def close(self):
+        self._closed.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=10)
 
 
 @dataclasses.dataclass
@@ -163,15 +230,25 @@ def _close(progress, writer, ckpts, *, failed: bool):
         ckpts.close()
 
 
-def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict:
+def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
+                       profile_steps: tuple[int, int] | None = None) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics.
 
     `stop_after` ends this call after that many steps, saving as on SIGTERM (a preemption, or a
-    job scheduler's time slot). Everything that can be wrong with the config, the data or the
-    workdir is checked before anything is written. A finished run is evaluated, not retrained.
+    job scheduler's time slot). `profile_steps=(A, B)` writes a `jax.profiler` trace of steps
+    A to B (counted from 1) into `workdir/profile` (`tensorboard --logdir workdir/profile`);
+    only process 0 traces, as only it writes the workdir's other files: every process runs the
+    same step, and several processes on one host would write the same `<host>.xplane.pb`.
+    Everything that can be wrong with the config, the data or the workdir is checked before
+    anything is written. A finished run is evaluated, not retrained.
     """
     # --- check everything, then build -------------------------------------------------------
     checks.check_config(config)
+    if profile_steps is not None:
+        first, last = profiling.check_steps(profile_steps)
+        if last > config.num_train_steps:
+            raise ValueError(f"profile_steps={first},{last}: the run has only "
+                             f"{config.num_train_steps} steps (config.num_train_steps)")
     workdir = checks.check_workdir(workdir)
     devices = parallel.local_devices(config)
     par = parallel.make(config.get("parallel", "pmap"), devices)
@@ -185,10 +262,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     host, loaded = _fresh_state(config, workdir, task, tx)
     os.makedirs(workdir, exist_ok=True)
     with WorkdirLock(workdir):
-        return _run(config, workdir, task, par, tx, host, loaded, stop_after)
+        return _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps)
 
 
-def _run(config, workdir, task, par, tx, host, loaded, stop_after) -> dict:
+def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps) -> dict:
     """The run itself, on a locked workdir, from the fresh state `host` (with the modules named
     in `loaded` from config.init_from) unless the workdir has a checkpoint."""
     # --- the starting state: the workdir's checkpoint, else init_from, else scratch ----------
@@ -231,13 +308,13 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after) -> dict:
                 raise CheckpointError(f"writing the run's files to {workdir} failed: {e}") from e
         files_saved = True
 
-    def checkpoint(done, host, which="latest"):
+    def checkpoint(done, saved, which="latest"):
         save_files()
-        ckpts.save(done, host, record.meta(), which=which)
+        ckpts.save(done, saved, record.meta(), which=which)
 
     def evaluate_and_keep_best(done, state):
-        """Validation metrics, and a new best saved at once; returns the host state if that
-        save fetched it."""
+        """Validation metrics, and a new best saved at once; returns the arrays that save
+        was given, if any, for the latest checkpoint of the same step."""
         val = validation_metrics(state.params, final=done == total_steps)
         writer.write(done, "val", val)
         results.update(prefixed("val", val))
@@ -245,43 +322,61 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after) -> dict:
         if not record.improves(val["loss"]):
             return None
         record.best_loss, record.best_step = val["loss"], done
-        host = parallel.to_host(state, par)
-        checkpoint(done, host, which="best")
-        return host
+        saved = parallel.to_saved(state, par)
+        checkpoint(done, saved, which="best")
+        return saved
 
     # --- the loop ---------------------------------------------------------------------------
     def train_steps(state):
         """The steps from `start` to the end, or to a stop request; returns the last state."""
         p_train = par.compile(functools.partial(train_step, loss_fn=task.loss, tx=tx),
                               (state_specs(), parallel.BATCH), (state_specs(), P()), donate=True)
+        window = None
+        if profile_steps is not None and jax.process_index() == 0:
+            window = profiling.StepWindow(profile_steps, os.path.join(workdir, PROFILE_DIR))
         record.started = time.perf_counter()
         pending, fetched = [], []  # metrics on the devices; on the host, not yet logged
-        with StopRequest() as stop:
-            for step in range(start, total_steps):
-                state, metrics = p_train(state, par.batch(task.train_batch(step)))
-                pending.append((step, metrics))
-                done = step + 1
-                stopping = stop.requested or (stop_after is not None
-                                              and done - start >= stop_after)
-                last = done == total_steps or stopping
-                do_log = done % config.log_every == 0 or last
-                do_eval = done % config.eval_every == 0 or done == total_steps
-                do_save = done % config.checkpoint_every == 0 or last
-                if not (do_log or do_eval or do_save):
-                    continue
-                fetched += _fetch(pending, par)
-                pending = []
-                if do_log:
-                    log(done, fetched)
-                    fetched = []
-                host = evaluate_and_keep_best(done, state) if do_eval else None
-                if do_save:
-                    checkpoint(done, parallel.to_host(state, par) if host is None else host)
-                results["step"] = done
-                if stopping and done != total_steps:
-                    progress.write(f"stopped early: saved step {done} to {workdir}/checkpoints")
-                    results["stopped"] = True
-                    break
+        feed = Feed(task.train_batch, par.batch, start, total_steps)
+        try:
+            with StopRequest() as stop:
+                for step in range(start, total_steps):
+                    done = step + 1
+                    if window is not None:
+                        window.before(done, state)
+                    state, metrics = p_train(state, feed.take())
+                    stopping = stop.requested or (stop_after is not None
+                                                  and done - start >= stop_after)
+                    if not stopping:
+                        feed.transfer_next()  # while this step runs
+                    if window is not None:
+                        window.after(done, state)
+                    pending.append((step, metrics))
+                    last = done == total_steps or stopping
+                    do_log = done % config.log_every == 0 or last
+                    do_eval = done % config.eval_every == 0 or done == total_steps
+                    do_save = done % config.checkpoint_every == 0 or last
+                    if not (do_log or do_eval or do_save):
+                        continue
+                    fetched += _fetch(pending, par)
+                    pending = []
+                    if do_log:
+                        log(done, fetched)
+                        fetched = []
+                    saved = evaluate_and_keep_best(done, state) if do_eval else None
+                    if do_save:
+                        checkpoint(done, parallel.to_saved(state, par) if saved is None
+                                   else saved)
+                    results["step"] = done
+                    if stopping and done != total_steps:
+                        progress.write(f"stopped early: saved step {done} to "
+                                       f"{workdir}/checkpoints")
+                        results["stopped"] = True
+                        break
+        finally:
+            feed.close()
+            if window is not None:
+                window.close()
+                progress.write(window.summary())
         return state
 
     try:

@@ -2,11 +2,13 @@
 of `jax.shard_map` over a one-axis mesh named `batch` (`config.parallel='shard_map'`).
 
 Both run the same per-device function with the same named-axis collectives, so they give the
-same parameters. The engine talks to them through one interface: host state in and out,
-batches in, per-device functions compiled, replicated outputs read back.
+same parameters. The engine talks to them through one interface: host state in, the state to
+save out, batches in, per-device functions compiled, replicated outputs read back.
 
-Host state is a dict of NumPy arrays (as saved in checkpoints) whose `carry` holds the rows of
-the global batch, so a checkpoint does not depend on the number of processes or devices.
+A checkpoint holds the state without a device axis, its `carry` as the rows of the global batch,
+so that it does not depend on the number of processes or devices: host state is a dict of NumPy
+arrays of that layout (as a checkpoint is read back), and `to_saved` gives the same layout as
+global arrays that stay on the devices (as a checkpoint is written).
 """
 
 import jax
@@ -61,6 +63,7 @@ class Pmap:
         self.devices = devices if jax.process_count() == 1 else None
         # pmap would copy NumPy inputs at every call; `place` puts them on the devices once.
         self._place = jax.pmap(lambda x: x, axis_name=AXIS, devices=self.devices)
+        self._saveable = {}  # mesh -> compiled function
 
     def compile(self, fn, in_specs, out_specs, *, donate: bool = False):
         """`fn` per device over the leading device axis of every input and output (the specs
@@ -83,8 +86,30 @@ class Pmap:
     def unreplicate(self, tree):
         return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
 
-    def unbatch(self, tree):
-        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), _addressable_rows(tree))
+    def saveable(self, replicated, split):
+        """`replicated` ([devices, ...] copies) and `split` ([devices, B/devices, ...]) as global
+        arrays without the device axis: replicated, and [B, ...] split over the devices (of
+        every process, in the order of their rows). Each device slices its own shard, with no
+        transfer between devices or to the host, so the results are new buffers, not the
+        state's."""
+        leaves = jax.tree.leaves((replicated, split))
+        if not leaves:
+            return replicated, split
+        # With several processes pmap's outputs are this process's devices' part only.
+        several = jax.process_count() > 1
+        mesh = _process_major_mesh().local_mesh if several else _mesh_of(leaves[0])
+        if mesh not in self._saveable:
+            drop = lambda tree: jax.tree.map(lambda x: x[0], tree)
+            self._saveable[mesh] = jax.jit(jax.shard_map(
+                lambda r, s: (drop(r), drop(s)), mesh=mesh, in_specs=(P(AXIS), P(AXIS)),
+                out_specs=(P(), P(AXIS)), check_vma=False))
+        replicated, split = self._saveable[mesh](replicated, split)
+        if several:
+            from jax.experimental import multihost_utils
+            to_global = lambda tree, spec: multihost_utils.host_local_array_to_global_array(
+                tree, _process_major_mesh(), spec)
+            replicated, split = to_global(replicated, P()), to_global(split, P(AXIS))
+        return replicated, split
 
 
 class ShardMap:
@@ -131,16 +156,24 @@ class ShardMap:
     def unreplicate(self, tree):
         return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
-    def unbatch(self, tree):
-        return _addressable_rows(tree)
+    def saveable(self, replicated, split):
+        """The state's own arrays: replicated, and [B, ...] split over the mesh already."""
+        return replicated, split
 
 
-def _addressable_rows(tree):
-    """This process's shards of arrays split along their first axis, concatenated in order."""
-    def local(x):
-        shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-        return np.concatenate([np.asarray(s.data) for s in shards])
-    return jax.tree.map(local, tree)
+def _process_major_mesh() -> Mesh:
+    """Every process's devices, process 0's first: process p's devices hold rows
+    [p, p + 1) * B / P of a global batch, as `local_rows` gives them to it."""
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.asarray(devices), (AXIS,))
+
+
+def _mesh_of(x) -> Mesh:
+    """The one-axis mesh whose i-th device holds x[i], for x split along its first axis (a
+    pmap output, over every process's devices)."""
+    index = x.sharding.devices_indices_map(x.shape)
+    first = lambda d: index[d][0] if isinstance(index[d][0], int) else index[d][0].start or 0
+    return Mesh(np.asarray(sorted(index, key=first)), (AXIS,))
 
 
 BATCH = object()  # an in-spec: split the arrays of this argument, replicate its scalars
@@ -162,22 +195,17 @@ def local_rows(tree):
                         np.asarray(x)[p * (len(x) // n):(p + 1) * (len(x) // n)], tree)
 
 
-def global_rows(tree):
-    """The rows of every process, in order: the inverse of `local_rows`."""
-    if jax.process_count() == 1:
-        return tree
-    from jax.experimental import multihost_utils
-    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-
-
 def to_devices(host: dict, par) -> TrainState:
     """Host state -> devices."""
     replicated = par.replicate({k: host[k] for k in ("step", "params", "opt_state", "rng")})
     return TrainState(**replicated, carry=par.batch(local_rows(host["carry"])))
 
 
-def to_host(state: TrainState, par) -> dict:
-    """Devices -> host state, the same on every process (a collective with several)."""
-    return dict(par.unreplicate(dict(step=state.step, params=state.params,
-                                     opt_state=state.opt_state, rng=state.rng)),
-                carry=global_rows(par.unbatch(state.carry)))
+def to_saved(state: TrainState, par) -> dict:
+    """The state as a checkpoint holds it (the layout of host state), as global arrays on the
+    devices, for orbax to copy and write (`Checkpoints.save`): nothing is copied to the host
+    here. With shard_map these are the state's own buffers."""
+    replicated, carry = par.saveable(dict(step=state.step, params=state.params,
+                                          opt_state=state.opt_state, rng=state.rng),
+                                     state.carry)
+    return dict(replicated, carry=carry)
