@@ -14,10 +14,11 @@ import flax
 import jax
 import jax.numpy as jnp
 
-# The op breakdown from a profiler trace lives in the package, which the engine's step traces
-# share; the scripts import it from here with the rest.
 from seqjax.nn.linear_recurrent import LinearRecurrentStack
 from seqjax.nn.recurrent import StackedRecurrent
+
+# The op breakdown from a profiler trace lives in the package, which the engine's step traces
+# share; the scripts import it from here with the rest.
 from seqjax.profiling import op_parts, op_profile  # noqa: F401
 
 # P of the P x P @ P x P float32 matmul that measures the machine's peak FLOP rate: the

@@ -62,9 +62,7 @@ flags.DEFINE_bool("quick", False, "T = 32, 128 at --tokens=1024 and 2 repeats, a
 flags.DEFINE_string("plot", "", "If set, write a log-log PNG of tokens/s against T here.")
 FLAGS = flags.FLAGS
 
-LSTM = LSTM_ROW  # the reference row of "x LSTM"
 FLATNESS_T = 512  # the short length that "flatness" divides by
-ROWS = RECURRENT_ROWS
 
 
 def jax_step(module, x_BxTxF):
@@ -87,7 +85,7 @@ def measure(T, B, H, names, repeats):
     steps, first = {}, {}
     for name in names:
         start = time.perf_counter()
-        compiled, args = jax_step(ROWS[name](H), x)
+        compiled, args = jax_step(RECURRENT_ROWS[name](H), x)
         steps[name] = block(compiled, *args)
         compile_seconds = time.perf_counter() - start
         first[name] = (compile_seconds, timed(steps[name]))
@@ -122,10 +120,10 @@ def main(argv):
         seq_lens, tokens, repeats = [32, 128], 1024, 2
     else:
         seq_lens, tokens, repeats = [int(t) for t in FLAGS.seq_lens], FLAGS.tokens, FLAGS.repeats
-    names = FLAGS.rows or list(ROWS)
-    unknown = [n for n in names if n not in ROWS]
+    names = FLAGS.rows or list(RECURRENT_ROWS)
+    unknown = [n for n in names if n not in RECURRENT_ROWS]
     if unknown:
-        raise app.UsageError(f"unknown rows {unknown}; expected some of {list(ROWS)}")
+        raise app.UsageError(f"unknown rows {unknown}; expected some of {list(RECURRENT_ROWS)}")
     H = FLAGS.hidden
     seq_lens = sorted(seq_lens)  # skipping a slow row only makes sense going up in T
 
@@ -155,7 +153,7 @@ def main(argv):
             got = results[T][name] = {"tokens_per_s": B * T / seconds,
                                       "us_per_token": 1e6 * seconds / (B * T)}
             # same tokens per step, so a tokens/s ratio is the inverse time ratio
-            ratio = paired_median(times[LSTM], times[name]) if LSTM in times else None
+            ratio = paired_median(times[LSTM_ROW], times[name]) if LSTM_ROW in times else None
             print(f"| {T} | {B} | {name} | {1e3 * seconds:,.2f} | {got['tokens_per_s']:,.0f} | "
                   f"{'-' if ratio is None else f'{ratio:.2f}'} | {got['us_per_token']:.3f} |",
                   flush=True)

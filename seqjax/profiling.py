@@ -8,7 +8,6 @@ TensorBoard's profile plugin opens (`tensorboard --logdir DIR`). A leaf module, 
 """
 
 import collections
-import contextlib
 import glob
 import gzip
 import json
@@ -22,18 +21,6 @@ import jax
 # Traces and their files.
 # ---------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def trace(log_dir: str, *, perfetto: bool = False):
-    """A `jax.profiler` trace of what runs inside, written to `log_dir` when it ends (also on
-    an exception: the trace up to it is still worth reading); with `perfetto`, also a
-    `perfetto_trace.json.gz` that `read_events` reads."""
-    jax.profiler.start_trace(log_dir, create_perfetto_trace=perfetto)
-    try:
-        yield log_dir
-    finally:
-        jax.profiler.stop_trace()
-
-
 def trace_files(log_dir: str, pattern: str = "*.xplane.pb") -> list[str]:
     """The files of every trace written under `log_dir` whose names match `pattern`, oldest run
     first (a run's directory is named by the time it was written)."""
@@ -42,8 +29,10 @@ def trace_files(log_dir: str, pattern: str = "*.xplane.pb") -> list[str]:
 
 def read_events(log_dir: str) -> list[dict]:
     """The Chrome trace events of the newest trace under `log_dir` written with `perfetto`."""
-    *_, path = trace_files(log_dir, "perfetto_trace.json.gz")
-    with gzip.open(path) as f:
+    paths = trace_files(log_dir, "perfetto_trace.json.gz")
+    if not paths:
+        raise FileNotFoundError(f"no perfetto trace under {log_dir}/plugins/profile")
+    with gzip.open(paths[-1]) as f:
         return json.load(f)["traceEvents"]
 
 
@@ -155,7 +144,7 @@ def op_profile(compiled, args, runs: int = 3) -> dict:
     module = re.match(r"HloModule ([\w.\-]+)", hlo_text).group(1)
     hlo_ops = _hlo_ops(hlo_text)
     with tempfile.TemporaryDirectory() as trace_dir:
-        with trace(trace_dir, perfetto=True):
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             for _ in range(runs):
                 step()
         events = read_events(trace_dir)

@@ -7,7 +7,6 @@
   every mask kind, and 'auto' is seqjax's own where cuDNN does not run (here, a CPU).
 """
 
-import functools
 
 import flax.linen as nn
 import jax
@@ -89,18 +88,27 @@ def test_bfloat16_trains_along_the_float32_curve(name, arg, tmp_path):
     assert bfloat16_losses[-3:].mean() < bfloat16_losses[:3].mean()  # it trains
 
 
-def test_bfloat16_computes_in_bfloat16_with_float32_parameters_and_logits():
-    config = load_config("charlm_transformer", "tiny")
+@pytest.mark.parametrize("name,arg", [("charlm_transformer", "tiny"), ("bert_pretrain", "smoke"),
+                                      ("charlm", "tiny")])
+def test_bfloat16_runs_products_in_bfloat16_and_logits_in_float32(name, arg):
+    """Parameters stay float32; the layers' products run in bfloat16; the head's product (the
+    last in the model) comes out in float32, as does the loss."""
+    config = load_config(name, arg)
     config.model.dtype = "bfloat16"
     task = tasks.build(config, None)
     params = task.init_params(jax.random.PRNGKey(0))
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
-    model = charlm_transformer.make_model(config, 30)
-    tokens = jnp.zeros((2, 8), jnp.int32)
-    jaxpr = str(jax.make_jaxpr(lambda p: model.apply(model.init(jax.random.PRNGKey(0), tokens),
-                                                     tokens))(params))
-    assert "bf16[2,8,16]" in jaxpr  # activations
-    assert model.apply(model.init(jax.random.PRNGKey(0), tokens), tokens).dtype == jnp.float32
+    carry = jax.tree.map(jnp.asarray, task.init_carry(task.batch_size))
+    loss = lambda p: task.loss(p, task.train_batch(0), carry, rng=jax.random.PRNGKey(1),
+                               train=True)[0]["loss"]
+    closed = jax.make_jaxpr(loss)(params)
+    text = str(closed)
+    assert "bf16[" in text and "dot_general" in text
+    float32_out = [eqn.outvars[0].aval.dtype == jnp.float32 for eqn in closed.jaxpr.eqns
+                   if eqn.primitive.name == "dot_general"]
+    assert float32_out and not all(float32_out)  # bfloat16 products ...
+    assert float32_out[-1]  # ... and a float32 head
+    assert jax.eval_shape(loss, params).dtype == jnp.float32
 
 
 @pytest.mark.parametrize("key,value", [("model.dtype", "float16"),
@@ -272,14 +280,32 @@ def test_xla_attention_equals_seqjax_attention(mask, causal, cross):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_auto_attention_is_seqjax_where_cudnn_does_not_run():
+@pytest.mark.parametrize("runs,dropout,weights,expected", [
+    (False, 0.0, False, "seqjax"), (True, 0.0, False, "cudnn"), (True, 0.1, False, "seqjax"),
+    (True, 0.0, True, "seqjax")])
+def test_auto_attention_picks_cudnn_only_where_it_runs(monkeypatch, runs, dropout, weights,
+                                                       expected):
+    """'auto': cuDNN where it runs (faked here), else seqjax's own: with attention dropout,
+    or when the weights are asked for ('intermediates' mutable)."""
+    import seqjax.nn.attention as attention
+    calls = []
+    monkeypatch.setattr(attention, "cudnn_runs", lambda dtype, head_dim: runs)
+    monkeypatch.setattr(attention, "fused_attention",
+                        lambda q, k, v, implementation, **kw: calls.append(implementation) or q)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 16)).astype(jnp.bfloat16)
-    mask = jnp.arange(8)[None] < jnp.array([8, 5])[:, None]
-    make = lambda impl: MultiHeadAttention(num_heads=2, causal=True, attention_impl=impl,
-                                           dtype=jnp.bfloat16)
-    params = make("seqjax").init(jax.random.PRNGKey(0), x, mask=mask)
-    same = [make(impl).apply(params, x, mask=mask) for impl in ("seqjax", "auto")]
-    np.testing.assert_array_equal(*same)
+    model = MultiHeadAttention(num_heads=2, causal=True, attention_impl="auto",
+                               dropout_rate=dropout, dtype=jnp.bfloat16)
+    params = model.init(jax.random.PRNGKey(0), x)
+    calls.clear()
+    model.apply(params, x, mutable=["intermediates"] if weights else False)
+    assert calls == ([] if expected == "seqjax" else [expected])
+
+
+def test_cudnn_attention_where_it_cannot_run_is_refused_by_key():
+    config = load_config("charlm_transformer", "tiny")
+    config.model.attention_impl = "cudnn"
+    with pytest.raises(ValueError, match="config.model.attention_impl='cudnn': needs an NVIDIA"):
+        charlm_transformer.check_config(config)
 
 
 def test_fused_attention_function_matches_its_reference_with_lengths():
@@ -306,8 +332,12 @@ def test_fused_attention_with_attention_dropout_is_refused_by_key(impl):
 
 
 def test_attention_scores_are_a_float32_product():
-    """The score product itself runs to float32 (not a bfloat16 product cast afterwards)."""
-    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv())
-    from seqjax.nn.attention import dot_product_weights
-    jaxpr = str(jax.make_jaxpr(functools.partial(dot_product_weights))(q, k))
-    assert "preferred_element_type=float32" in jaxpr
+    """The score products themselves run to float32 (not a bfloat16 product cast afterwards):
+    scaled dot-product and additive scores."""
+    q, k, _ = (x.astype(jnp.bfloat16) for x in _qkv())
+    from seqjax.nn.attention import additive_scores, dot_product_weights
+    for f, args in ((dot_product_weights, (q, k)),
+                    (additive_scores, (q[:, :, 0], k[:, :, 0], k[0, 0, 0]))):
+        jaxpr = jax.make_jaxpr(f)(*args).jaxpr
+        dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+        assert dots and all(e.outvars[0].aval.dtype == jnp.float32 for e in dots)

@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 from seqjax import config as config_lib
-from seqjax.nn.linear_recurrent import LINEAR_CELLS
+from seqjax.nn.linear_recurrent import LINEAR_CELLS, lru_lambda
 from seqjax.nn.recurrent import CELLS
 from seqjax.plotting import pyplot
 from seqjax.tasks import charlm
@@ -104,14 +104,6 @@ def scale_recurrent(params, scale: float):
         lambda path, x: x * scale if is_recurrent(path) else x, params)
 
 
-def lru_lambda(nu_log, theta_log) -> np.ndarray:
-    """The LRU's eigenvalues lambda = exp(-exp(nu_log) + i exp(theta_log)), in complex128: the
-    diagonal of its recurrence x_t = lambda * x_{t-1} + ..., so |lambda|^d is what is left of
-    an input d steps back."""
-    nu_log, theta_log = np.asarray(nu_log, np.float64), np.asarray(theta_log, np.float64)
-    return np.exp(-np.exp(nu_log) + 1j * np.exp(theta_log))
-
-
 def lru_eigenvalues(params) -> dict[str, np.ndarray]:
     """{layer path ('rnn/block_0'): its lambda} for every LRU layer in `params`, found by its
     parameters nu_log and theta_log, so that stacked and bidirectional layers all appear."""
@@ -121,7 +113,7 @@ def lru_eigenvalues(params) -> dict[str, np.ndarray]:
         if not isinstance(tree, Mapping):
             return
         if "nu_log" in tree and "theta_log" in tree:
-            found["/".join(path)] = lru_lambda(tree["nu_log"], tree["theta_log"])
+            found["/".join(path)] = np.asarray(lru_lambda(tree["nu_log"], tree["theta_log"]))
         for key, value in tree.items():
             visit(path + (str(key),), value)
 

@@ -80,7 +80,8 @@ def additive_scores(q_BxQxA, k_BxKxA, w_v_A):
     """Bahdanau scores w_v . tanh(q + k) for every (query, key) pair: [B, Q, K]. The inputs are
     already projected (q W_q and k W_k) to the attention's hidden size A."""
     features_BxQxKxA = jnp.tanh(q_BxQxA[..., :, None, :] + k_BxKxA[..., None, :, :])
-    return features_BxQxKxA @ w_v_A
+    return jnp.einsum("...qka,a->...qk", features_BxQxKxA, w_v_A,
+                      preferred_element_type=jnp.float32)
 
 
 def dot_product_weights(q_BxQxHxD, k_BxKxHxD, mask=None, bias=None):
@@ -117,9 +118,11 @@ def fused_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, *, implementation: str,
     keys of a row must come first (as every padding mask seqjax builds has them)."""
     lengths_B = None if key_mask_BxK is None else jnp.sum(key_mask_BxK, -1, dtype=jnp.int32)
     if implementation == "cudnn":
-        out = jax.nn.dot_product_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, is_causal=causal,
-                                           key_value_seq_lengths=lengths_B,
-                                           implementation="cudnn")
+        # A row without keys is zeroed below; cuDNN sees one key there, not an empty softmax
+        # whose backward pass could give NaN.
+        out = jax.nn.dot_product_attention(
+            q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, is_causal=causal, implementation="cudnn",
+            key_value_seq_lengths=None if lengths_B is None else jnp.maximum(lengths_B, 1))
     elif implementation == "xla":
         mask = None if key_mask_BxK is None else key_mask_BxK[:, None, None, :]
         out = jax.nn.dot_product_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask=mask,
@@ -128,7 +131,7 @@ def fused_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, *, implementation: str,
         raise ValueError(f"implementation={implementation!r}: expected 'xla' or 'cudnn'")
     if lengths_B is None:
         return out
-    return jnp.where(lengths_B[:, None, None, None] > 0, out, 0).astype(out.dtype)
+    return jnp.where(lengths_B[:, None, None, None] > 0, out, 0)
 
 
 def cudnn_runs(dtype, head_dim: int) -> bool:

@@ -244,7 +244,7 @@ class LRU(_Linear):
         B = self.param("B_re", glorot(F), (F, N)) + 1j * self.param("B_im", glorot(F), (F, N))
         C = self.param("C_re", glorot(N), (N, H)) + 1j * self.param("C_im", glorot(N), (N, H))
         D = self.param("D", nn.initializers.normal(1.0), (F,))
-        lam = jnp.exp(-jnp.exp(nu_log) + 1j * jnp.exp(theta_log))
+        lam = lru_lambda(nu_log, theta_log)
         bu_BxTxN = (u_BxTxF.astype(jnp.float32) @ B) * jnp.exp(gamma_log)
         h0 = None if carry is None else carry[..., :N] + 1j * carry[..., N:]
         valid = _valid_mask(seq_lengths, u_BxTxF.shape)
@@ -254,6 +254,12 @@ class LRU(_Linear):
             y = y + D * u_BxTxF.astype(jnp.float32)
         y = _zero_padding(y, valid).astype(self.dtype or jnp.float32)
         return jnp.concatenate([last.real, last.imag], -1), y
+
+
+def lru_lambda(nu_log, theta_log):
+    """The LRU's eigenvalues lambda = exp(-exp(nu_log) + i exp(theta_log)): the diagonal of its
+    recurrence, |lambda| < 1 for any parameter value."""
+    return jnp.exp(-jnp.exp(nu_log) + 1j * jnp.exp(theta_log))
 
 
 LINEAR_CELLS = {"mingru": MinGRU, "minlstm": MinLSTM, "lru": LRU}

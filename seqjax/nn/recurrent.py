@@ -196,6 +196,7 @@ class StackedRecurrent(nn.Module):
     def __call__(self, inputs_BxTxF, initial_carry=None, *, seq_lengths=None,
                  deterministic: bool = True):
         """Returns (carries, outputs_BxTxH), outputs of size 2H when bidirectional."""
+        check_inputs(inputs_BxTxF, seq_lengths)  # here: a rematerialised layer sees tracers
         options = dict(unroll=self.unroll, fused_weight_grad=self.fused_weight_grad)
         x, carries = inputs_BxTxF, []
         for i in range(self.num_layers):

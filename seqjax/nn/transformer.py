@@ -26,7 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax.nn import compute, position
-from seqjax.nn.attention import ATTENTION_IMPLS, ATTENTION_KINDS, MultiHeadAttention
+from seqjax.nn.attention import (
+    ATTENTION_IMPLS,
+    ATTENTION_KINDS,
+    MultiHeadAttention,
+    cudnn_runs,
+)
 
 Dtype = Any
 NORMS = ("post", "pre")
@@ -101,6 +106,12 @@ class TransformerConfig:
                name("attention_impl"), self.attention_impl,
                f"has no dropout on the attention weights: set {name('attention_dropout_rate')} "
                f"to 0, or use 'seqjax' or 'auto'")
+        expect(self.attention_impl != "cudnn"
+               or cudnn_runs(self.dtype or jnp.float32, self.d_model // self.num_heads),
+               name("attention_impl"), self.attention_impl,
+               "needs an NVIDIA GPU, bfloat16 computation and a head dimension (d_model / "
+               "num_heads) that is a multiple of 8 and at most 128; 'auto' uses cuDNN where it "
+               "runs")
         return self
 
     def kwargs(self, *exclude: str) -> dict:

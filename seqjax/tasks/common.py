@@ -35,7 +35,9 @@ class Task:
 
     init_params: Callable[[Any], Any]  # rng -> params
     loss: Callable
-    train_batch: Callable[[int], dict]  # step -> this process's rows of the global batch
+    # step -> this process's rows of the global batch, as host (NumPy) arrays; the engine calls
+    # it from a background thread, ahead of the step, so it must be a pure function of the step
+    train_batch: Callable[[int], dict]
     eval_batches: Sequence[dict]
     batch_size: int  # global, training
     eval_batch_size: int  # global

@@ -89,27 +89,37 @@ class Pmap:
     def saveable(self, replicated, split):
         """`replicated` ([devices, ...] copies) and `split` ([devices, B/devices, ...]) as global
         arrays without the device axis: replicated, and [B, ...] split over the devices (of
-        every process, in the order of their rows). Each device slices its own shard, with no
-        transfer between devices or to the host, so the results are new buffers, not the
-        state's."""
-        leaves = jax.tree.leaves((replicated, split))
-        if not leaves:
-            return replicated, split
+        every process, in the order of their rows), with no transfer between devices or to the
+        host. With one process the replicated part is device 0's copy only (one extra copy of
+        the state, on that device, until orbax has copied it to the host); with several, every
+        device slices its own shard."""
+        if jax.process_count() == 1:
+            return (jax.tree.map(lambda x: x.addressable_data(0)[0], replicated),
+                    self._saveable_split(split))
         # With several processes pmap's outputs are this process's devices' part only.
-        several = jax.process_count() > 1
-        mesh = _process_major_mesh().local_mesh if several else _mesh_of(leaves[0])
+        mesh = _process_major_mesh().local_mesh
         if mesh not in self._saveable:
             drop = lambda tree: jax.tree.map(lambda x: x[0], tree)
             self._saveable[mesh] = jax.jit(jax.shard_map(
                 lambda r, s: (drop(r), drop(s)), mesh=mesh, in_specs=(P(AXIS), P(AXIS)),
                 out_specs=(P(), P(AXIS)), check_vma=False))
         replicated, split = self._saveable[mesh](replicated, split)
-        if several:
-            from jax.experimental import multihost_utils
-            to_global = lambda tree, spec: multihost_utils.host_local_array_to_global_array(
-                tree, _process_major_mesh(), spec)
-            replicated, split = to_global(replicated, P()), to_global(split, P(AXIS))
-        return replicated, split
+        from jax.experimental import multihost_utils
+        to_global = lambda tree, spec: multihost_utils.host_local_array_to_global_array(
+            tree, _process_major_mesh(), spec)
+        return to_global(replicated, P()), to_global(split, P(AXIS))
+
+    def _saveable_split(self, split):
+        """[devices, B/devices, ...] -> [B, ...] split over the same devices (one process)."""
+        leaves = jax.tree.leaves(split)
+        if not leaves:
+            return split
+        mesh = _mesh_of(leaves[0])
+        if mesh not in self._saveable:
+            self._saveable[mesh] = jax.jit(jax.shard_map(
+                lambda s: jax.tree.map(lambda x: x[0], s), mesh=mesh, in_specs=P(AXIS),
+                out_specs=P(AXIS), check_vma=False))
+        return self._saveable[mesh](split)
 
 
 class ShardMap:
