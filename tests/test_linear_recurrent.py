@@ -252,3 +252,12 @@ def test_sequential_method_equals_associative_in_log_space_too(cls):
     slow = cls(5, log_space=True, method="sequential").apply(params, x, seq_lengths=lengths)
     for a, b in zip(fast, slow):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("context,batch", [(64, 32), (2048, 1), (8192, 1)])
+def test_the_long_context_char_lm_keeps_its_characters_per_batch(context, batch):
+    from seqjax.tasks import charlm
+    config = load_config("charlm", f"cell=mingru,context={context}")
+    assert (config.data.num_steps, config.data.batch_size) == (context, batch)
+    assert config.data.batch_size * context >= 32 * 64
+    charlm.check_config(config)
