@@ -30,7 +30,6 @@ Training goes through the engine (`seqjax.train.train_and_evaluate`), one sub-wo
 so every run resumes and its metrics and checkpoints can be inspected like any other.
 """
 
-import csv
 import json
 import math
 import os
@@ -42,9 +41,9 @@ import numpy as np
 import optax
 
 from seqjax import config as config_lib
+from seqjax.analysis import gradient_flow_plots as plots
 from seqjax.nn.linear_recurrent import LINEAR_CELLS, lru_lambda
 from seqjax.nn.recurrent import CELLS
-from seqjax.plotting import pyplot
 from seqjax.tasks import charlm
 from seqjax.train import checks
 from seqjax.train.loop import train_and_evaluate
@@ -251,14 +250,14 @@ def run(config, workdir: str) -> dict:
                     summary[f"{key}_min"] = float(np.abs(lam).min())
                     summary[f"{key}_median"] = float(np.median(np.abs(lam)))
                     summary[f"{key}_max"] = float(np.abs(lam).max())
-    _write_csv(os.path.join(workdir, "gradient_flow.csv"), rows)
-    _plot_gradient_flow(rows, os.path.join(workdir, "gradient_flow.png"))
+    plots.write_csv(os.path.join(workdir, "gradient_flow.csv"), rows)
+    plots.plot_gradient_flow(rows, os.path.join(workdir, "gradient_flow.png"))
     if eigenvalues:
-        _write_csv(os.path.join(workdir, "lru_eigenvalues.csv"),
+        plots.write_csv(os.path.join(workdir, "lru_eigenvalues.csv"),
                    [dict(layer=layer, when=when, modulus=float(abs(lam)),
                          phase=float(np.angle(lam)))
                     for (layer, when), lams in eigenvalues.items() for lam in lams])
-        _plot_lru_eigenvalues(eigenvalues, config.lm.model.linear,
+        plots.plot_lru_eigenvalues(eigenvalues, config.lm.model.linear,
                               os.path.join(workdir, "lru_eigenvalues.png"))
 
     # 3. exploding gradients with and without clipping.
@@ -278,10 +277,10 @@ def run(config, workdir: str) -> dict:
         key = "clipped" if theta else "unclipped"
         summary[f"{key}_final_train_loss"] = float("nan") if error else last[1]
         summary[f"{key}_diverged"] = error is not None
-    _write_csv(os.path.join(workdir, "clipping.csv"),
+    plots.write_csv(os.path.join(workdir, "clipping.csv"),
                [dict(clip_norm=theta, step=s, loss=loss) for theta, (curve, _) in curves.items()
                 for s, loss in curve])
-    _plot_clipping(curves, c, os.path.join(workdir, "clipping.png"))
+    plots.plot_clipping(curves, c, os.path.join(workdir, "clipping.png"))
 
     # 4. symmetry: one constant for every weight vs random initialisation.
     s = config.symmetry
@@ -303,7 +302,7 @@ def run(config, workdir: str) -> dict:
         sym_rows.append(dict(init=init_name, steps=s.num_train_steps, max_unit_difference=spread,
                              train_perplexity=results.get("train_perplexity")))
         summary[f"symmetry_{init_name}_max_unit_difference"] = spread
-    _write_csv(os.path.join(workdir, "symmetry.csv"), sym_rows)
+    plots.write_csv(os.path.join(workdir, "symmetry.csv"), sym_rows)
 
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
@@ -317,120 +316,3 @@ def _windows(ids, length: int, batch_size: int, seed: int) -> jnp.ndarray:
                          f"{len(ids)} tokens")
     starts = np.random.default_rng(seed).integers(0, len(ids) - length, batch_size)
     return jnp.asarray(np.stack([ids[s:s + length] for s in starts]))
-
-
-def _write_csv(path, rows):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _panel(row):
-    """Where a row is drawn: the LRU's rings at initialisation share a panel of their own; every
-    other row goes to the panel of its state and recurrent scale."""
-    if row["state"] == "init" and row["r_min"] is not None:
-        return ("init", "rings")
-    return (row["state"], row["recurrent_scale"])
-
-
-def _plot_gradient_flow(rows, path):
-    plt = pyplot()
-    panels = sorted({_panel(r) for r in rows},
-                    key=lambda p: (p[0] == "trained", p[1] == "rings", 0 if p[1] == "rings"
-                                   else p[1]))
-    cells = list(dict.fromkeys(r["cell"] for r in rows))
-    colors = {cell: f"C{i}" for i, cell in enumerate(cells)}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), sharey=True,
-                             squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        lines = {}
-        for r in rows:
-            if _panel(r) == panel:
-                ring = (r["r_min"], r["r_max"]) if panel[1] == "rings" else None
-                lines.setdefault((r["cell"], ring), []).append((r["distance"], r["grad_norm"]))
-        rings = sorted({ring for _, ring in lines if ring})
-        for (cell, ring), points in lines.items():
-            if ring:
-                style = dict(label=f"{cell} ring [{ring[0]:g}, {ring[1]:g}]",
-                             alpha=0.35 + 0.65 * (rings.index(ring) + 1) / len(rings))
-            else:
-                style = dict(label=cell)
-            ax.semilogy(*zip(*points), color=colors[cell], **style)
-        state, scale = panel
-        if state == "trained":
-            ax.set_title("trained")
-        elif scale == "rings":
-            ax.set_title("init, LRU by the ring of |lambda|")
-        else:
-            ax.set_title(f"init, W_h x {scale:g}" + (" (linear cells: unscaled)" if any(
-                cell in LINEAR_CELLS for cell, _ in lines) else ""))
-        ax.set_xlabel("distance T - t (steps)")
-        ax.grid(alpha=0.3)
-        if state == "trained" or scale == "rings":
-            ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("||dL_T / dx_t||")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_lru_eigenvalues(eigenvalues, linear, path):
-    """The complex plane (unit circle, the initial ring of `linear`'s r_min and r_max shaded)
-    and the sorted moduli, each layer's eigenvalues at initialisation and after training."""
-    plt = pyplot()
-    fig, (plane, moduli) = plt.subplots(1, 2, figsize=(10, 4.6))
-    angle = np.linspace(0, 2 * np.pi, 400)
-    plane.plot(np.cos(angle), np.sin(angle), color="black", lw=0.8)
-    r_min, r_max = linear.r_min, linear.r_max
-    plane.fill(np.concatenate([r_max * np.cos(angle), r_min * np.cos(angle[::-1])]),
-               np.concatenate([r_max * np.sin(angle), r_min * np.sin(angle[::-1])]),
-               color="C2", alpha=0.15, lw=0, label=f"initial ring [{r_min:g}, {r_max:g}]")
-    layers = list(dict.fromkeys(layer for layer, _ in eigenvalues))
-    for (layer, when), lam in eigenvalues.items():
-        color = f"C{layers.index(layer)}" if len(layers) > 1 else (
-            "C0" if when == "init" else "C3")
-        style = dict(marker="o" if when == "init" else "x", color=color,
-                     alpha=0.5 if when == "init" else 0.9)
-        label = f"{layer}, {when}" if len(layers) > 1 else when
-        plane.scatter(lam.real, lam.imag, s=12, label=label, **style)
-        modulus = np.sort(np.abs(lam))
-        moduli.plot(np.arange(len(modulus)), modulus, style["marker"], ms=3, label=label,
-                    color=style["color"], alpha=style["alpha"])
-    plane.set_aspect("equal")
-    plane.set_xlim(-1.1, 1.1)
-    plane.set_ylim(-1.1, 1.1)
-    plane.set_xlabel("Re lambda")
-    plane.set_ylabel("Im lambda")
-    plane.set_title("LRU eigenvalues lambda")
-    plane.legend(fontsize=7, loc="lower left")
-    for r in (r_min, r_max):
-        moduli.axhline(r, color="C2", ls="--", lw=0.8)
-    moduli.axhline(1.0, color="black", lw=0.8)
-    moduli.set_xlabel("eigenvalue, sorted by |lambda|")
-    moduli.set_ylabel("|lambda|")
-    moduli.set_title("moduli (dashed: the initial ring)")
-    moduli.legend(fontsize=7)
-    moduli.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_clipping(curves, c, path):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for theta, (curve, error) in curves.items():
-        label = f"clip_norm={theta:g}" if theta else "no clipping"
-        if error:
-            label += " (diverged)"
-        if curve:
-            ax.plot(*zip(*curve), label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"{c.cell}, SGD lr {c.lr:g}, recurrent init {c.recurrent_init}")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

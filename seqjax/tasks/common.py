@@ -17,7 +17,7 @@ import optax
 
 from seqjax import config as config_lib
 from seqjax.nn.compute import REMAT
-from seqjax.nn.transformer import TransformerConfig
+from seqjax.nn.transformer_config import TransformerConfig
 
 # float16 is refused: its 5-bit exponent underflows small gradients unless the loss is scaled
 # (dynamic loss scaling), which seqjax does not do; bfloat16 has float32's range.
