@@ -107,7 +107,7 @@ from seqjax.tasks import bert as bert_task
 from seqjax.tasks import translation as translation_task
 from seqjax.train.optimizer import make_optimizer
 
-from common import RECURRENT_ROWS, environment, load_average, timed
+from common import RECURRENT_ROWS, environment, load_average, matmul_peak, timed
 
 GROUPS = ("bert", "translation", "lstm", "attention", "linear", "memory")
 
@@ -151,22 +151,6 @@ def datasheet_peak(device_kind: str):
 
 def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
-
-
-def bf16_matmul_peak(P: int) -> float:
-    """FLOP/s of a jitted bfloat16 [P, P] @ [P, P]: the best of 3 rounds of 10 calls queued back
-    to back (one blocked call of a fast matmul would time the dispatch too)."""
-    a, b = (jax.random.normal(key, (P, P), jnp.bfloat16)
-            for key in jax.random.split(jax.random.PRNGKey(7)))
-    matmul = jax.jit(jnp.matmul).lower(a, b).compile()
-    jax.block_until_ready(matmul(a, b))
-
-    def round_of_10():
-        for _ in range(10):
-            out = matmul(a, b)
-        jax.block_until_ready(out)
-
-    return 10 * 2.0 * P ** 3 / min(timed(round_of_10) for _ in range(3))
 
 
 # ----------------------------------------------------------------------------- measuring a row
@@ -770,7 +754,7 @@ def main(argv):
     device_kind = jax.devices()[0].device_kind
     P = FLAGS.peak_size or (256 if FLAGS.quick else 1024 if jax.default_backend() == "cpu"
                             else 8192)
-    measured = bf16_matmul_peak(P)
+    measured = matmul_peak(P, jnp.bfloat16, calls=10)
     datasheet = datasheet_peak(device_kind)
     print(f"device_kind {device_kind!r}; bf16 peak: measured {measured / 1e12:,.2f} TFLOP/s "
           f"([{P}, {P}] @ [{P}, {P}], best of 3 rounds of 10), datasheet "

@@ -52,13 +52,21 @@ def timed(step) -> float:
     return time.perf_counter() - start
 
 
-def matmul_peak(P: int) -> float:
-    """FLOP/s of a jitted float32 [P, P] @ [P, P], the best of 3 runs after a warm-up."""
-    a, b = (jax.random.normal(key, (P, P), jnp.float32)
+def matmul_peak(P: int, dtype=jnp.float32, calls: int = 1) -> float:
+    """FLOP/s of a jitted [P, P] @ [P, P] in `dtype`, the best of 3 rounds after a warm-up; a
+    round queues `calls` products back to back and blocks once (one blocked call of a fast
+    matmul on an accelerator would time its dispatch too)."""
+    a, b = (jax.random.normal(key, (P, P), dtype)
             for key in jax.random.split(jax.random.PRNGKey(7)))
-    step = block(jax.jit(jnp.matmul).lower(a, b).compile(), a, b)
-    step()
-    return 2.0 * P ** 3 / min(timed(step) for _ in range(3))
+    matmul = jax.jit(jnp.matmul).lower(a, b).compile()
+    jax.block_until_ready(matmul(a, b))
+
+    def round_of_calls():
+        for _ in range(calls):
+            out = matmul(a, b)
+        jax.block_until_ready(out)
+
+    return calls * 2.0 * P ** 3 / min(timed(round_of_calls) for _ in range(3))
 
 
 def interleaved_times(steps: dict, repeats: int, warmup: int = 2) -> dict:
