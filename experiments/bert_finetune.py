@@ -59,6 +59,8 @@ def get_config(arg=None):
     config.eval_every = 250
     config.checkpoint_every = 500
     config.keep_checkpoints = 1
+    # patience in evaluations without a better validation loss; target 'metric>=value': 0 / '' off
+    config.early_stopping = dict(patience=0, target="")
 
     if args.smoke:
         config.data.update(vocab_size=200, max_seq_len=32, max_examples=200, max_documents=6,

@@ -73,6 +73,8 @@ def get_config(arg=None):
     config.eval_every = 100
     config.checkpoint_every = 250
     config.keep_checkpoints = 2
+    # patience in evaluations without a better validation loss; target 'metric>=value': 0 / '' off
+    config.early_stopping = dict(patience=0, target="")
 
     # --- sample at the end of training --------------------------------------------------------
     config.sample = dict(prefix="time traveller", length=200, temperature=0.7)

@@ -2,16 +2,21 @@
 to the same parameters as one process with 4 devices and the same global batch."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 
 from seqjax.train.loop import train_and_evaluate
+from seqjax.train.metrics import METRICS_FILE
 
 from conftest import ROOT, load_config, logged, restored
+
+STOPPED = 75  # launch.py's exit code of a run stopped after saving
 
 
 def _free_port() -> int:
@@ -20,9 +25,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_processes(workdir, *overrides):
-    """Runs both processes; returns their stdouts. Output goes to files, not pipes: a process
-    blocked on a full pipe would stall the other one inside a collective."""
+def _start_two_processes(workdir, *overrides):
+    """Starts both processes; returns them and their (stdout, stderr) files. Output goes to
+    files, not pipes: a process blocked on a full pipe would stall the other one inside a
+    collective."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     address = f"127.0.0.1:{_free_port()}"
     call = len(list(workdir.parent.glob(f"{workdir.name}_*_0.out")))  # keep every call's logs
@@ -36,14 +42,23 @@ def _run_two_processes(workdir, *overrides):
                  "--workdir", str(workdir), "--coordinator_address", address,
                  "--num_processes", "2", "--process_id", str(i), "--config.log_every=1",
                  *overrides], cwd=ROOT, env=env, stdout=stdout, stderr=stderr))
+    return procs, logs
+
+
+def _finish(procs, logs, returncode: int = 0) -> list[str]:
+    """Waits for both processes to exit with `returncode`; returns their stdouts."""
     try:
         for p, (_, err) in zip(procs, logs):
             p.wait(timeout=300)
-            assert p.returncode == 0, err.read_text()[-3000:]
+            assert p.returncode == returncode, err.read_text()[-3000:]
     finally:  # a failed process leaves the other waiting for it in a collective
         for p in procs:
             p.kill()
     return [out.read_text() for out, _ in logs]
+
+
+def _run_two_processes(workdir, *overrides):
+    return _finish(*_start_two_processes(workdir, *overrides))
 
 
 def test_two_processes_equal_one_process_with_four_devices(tmp_path):
@@ -75,3 +90,31 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
     assert [r["step"] for r in logged(multi)] == list(range(1, config.num_train_steps + 1))
     np.testing.assert_allclose([r["loss"] for r in logged(multi)],
                                [r["loss"] for r in logged(single)], atol=1e-5)
+
+
+def test_sigterm_on_one_process_stops_both_at_the_same_step(tmp_path):
+    """Only process 1 gets SIGTERM: both stop after the same step (the checkpoint of that step
+    is complete: its save is a collective of both), exit as a stopped run, and resuming on two
+    processes reaches the parameters of a run that was never interrupted."""
+    workdir = tmp_path / "preempted"
+    constant = ("--config.opt.schedule=constant", "--config.eval_every=100000",
+                "--config.checkpoint_every=100000")
+    procs, logs = _start_two_processes(workdir, "--config.num_train_steps=100000", *constant)
+    deadline = time.time() + 120
+    while not (workdir / METRICS_FILE).exists() or not (workdir / METRICS_FILE).read_text():
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, \
+            [err.read_text()[-2000:] for _, err in logs]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    first = _finish(procs, logs, returncode=STOPPED)
+    step = int(restored(workdir)["step"])
+    assert f"stopped early: saved step {step} " in first[0]
+    assert "SIGTERM caught" in logs[1][1].read_text()
+    more = (f"--config.num_train_steps={step + 3}", *constant)
+    _run_two_processes(workdir, *more)
+    reference = tmp_path / "uninterrupted"
+    _run_two_processes(reference, *more)
+    a, b = restored(reference), restored(workdir)
+    assert int(a["step"]) == int(b["step"]) == step + 3
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)

@@ -6,13 +6,14 @@ the parameters of `config.init_from` (another run's workdir: fine-tuning), else 
 workdir's saved config must agree with the new one on what the checkpoint depends on
 (`checks.RESUME_KEYS`). A best checkpoint newer than the resumed step stays the one to beat: it
 is a real state with that validation loss (saved by a run killed before its next checkpoint).
+A run may end before its last step (`seqjax.train.stopping`): a SIGTERM on any of its processes
+stops all of them after the same step, saved, to be resumed; early stopping ends it, finished.
 """
 
 import dataclasses
 import functools
 import math
 import os
-import signal
 import time
 
 import jax
@@ -21,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from seqjax import config as config_lib
 from seqjax import profiling, tasks
-from seqjax.train import checks, parallel
+from seqjax.train import checks, parallel, stopping
 from seqjax.train.checkpoint import CheckpointError, Checkpoints, has_latest, load_init_from
 from seqjax.train.evaluation import make_evaluator
 from seqjax.train.feed import Feed
@@ -29,38 +30,7 @@ from seqjax.train.lock import WorkdirLock
 from seqjax.train.metrics import MetricWriter, Progress, prefixed, train_summary
 from seqjax.train.optimizer import learning_rate_at, make_optimizer
 from seqjax.train.step import state_specs, train_step
-
-
-class StopRequest:
-    """Turns SIGTERM into a flag the loop checks after each step, so it can save and exit.
-
-    Nested requests (a sweep around its runs) share the signal: the inner one starts with the
-    outer one's flag and passes a signal on to it."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = None
-
-    def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self.previous = None
-        self.outer = getattr(self.previous, "__self__", None)
-        if not isinstance(self.outer, StopRequest):
-            self.outer = None
-        self.requested = bool(self.outer and self.outer.requested)
-        return self
-
-    def _handle(self, *args):
-        self.requested = True
-        if self.outer is not None:
-            self.outer._handle(*args)
-
-    def __exit__(self, *_):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
+from seqjax.train.stopping import EarlyStopping, StopRequest
 
 PROFILE_DIR = "profile"  # workdir/profile: the trace of --profile_steps, for TensorBoard
 
@@ -75,13 +45,16 @@ class RunRecord:
     best_step: int | None = None
     earlier_time_s: float = 0.0
     last_train: dict = dataclasses.field(default_factory=dict)
+    last_val: dict = dataclasses.field(default_factory=dict)
+    evaluations_since_best: int = 0
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     @classmethod
     def from_meta(cls, latest: dict, best: dict) -> "RunRecord":
         return cls(best_loss=best.get("best_val_loss"), best_step=best.get("best_step"),
                    earlier_time_s=latest.get("train_time_s", 0.0),
-                   last_train=latest.get("train", {}))
+                   last_train=latest.get("train", {}), last_val=latest.get("val", {}),
+                   evaluations_since_best=latest.get("evaluations_since_best", 0))
 
     def train_time_s(self) -> float:
         """Time in the training loop (evaluation included) of the calls that led here."""
@@ -92,7 +65,8 @@ class RunRecord:
 
     def meta(self) -> dict:
         return dict(best_val_loss=self.best_loss, best_step=self.best_step,
-                    train_time_s=self.train_time_s(), train=self.last_train)
+                    train_time_s=self.train_time_s(), train=self.last_train, val=self.last_val,
+                    evaluations_since_best=self.evaluations_since_best)
 
 
 def _fetch(pending: list, par) -> list[dict]:
@@ -181,6 +155,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     """
     # --- check everything, then build -------------------------------------------------------
     checks.check_config(config)
+    stopping.check_config(config)
     if profile_steps is not None:
         first, last = profiling.check_steps(profile_steps)
         if last > config.num_train_steps:
@@ -256,12 +231,25 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps
         writer.write(done, "val", val)
         results.update(prefixed("val", val))
         progress.write(f"step {done}: " + ", ".join(f"val {k} {v:.4f}" for k, v in val.items()))
-        if not record.improves(val["loss"]):
+        record.last_val = val
+        improves = record.improves(val["loss"])
+        record.evaluations_since_best = 0 if improves else record.evaluations_since_best + 1
+        if not improves:
             return None
         record.best_loss, record.best_step = val["loss"], done
         saved = parallel.to_saved(state, par)
         checkpoint(done, saved, which="best")
         return saved
+
+    early = EarlyStopping(config)
+
+    def end_early(done, reason):
+        writer.write(done, "early_stop", dict(best_step=record.best_step,
+                                              best_val_loss=record.best_loss,
+                                              evaluations_since_best=record.evaluations_since_best))
+        progress.write(f"early stopping at step {done}: {reason}; the best checkpoint is step "
+                       f"{record.best_step}")
+        results["early_stopped"] = reason
 
     # --- the loop ---------------------------------------------------------------------------
     def train_steps(state):
@@ -281,8 +269,8 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps
                     if window is not None:
                         window.before(done, state)
                     state, metrics = p_train(state, feed.take())
-                    stopping = stop.requested or (stop_after is not None
-                                                  and done - start >= stop_after)
+                    stopping = stop.after(done) or (stop_after is not None
+                                                    and done - start >= stop_after)
                     if not stopping:
                         feed.transfer_next()  # while this step runs
                     if window is not None:
@@ -300,10 +288,17 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps
                         log(done, fetched)
                         fetched = []
                     saved = evaluate_and_keep_best(done, state) if do_eval else None
-                    if do_save:
+                    ended = do_eval and done != total_steps and early.reason(
+                        record.evaluations_since_best, record.last_val)
+                    if do_save or ended:
                         checkpoint(done, parallel.to_saved(state, par) if saved is None
                                    else saved)
                     results["step"] = done
+                    if ended:
+                        if fetched:
+                            log(done, fetched)
+                        end_early(done, ended)
+                        break
                     if stopping and done != total_steps:
                         progress.write(f"stopped early: saved step {done} to "
                                        f"{workdir}/checkpoints")
@@ -316,14 +311,17 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps
                 progress.write(window.summary())
         return state
 
+    ended = early.reason(record.evaluations_since_best, record.last_val) if start else None
     try:
-        if start < total_steps:
+        if start < total_steps and not ended:
             if start:
                 progress.write(f"resumed from step {start} in {workdir}")
             state = train_steps(state)
         else:
-            progress.write(f"{workdir} has finished its {start} steps; evaluating its last "
-                           f"checkpoint")
+            if ended:
+                results["early_stopped"] = ended
+            status = f"stopped early: {ended}" if ended else f"{start} steps"
+            progress.write(f"{workdir} has finished ({status}); evaluating its last checkpoint")
             save_files()  # the settings that may change (evaluation, say) are this call's
     except BaseException:
         _close(progress, writer, ckpts, failed=True)
@@ -332,7 +330,7 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps
 
     # --- what the run reports ---------------------------------------------------------------
     results["train_time_s"] = record.train_time_s()
-    if start >= total_steps:  # nothing was trained: report the final checkpoint
+    if start >= total_steps or results.get("early_stopped"):  # as at the last step: test too
         results.update(prefixed("val", validation_metrics(state.params, final=True)))
     if record.best_loss is not None:
         results.update(prefixed("best_val", task.report({"loss": record.best_loss})),
