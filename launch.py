@@ -95,26 +95,26 @@ def _worker_command(i: int) -> list[str]:
 
 
 def _summarize(points) -> list[dict]:
-    from seqjax import sweep
+    from seqjax import files, sweep
     rows = sweep.summarize(points, FLAGS.workdir, FLAGS.metric)
-    with open(os.path.join(FLAGS.workdir, "summary.md"), encoding="utf-8") as f:
-        print(f.read(), end="")
+    print(files.read_text(os.path.join(FLAGS.workdir, "summary.md")), end="")
     return rows
 
 
 def _sentences() -> list[str]:
-    """--text, or the non-blank lines of --input_file."""
+    """--text, or the non-blank lines of --input_file (a local path or a URL)."""
+    from seqjax import files
     if (FLAGS.text is None) == (FLAGS.input_file is None):
         raise ValueError("--mode translate needs exactly one of --text and --input_file")
     if FLAGS.beam_size is not None and FLAGS.beam_size < 1:
         raise ValueError(f"--beam_size={FLAGS.beam_size}: must be >= 1")
     if FLAGS.text is not None:
         return [FLAGS.text]
-    if os.path.isdir(FLAGS.input_file):
+    if files.is_dir(FLAGS.input_file):
         raise ValueError(f"--input_file {FLAGS.input_file!r} is a directory")
     try:
-        with open(FLAGS.input_file, encoding="utf-8") as f:
-            sentences = [line.strip() for line in f if line.strip()]
+        lines = files.read_text(FLAGS.input_file).splitlines()
+        sentences = [line.strip() for line in lines if line.strip()]
     except UnicodeDecodeError as e:
         raise ValueError(f"--input_file {FLAGS.input_file!r} is not UTF-8 text ({e.reason} at "
                          f"byte {e.start})") from None
@@ -185,10 +185,11 @@ def translate_mode(config) -> int:
 
 
 def export_mode(config) -> int:
+    from seqjax import files
     from seqjax.train import saved_runs
     if not FLAGS.out:
         raise ValueError("--mode export needs --out FILE.npz")
-    if os.path.isdir(FLAGS.out):
+    if files.is_dir(FLAGS.out):
         raise ValueError(f"--out {FLAGS.out!r} is a directory; give the .npz file to write")
     shapes = saved_runs.export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, which=_which())
     print(f"wrote {len(shapes)} parameters to {FLAGS.out}")
@@ -196,7 +197,8 @@ def export_mode(config) -> int:
 
 
 def summarize_mode(config) -> int:
-    if not os.path.isdir(FLAGS.workdir):
+    from seqjax import files
+    if not files.is_dir(FLAGS.workdir):
         raise FileNotFoundError(f"--mode summarize: no sweep in {FLAGS.workdir!r}")
     _summarize(_sweep_points(config))
     return 0

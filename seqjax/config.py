@@ -9,6 +9,8 @@ from typing import Any
 
 import ml_collections
 
+from seqjax import files
+
 
 def load_experiment(path: str):
     """The module of an experiment file (`experiments/X.py`, without a `:arg` suffix)."""
@@ -89,11 +91,12 @@ def _tuple(types):
 
 
 def expect_run_dir(config, key: str):
-    """Checks that config value `key` names an existing directory (another run's workdir)."""
+    """Checks that config value `key` names an existing directory (another run's workdir), on
+    this machine or in a bucket."""
     path = expect_type(config, key, str)
-    if not os.path.exists(path):
+    if not files.exists(path):
         raise FileNotFoundError(f"config.{key}={path!r}: no such directory")
-    expect(os.path.isdir(path), key, path, "is a file, not the workdir of a run")
+    expect(files.is_dir(path), key, path, "is a file, not the workdir of a run")
 
 
 def expect_positive_int(config, *keys):
@@ -112,10 +115,8 @@ CONFIG_FILE = "config.json"
 
 
 def save(config: ml_collections.ConfigDict, workdir: str):
-    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+    files.write_text(os.path.join(workdir, CONFIG_FILE),
+                     config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 # Keys renamed since runs were saved (old -> new): a saved config is read under the new names.
@@ -125,10 +126,9 @@ RENAMED = {"model.num_hiddens": "model.hidden", "model.embed_size": "model.embed
 def load(workdir: str) -> ml_collections.ConfigDict | None:
     """The config saved in `workdir`, or None; keys of `RENAMED` read under their new names."""
     path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    if not files.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
+    saved = json.loads(files.read_text(path))
     for old, new in RENAMED.items():
         (*parents, old_leaf), new_leaf = old.split("."), new.split(".")[-1]
         section = saved

@@ -13,17 +13,20 @@ import gzip
 import json
 import os
 import re
+import shutil
 import tempfile
 
 import jax
+
+from seqjax import files
 
 # ---------------------------------------------------------------------------------------------
 # Traces and their files.
 # ---------------------------------------------------------------------------------------------
 
 def trace_files(log_dir: str, pattern: str = "*.xplane.pb") -> list[str]:
-    """The files of every trace written under `log_dir` whose names match `pattern`, oldest run
-    first (a run's directory is named by the time it was written)."""
+    """The files of every trace written under the local directory `log_dir` whose names match
+    `pattern`, oldest run first (a run's directory is named by the time it was written)."""
     return sorted(glob.glob(os.path.join(log_dir, "plugins", "profile", "*", pattern)))
 
 
@@ -63,18 +66,22 @@ class StepWindow:
     starts at the first step of the window the loop runs (a resumed run may start inside it)
     and stops after `last`; the state is waited for at both ends, so that the trace holds these
     steps' device work and no other's. Tracing only observes: the steps compute what they
-    would untraced."""
+    would untraced. jax.profiler writes to local directories only: a trace for a bucket
+    (`log_dir` a URL) is written to a local temporary directory and copied there when it stops."""
 
     def __init__(self, steps, log_dir: str):
         self.first, self.last = check_steps(steps)
         self.log_dir = log_dir
         self.active = False
         self.traced = None  # (first, last) step traced, once written
+        self.staging = None  # the local directory of a trace for a bucket
 
     def before(self, step: int, state):
         if not self.active and self.traced is None and self.first <= step <= self.last:
             jax.block_until_ready(state)
-            jax.profiler.start_trace(self.log_dir)
+            if not files.is_local(self.log_dir):
+                self.staging = tempfile.mkdtemp(prefix="seqjax-profile-")
+            jax.profiler.start_trace(self.staging or self.log_dir)
             self.active, self.traced = True, (step, step)
 
     def after(self, step: int, state):
@@ -99,6 +106,11 @@ class StepWindow:
     def _stop(self):
         self.active = False
         jax.profiler.stop_trace()
+        if self.staging is not None:
+            try:
+                files.copy_tree(self.staging, self.log_dir)
+            finally:
+                shutil.rmtree(self.staging)
 
 
 # ---------------------------------------------------------------------------------------------

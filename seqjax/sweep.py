@@ -5,19 +5,23 @@ this process or `parallel` at a time as separate processes.
 A point's row of the summary is written to `<workdir>/<point>/result.json` when the point ends
 (finished, stopped or failed), so a failed point never stops the others, a rerun of the same
 command skips the points that finished and resumes the others from their checkpoints, and a
-summary (`summary.csv`, `summary.md`, `summary.png`) can be written at any time.
+summary (`summary.csv`, `summary.md`, `summary.png`) can be written at any time. The workdir may
+be a bucket (gs://bucket/sweep): every file goes through `seqjax.files`, and only process 0
+writes them.
 """
 
 import csv
+import io
 import itertools
 import json
 import os
 import subprocess
+import tempfile
 import time
 import traceback
 
 from seqjax import config as config_lib
-from seqjax import plotting
+from seqjax import files, plotting
 
 RESULT_FILE = "result.json"
 LOG_FILE = "log.txt"
@@ -91,16 +95,15 @@ def run_point(config, overrides: dict, workdir: str) -> dict:
             _write_json(os.path.join(subdir, RESULT_FILE), row)
         finally:
             raise error
-    if jax.process_index() == 0:
-        _write_json(os.path.join(subdir, RESULT_FILE), row)
+    _write_json(os.path.join(subdir, RESULT_FILE), row)
     return row
 
 
 def run(config, points, workdir: str, *, parallel: int = 1, command=None) -> bool:
     """Runs every point: in this process one after another, or with `parallel` > 1 as worker
     processes `command(i)` (training point i), `parallel` at a time, each with its output in
-    `<point>/log.txt`. SIGTERM stops the sweep after the running points have saved. Returns
-    whether it was stopped."""
+    `<point>/log.txt` (in a bucket, copied there when the point ends). SIGTERM stops the sweep
+    after the running points have saved. Returns whether it was stopped."""
     from seqjax.train.loop import StopRequest
     with StopRequest() as stop:
         if parallel <= 1:
@@ -131,24 +134,48 @@ def _run_workers(config, points, workdir: str, command, parallel: int, stop):
         while waiting and len(running) < parallel:
             i = waiting.pop(0)
             subdir = os.path.join(workdir, point_name(points[i]))
-            os.makedirs(subdir, exist_ok=True)
-            log = open(os.path.join(subdir, LOG_FILE), "a", encoding="utf-8")
+            files.makedirs(subdir)
+            log = _open_log(os.path.join(subdir, LOG_FILE))
             print(f"=== sweep point {point_name(points[i])}: started (output in {log.name})",
                   flush=True)
             running[i] = (subprocess.Popen(command(i), stdout=log, stderr=subprocess.STDOUT), log)
         for i, (proc, log) in list(running.items()):
             if proc.poll() is None:
                 continue
-            log.close()
             del running[i]
-            path = os.path.join(workdir, point_name(points[i]), RESULT_FILE)
+            subdir = os.path.join(workdir, point_name(points[i]))
+            log_path = _close_log(log, os.path.join(subdir, LOG_FILE))
+            path = os.path.join(subdir, RESULT_FILE)
             if _read_json(path) is None:  # killed, or failed before it could record itself
                 _write_json(path, {"point": point_name(points[i]), **points[i],
                                    "status": f"failed: exit code {proc.returncode} "
-                                             f"(see {log.name})"})
+                                             f"(see {log_path})"})
             print(f"=== sweep point {point_name(points[i])}: {_read_json(path)['status']}",
                   flush=True)
         time.sleep(0.2)
+
+
+def _open_log(path: str):
+    """The file a worker's output goes to: `path`, appended to; for a sub-workdir in a bucket,
+    which a child process cannot write to, a local temporary file (see `_close_log`)."""
+    if files.is_local(path):
+        return open(path, "a", encoding="utf-8")
+    return tempfile.NamedTemporaryFile("w", prefix="seqjax-sweep-log-", suffix=".txt",
+                                       delete=False)
+
+
+def _close_log(log, path: str) -> str:
+    """Closes a worker's log; one in a local temporary file is appended to `path` in the
+    bucket. Returns `path`."""
+    log.close()
+    if not files.is_local(path):
+        with open(log.name, "rb") as f:
+            output = f.read()
+        os.remove(log.name)
+        in_bucket = files.Appender(path)
+        in_bucket.write(output)
+        in_bucket.close()
+    return path
 
 
 def summarize(points, workdir: str, metric: str = "best_val_loss") -> list[dict]:
@@ -160,7 +187,7 @@ def summarize(points, workdir: str, metric: str = "best_val_loss") -> list[dict]
         subdir = os.path.join(workdir, point_name(overrides))
         row = _read_json(os.path.join(subdir, RESULT_FILE))
         if row is None:
-            started = os.path.exists(os.path.join(subdir, METRICS_FILE))
+            started = files.exists(os.path.join(subdir, METRICS_FILE))
             row = {"point": point_name(overrides), **overrides,
                    "status": "interrupted" if started else "not run"}
         rows.append(row)
@@ -172,16 +199,17 @@ def summarize(points, workdir: str, metric: str = "best_val_loss") -> list[dict]
 
     rows.sort(key=order)
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "summary.csv"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    files.makedirs(workdir)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    files.write_from_process_0(os.path.join(workdir, "summary.csv"), table.getvalue())
     columns = ["point", "status", "step", metric, "best_step"] + [
         k for prefix in ("best_val_", "val_", "test_") for k in keys if k.startswith(prefix)]
-    with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(markdown_table(rows, list(dict.fromkeys(c for c in columns + ["train_time_s"]
-                                                         if c in keys))))
+    files.write_from_process_0(os.path.join(workdir, "summary.md"), markdown_table(
+        rows, list(dict.fromkeys(c for c in columns + ["train_time_s", "early_stopped"]
+                                 if c in keys))))
     _plot(rows, workdir, metric)
     return rows
 
@@ -208,20 +236,19 @@ def _plot(rows: list[dict], workdir: str, metric: str):
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for row in rows:
         subdir = os.path.join(workdir, row["point"])
-        if not os.path.exists(os.path.join(subdir, METRICS_FILE)):
+        if not files.exists(os.path.join(subdir, METRICS_FILE)):
             continue
         curve = [(r["step"], r[key]) for r in read_metrics(subdir, split) if key in r]
         if curve:
             ax.plot(*zip(*curve), label=row["point"], marker="." if len(curve) < 30 else None)
     ax.set_xlabel("step")
     ax.set_ylabel(f"{split} {key}")
-    ax.set_title(f"sweep {os.path.basename(os.path.abspath(workdir))}: {split} {key}")
+    ax.set_title(f"sweep {os.path.basename(files.absolute(workdir))}: {split} {key}")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "summary.png"), dpi=120)
-    plt.close(fig)
+    plotting.save(fig, os.path.join(workdir, "summary.png"))
 
 
 def _finished_row(point, subdir: str) -> dict | None:
@@ -237,20 +264,17 @@ def _finished_row(point, subdir: str) -> dict | None:
 
 def _forget(subdir: str):
     """Removes a point's row before it runs, so that a row is never older than its run."""
-    if os.path.exists(os.path.join(subdir, RESULT_FILE)):
-        os.remove(os.path.join(subdir, RESULT_FILE))
+    files.remove(os.path.join(subdir, RESULT_FILE))
 
 
 def _read_json(path: str) -> dict | None:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(files.read_text(path))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
 
 def _write_json(path: str, row: dict):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(row, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+    """Writes a point's row (by process 0)."""
+    files.makedirs(os.path.dirname(path))
+    files.write_from_process_0(path, json.dumps(row, indent=1, default=str))

@@ -3,6 +3,7 @@ finished, and config errors. (A preemption on one of two processes: test_multiho
 
 import pytest
 
+from seqjax import sweep
 from seqjax.train.checkpoint import Checkpoints
 from seqjax.train.loop import train_and_evaluate
 
@@ -68,3 +69,15 @@ def test_a_target_metric_the_validation_does_not_report_names_those_it_does(tmp_
     tiny_charlm.early_stopping.target = "bleu>=20"
     with pytest.raises(ValueError, match=r"reports \['loss', 'perplexity'\], not 'bleu'"):
         train_and_evaluate(tiny_charlm, str(tmp_path / "bleu"))
+
+
+def test_the_sweep_summary_says_which_points_stopped_early(tmp_path, tiny_charlm):
+    points = [{"early_stopping.target": "perplexity<=1e9"}, {"early_stopping.target": ""}]
+    workdir = tmp_path / "sweep"
+    assert not sweep.run(tiny_charlm, points, str(workdir))
+    rows = {row["point"]: row for row in sweep.summarize(points, str(workdir))}
+    assert rows["early_stopping.target=perplexity<=1e9"]["early_stopped"].startswith(
+        "validation perplexity")
+    assert "early_stopped" not in rows["early_stopping.target="]
+    header = (workdir / "summary.md").read_text().splitlines()[0]
+    assert "early_stopped" in header

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax import config as config_lib
+from seqjax import files, plotting
 from seqjax.nn import position
-from seqjax.plotting import pyplot
 from seqjax.tasks import charlm, charlm_transformer
 from seqjax.train.saved_runs import restore_run
 
@@ -38,7 +38,7 @@ def attention_weights(config_saved, params, vocab, text: str) -> np.ndarray:
 
 def run(config, workdir: str) -> dict:
     check_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     results = {"positional_encoding": os.path.join(workdir, "positional_encoding.png")}
     _plot_encoding(position.sinusoidal_encoding(config.encoding.length, config.encoding.dim),
                    results["positional_encoding"])
@@ -61,7 +61,7 @@ def run(config, workdir: str) -> dict:
 
 
 def _plot_encoding(pe_LxD, path):
-    plt = pyplot()
+    plt = plotting.pyplot()
     fig, (ax_map, ax_cols) = plt.subplots(1, 2, figsize=(11, 4))
     image = ax_map.imshow(pe_LxD, aspect="auto", cmap="RdBu", vmin=-1, vmax=1)
     ax_map.set(xlabel="encoding dimension", ylabel="position",
@@ -73,12 +73,11 @@ def _plot_encoding(pe_LxD, path):
     ax_cols.set(xlabel="position", title="Columns 6 to 9")
     ax_cols.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save(fig, path)
 
 
 def _plot_weights(weights_NxHxLxL, text, step, path):
-    plt = pyplot()
+    plt = plotting.pyplot()
     layers, heads, L, _ = weights_NxHxLxL.shape
     fig, axes = plt.subplots(layers, heads, figsize=(3 * heads, 3 * layers), squeeze=False)
     ticks = range(0, L, max(1, L // 16))
@@ -92,5 +91,4 @@ def _plot_weights(weights_NxHxLxL, text, step, path):
     fig.suptitle(f"Attention weights (query rows, key columns), step {step}: {text[:60]!r}",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save(fig, path)

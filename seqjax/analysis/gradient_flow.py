@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from seqjax import config as config_lib
+from seqjax import files
 from seqjax.analysis import gradient_flow_plots as plots
 from seqjax.nn.linear_recurrent import LINEAR_CELLS, lru_lambda
 from seqjax.nn.recurrent import CELLS
@@ -213,9 +214,10 @@ def _initialisations(config, lm, cell, task, run_dir):
 def run(config, workdir: str) -> dict:
     """Runs the measurements; returns a summary, also saved as summary.json."""
     check_config(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    config_lib.save(config, workdir)
+    workdir = files.absolute(workdir)
+    files.makedirs(workdir)
+    if jax.process_index() == 0:
+        config_lib.save(config, workdir)
     summary = {}
 
     # 1. gradient norm against distance, at initialisation and after training; 2. the LRU's
@@ -304,8 +306,8 @@ def run(config, workdir: str) -> dict:
         summary[f"symmetry_{init_name}_max_unit_difference"] = spread
     plots.write_csv(os.path.join(workdir, "symmetry.csv"), sym_rows)
 
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    files.write_from_process_0(os.path.join(workdir, "summary.json"),
+                               json.dumps(summary, indent=2))
     return summary
 
 

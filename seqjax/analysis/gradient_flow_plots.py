@@ -2,18 +2,20 @@
 its plots of gradient norms against distance, the LRU's eigenvalues and the clipping runs."""
 
 import csv
+import io
 
 import numpy as np
 
+from seqjax import files, plotting
 from seqjax.nn.linear_recurrent import LINEAR_CELLS
-from seqjax.plotting import pyplot
 
 
 def write_csv(path, rows):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    files.write_from_process_0(path, table.getvalue())
 
 
 def _panel(row):
@@ -25,7 +27,7 @@ def _panel(row):
 
 
 def plot_gradient_flow(rows, path):
-    plt = pyplot()
+    plt = plotting.pyplot()
     panels = sorted({_panel(r) for r in rows},
                     key=lambda p: (p[0] == "trained", p[1] == "rings", 0 if p[1] == "rings"
                                    else p[1]))
@@ -61,14 +63,13 @@ def plot_gradient_flow(rows, path):
             ax.legend(fontsize=7)
     axes[0][0].set_ylabel("||dL_T / dx_t||")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save(fig, path)
 
 
 def plot_lru_eigenvalues(eigenvalues, linear, path):
     """The complex plane (unit circle, the initial ring of `linear`'s r_min and r_max shaded)
     and the sorted moduli, each layer's eigenvalues at initialisation and after training."""
-    plt = pyplot()
+    plt = plotting.pyplot()
     fig, (plane, moduli) = plt.subplots(1, 2, figsize=(10, 4.6))
     angle = np.linspace(0, 2 * np.pi, 400)
     plane.plot(np.cos(angle), np.sin(angle), color="black", lw=0.8)
@@ -103,12 +104,11 @@ def plot_lru_eigenvalues(eigenvalues, linear, path):
     moduli.legend(fontsize=7)
     moduli.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save(fig, path)
 
 
 def plot_clipping(curves, c, path):
-    plt = pyplot()
+    plt = plotting.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for theta, (curve, error) in curves.items():
         label = f"clip_norm={theta:g}" if theta else "no clipping"
@@ -122,5 +122,4 @@ def plot_clipping(curves, c, path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save(fig, path)

@@ -15,10 +15,11 @@ import importlib.resources
 import json
 import math
 import numbers
-import pathlib
 import re
 
 import numpy as np
+
+from seqjax import files
 
 PREPROCESS_MODES = ("letters", "raw")
 TOKEN_UNITS = ("char", "word")
@@ -26,22 +27,23 @@ PARTITIONS = ("random", "sequential")
 
 
 def load_text(path=None) -> str:
-    """The shipped Time Machine (d2l `read_time_machine`), or the UTF-8 text file at `path`."""
+    """The shipped Time Machine (d2l `read_time_machine`), or the UTF-8 text file at `path` (a
+    local path or a URL: gs://bucket/corpus.txt)."""
     if path is None:
         resource = importlib.resources.files("seqjax.data").joinpath("timemachine/timemachine.txt")
         return resource.read_text(encoding="utf-8")
     text = read_text_file(path, "text file")
     if not text.strip():
-        raise ValueError(f"text file {str(pathlib.Path(path).expanduser())!r} is empty (or holds "
+        raise ValueError(f"text file {str(files.path(path).expanduser())!r} is empty (or holds "
                          f"only whitespace)")
     return text
 
 
 def read_text_file(path, what: str) -> str:
-    """The UTF-8 text of the file at `path` (gunzipped if it ends in `.gz`), with universal
-    newlines as `Path.read_text` reads them, and errors that name the file as `what` instead of
-    raw OS or codec tracebacks."""
-    path = pathlib.Path(path).expanduser()
+    """The UTF-8 text of the file at `path`, a local path or a URL that `seqjax.files` reaches
+    (gunzipped if it ends in `.gz`), with universal newlines as `Path.read_text` reads them, and
+    errors that name the file as `what` instead of raw OS or codec tracebacks."""
+    path = files.path(path).expanduser()
     try:
         raw = path.read_bytes()
         text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")

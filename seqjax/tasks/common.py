@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from seqjax import config as config_lib
+from seqjax import files
 from seqjax.nn.compute import REMAT
 from seqjax.nn.transformer_config import TransformerConfig
 
@@ -58,10 +59,9 @@ def saved_file(workdir: str | None, name: str) -> str | None:
     """The text of a file a run saved in its workdir (`Task.files`: a vocabulary, a tokenizer),
     or None: a task rebuilt from a workdir reads text the way its checkpoints were trained."""
     path = workdir and os.path.join(workdir, name)
-    if not (path and os.path.exists(path)):
+    if not (path and files.exists(path)):
         return None
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    return files.read_text(path)
 
 
 def check_precision(config):

@@ -6,11 +6,12 @@ host and writes them in the background.
 `workdir/checkpoints/<step>` holds the latest `keep` states; `workdir/best/<step>` the one with the
 best validation loss. Each holds params, optimizer state, step, RNG and stream state (the data
 position is the step: batches are a pure function of it), plus a small JSON of run metadata.
+The workdir may be a bucket (gs://bucket/run): orbax writes the arrays there with tensorstore's
+GCS driver and its small files through epath, as `seqjax.files` does the rest.
 """
 
 import logging
 import os
-import shutil
 import sys
 import threading
 
@@ -20,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from seqjax import config as config_lib
+from seqjax import files
 from seqjax.train.checks import check_workdir
 
 DAMAGED_DIR = "damaged"  # where a training run sets aside the checkpoints it cannot read
@@ -36,8 +38,8 @@ class DamagedCheckpoint(ValueError):
 def has_latest(workdir: str) -> bool:
     """Whether `workdir` holds a finished latest checkpoint (orbax names a finished step's
     directory by its number; a step still being written has a temporary name)."""
-    path = os.path.join(os.path.abspath(workdir), "checkpoints")
-    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+    path = os.path.join(files.absolute(workdir), "checkpoints")
+    return files.is_dir(path) and any(name.isdigit() for name in files.listdir(path))
 
 
 def _one_line(e: BaseException) -> str:
@@ -102,7 +104,7 @@ def _state_handler():
 class Checkpoints:
 
     def __init__(self, workdir: str, keep: int = 2):
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = files.absolute(workdir)
         manager = lambda name, keep: ocp.CheckpointManager(
             os.path.join(self.workdir, name),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -208,10 +210,10 @@ class Checkpoints:
         manager = self.managers[which]
         name = f"{os.path.basename(manager.directory)}-{step}"
         target = os.path.join(self.workdir, DAMAGED_DIR, name)
-        while os.path.exists(target):  # the same step damaged again after a replay
+        while files.exists(target):  # the same step damaged again after a replay
             target += "+"
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.move(os.path.join(manager.directory, str(step)), target)
+        files.makedirs(os.path.dirname(target))
+        files.move(os.path.join(manager.directory, str(step)), target)
         manager.reload()
         return target
 

@@ -3,9 +3,9 @@ must share with the config that resumes it. Tasks check their own sections."""
 
 import json
 import math
-import os
 
 from seqjax import config as config_lib
+from seqjax import files
 from seqjax.train import parallel
 from seqjax.train.optimizer import OPTIMIZERS, SCHEDULES
 
@@ -48,12 +48,13 @@ def check_config(config):
 
 
 def check_workdir(workdir: str) -> str:
-    """The absolute path of a workdir that is not empty and, if it exists, is a directory."""
+    """The absolute path (or the URL: gs://bucket/run) of a workdir that is not empty and, if it
+    exists, is a directory."""
     if not isinstance(workdir, str) or not workdir.strip():
         raise ValueError(f"workdir {workdir!r}: give the directory of the run")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    if files.exists(workdir) and not files.is_dir(workdir):
         raise ValueError(f"workdir {workdir!r} is a file, not a directory")
-    return os.path.abspath(workdir)
+    return files.absolute(workdir)
 
 
 def check_resumable(saved, config, workdir: str):

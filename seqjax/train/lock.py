@@ -6,6 +6,12 @@ and the lock is taken over; from another host it cannot be checked, and the erro
 file to delete. With several processes the lock belongs to the run: process 0 takes it and
 tells the others whether it could. (Two runs that find the same stale lock in the same
 instant may both take it over: the window is between reading the lock and replacing it.)
+
+A workdir in a bucket has the same lock, an object: Google Cloud Storage creates it only if no
+object has its name (as O_EXCL does a file), other object stores may only check first (two runs
+starting in the same instant could both take the lock). Liveness is judged the same way, so a
+run restarted on another machine (a preempted VM replaced) finds its old lock held by a pid it
+cannot check, and must be told to delete it.
 """
 
 import json
@@ -14,6 +20,8 @@ import socket
 import time
 
 import jax
+
+from seqjax import files
 
 LOCK_FILE = ".lock"
 
@@ -56,9 +64,7 @@ class WorkdirLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(),
               "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            if not files.create_new(self.path, json.dumps(me)):
                 holder = self._holder()
                 if holder == {}:  # released meanwhile
                     continue
@@ -69,14 +75,12 @@ class WorkdirLock:
                     print(f"removed the stale lock of a run that is no longer running "
                           f"(pid {holder['pid']}, since {holder.get('since')}): {self.path}",
                           flush=True)
-                    os.remove(self.path)
+                    files.remove(self.path)
                     continue
                 return (f"{os.path.dirname(self.path)} is in use by another run (pid "
                         f"{holder.get('pid')} on {holder.get('host')}, since "
                         f"{holder.get('since')}); wait for it to end, or if no run is using "
                         f"this workdir, delete {self.path}")
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
             self.held = True
             return None
         return f"could not take the lock {self.path}"
@@ -86,8 +90,7 @@ class WorkdirLock:
         it at once after creating it)."""
         for _ in range(5):
             try:
-                with open(self.path, encoding="utf-8") as f:
-                    holder = json.load(f)
+                holder = json.loads(files.read_text(self.path))
                 if isinstance(holder, dict) and isinstance(holder.get("pid"), int) \
                         and isinstance(holder.get("host"), str):
                     return holder
@@ -101,7 +104,4 @@ class WorkdirLock:
     def __exit__(self, *_):
         if self.held:
             self.held = False
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
+            files.remove(self.path)

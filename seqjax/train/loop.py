@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from seqjax import config as config_lib
-from seqjax import profiling, tasks
+from seqjax import files, profiling, tasks
 from seqjax.train import checks, parallel, stopping
 from seqjax.train.checkpoint import CheckpointError, Checkpoints, has_latest, load_init_from
 from seqjax.train.evaluation import make_evaluator
@@ -172,7 +172,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     parallel.check_divisible("config.data.eval_batch_size", task.eval_batch_size, devices)
     tx = make_optimizer(config.opt, config.num_train_steps)
     host, loaded = _fresh_state(config, workdir, task, tx)
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     with WorkdirLock(workdir):
         return _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps)
 
@@ -214,14 +214,14 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps
             try:
                 config_lib.save(config, workdir)
                 for name, text in task.files.items():
-                    with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
-                        f.write(text)
+                    files.write_text(os.path.join(workdir, name), text)
             except OSError as e:
                 raise CheckpointError(f"writing the run's files to {workdir} failed: {e}") from e
         files_saved = True
 
     def checkpoint(done, saved, which="latest"):
         save_files()
+        writer.flush()
         ckpts.save(done, saved, record.meta(), which=which)
 
     def evaluate_and_keep_best(done, state):

@@ -1,7 +1,10 @@
 """Metrics: means from the sums that losses report, `workdir/metrics.jsonl` and TensorBoard, and
 a progress bar on the terminal.
 
-Only process 0 writes; on other processes every method is a no-op.
+Only process 0 writes; on other processes every method is a no-op. A workdir in a bucket gets
+both files through `seqjax.files` (TensorBoard's event files too, by a tensorboardX writer
+factory): an object cannot be appended to, so each is rewritten whole, metrics.jsonl at most
+every UPLOAD_EVERY_S seconds and when the run ends.
 """
 
 import json
@@ -12,7 +15,10 @@ import time
 import jax
 import tqdm
 
+from seqjax import files
+
 METRICS_FILE = "metrics.jsonl"
+UPLOAD_EVERY_S = 30.0
 
 
 def means(sums: dict, denominators: dict) -> dict:
@@ -45,30 +51,36 @@ class MetricWriter:
         if not self.enabled:
             return
         self.path = os.path.join(workdir, METRICS_FILE)
-        if os.path.exists(self.path):
+        if files.exists(self.path):
             self._truncate_after(resume_step)
-        self.file = open(self.path, "a", encoding="utf-8")
-        from tensorboardX import SummaryWriter  # imported here: it is slow to import
+        self.file = files.Appender(self.path, UPLOAD_EVERY_S)
+        from tensorboardX import SummaryWriter, record_writer  # imported here: slow to import
+        if not files.is_local(workdir):
+            scheme = workdir.partition("://")[0]
+            record_writer.register_writer_factory(scheme, _EventFiles())
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def _truncate_after(self, step: int):
-        with open(self.path, encoding="utf-8") as f:
-            lines = f.readlines()
+        lines = files.read_text(self.path).splitlines(keepends=True)
         kept = [line for line in lines if _step_of(line) <= step]
         if len(kept) != len(lines):
-            tmp = self.path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(kept)
-            os.replace(tmp, self.path)
+            files.write_text(self.path, "".join(kept))
 
     def write(self, step: int, split: str, metrics: dict):
         if not self.enabled:
             return
         record = {"step": step, "split": split, **{k: _jsonable(v) for k, v in metrics.items()}}
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write((json.dumps(record) + "\n").encode("utf-8"))
         self.file.flush()
         for k, v in metrics.items():
             self.tb.add_scalar(f"{split}/{k}", float(v), step)
+
+    def flush(self):
+        """Writes out the metrics held back (in a bucket, up to UPLOAD_EVERY_S seconds of them):
+        the loop calls it with each checkpoint, so that a run killed later and resumed from that
+        checkpoint has every line up to it."""
+        if self.enabled:
+            self.file.flush(force=True)
 
     def close(self):
         if self.enabled:
@@ -80,15 +92,27 @@ def read_metrics(workdir: str, split: str) -> list[dict]:
     """The records of one split ('train', 'val') of a workdir's metrics, in order; a line cut
     short by a killed run is skipped."""
     records = []
-    with open(os.path.join(workdir, METRICS_FILE), encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("split") == split:
-                records.append(record)
+    for line in files.read_text(os.path.join(workdir, METRICS_FILE)).splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("split") == split:
+            records.append(record)
     return records
+
+
+class _EventFiles:
+    """tensorboardX's writer factory (`record_writer.register_writer_factory`) for the event
+    files of a workdir in a bucket: written through `seqjax.files` like every other file of the
+    run, with its credentials and settings, rather than by tensorboardX's own clients (boto3,
+    google-cloud-storage), which reach S3 and GCS only."""
+
+    def open(self, path):
+        return files.Appender(path)
+
+    def directory_check(self, path):
+        files.makedirs(path)
 
 
 def _step_of(line: str) -> float:

@@ -2,13 +2,14 @@
 its checkpoints, or export its parameters. The model and data come from the run's saved config;
 `defaults` (the experiment's current config) gives the fields it lacks."""
 
+import io
 import os
 
 import flax
 import jax
 import numpy as np
 
-from seqjax import tasks
+from seqjax import files, tasks
 from seqjax.train import parallel
 from seqjax.train.checkpoint import check_params, restore_saved
 from seqjax.train.evaluation import make_evaluator
@@ -16,7 +17,7 @@ from seqjax.train.evaluation import make_evaluator
 
 def restore_run(workdir: str, step: int | None = None, which: str = "latest", defaults=None):
     """(saved config, task, params on the host, step) of a checkpoint of a trained workdir."""
-    workdir = os.path.abspath(workdir)
+    workdir = files.absolute(workdir)
     config, state = restore_saved(workdir, step, which, defaults)
     task = tasks.build(config, workdir)
     check_params(state["params"], jax.eval_shape(task.init_params, jax.random.PRNGKey(0)),
@@ -54,19 +55,15 @@ def translate(workdir: str, sentences: list[str], *, step: int | None = None,
 
 
 def export(workdir: str, out: str, *, step: int | None = None, which: str = "latest") -> dict:
-    """Writes the parameters of a checkpoint to `out` (.npz): one array per parameter, keyed by
-    its path in the parameter tree ('encoder/blocks_0/attention/W_q/kernel', 'rnn/cell/W_xh'),
-    readable with plain `numpy.load`. Returns {name: shape}."""
+    """Writes the parameters of a checkpoint to `out` (.npz, a local path or a URL; by process 0):
+    one array per parameter, keyed by its path in the parameter tree
+    ('encoder/blocks_0/attention/W_q/kernel', 'rnn/cell/W_xh'), readable with plain
+    `numpy.load`. Returns {name: shape}."""
     _, state = restore_saved(workdir, step, which)
     flat = flax.traverse_util.flatten_dict(state["params"]["params"], sep="/")
     arrays = {name: np.asarray(x) for name, x in flat.items()}
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(out)}.tmp.npz")
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    archive = io.BytesIO()
+    np.savez(archive, **arrays)
+    files.makedirs(os.path.dirname(files.absolute(out)))
+    files.write_from_process_0(out, archive.getvalue())
     return {name: x.shape for name, x in arrays.items()}
