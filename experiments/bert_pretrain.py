@@ -44,6 +44,11 @@ def get_config(arg=None):
         random_token_prob=0.1,
         max_predictions=10,  # 15% of 64, rounded up
         whole_word=False,  # mask whole words rather than WordPiece pieces
+        # Several sequences a training row, attention kept within each; every packed sequence
+        # draws its own mask and NSP label. Validation stays unpacked. (WikiText's sequences
+        # fill their rows already: packing removes little padding here.)
+        pack=False,
+        pack_max_sequences=4,  # with pack: the most sequences (NSP slots) in a row
         batch_size=64,
         eval_batch_size=128,
     )

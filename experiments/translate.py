@@ -47,6 +47,9 @@ def get_config(arg=None):
         min_freq=2,  # word: rarer words map to <unk>
         vocab_size=8000,  # the most ids of each vocabulary (word: the most frequent words)
         num_steps=16,  # tokens per sentence (with <eos>); longer ones are truncated
+        # Several pairs a training row of num_steps tokens (Transformer only), attention kept
+        # within a pair; batch_size then counts rows. Evaluation and decoding stay unpacked.
+        pack=False,
         batch_size=256,
         eval_batch_size=512,
     )

@@ -2,7 +2,7 @@
 chapter), as a pure JAX function of a key, so that a train step draws a fresh mask for every
 batch (dynamic masking, as RoBERTa) inside the compiled step.
 
-Dimension letters: B batch (any leading axes), L length.
+Dimension letters: B batch (any leading axes), L length, M packed sequences a row.
 """
 
 import numbers
@@ -20,7 +20,7 @@ def _fraction(name: str, value, *, open_low: bool = False):
 
 def mask_tokens(rng, tokens, *, vocab_size: int, mask_id: int, special_ids, mask_prob=0.15,
                 mask_token_prob=0.8, random_token_prob=0.1, max_predictions=None,
-                word_starts=None):
+                word_starts=None, pack_ids=None, max_sequences=None):
     """Chooses positions of `tokens` [..., L] for the masked-LM task and corrupts them.
 
     In each row, round(mask_prob * n) of its n candidate positions are chosen (at least one
@@ -33,6 +33,11 @@ def mask_tokens(rng, tokens, *, vocab_size: int, mask_id: int, special_ids, mask
     With `word_starts` [..., L] (True at the first piece of each word, False at its
     continuations, e.g. WordPiece's '##' pieces) whole words are chosen: words in random order
     until the next one would exceed the row's budget, so a word is never split.
+
+    Packed rows give `pack_ids` [..., L] (0 at padding, 1..k for the row's packed sequences,
+    k <= `max_sequences`; a larger id is never chosen): each packed sequence then draws as a
+    row of its own would (its own count, budget and cap), so packing leaves the statistics of
+    every sequence as they are unpacked.
 
     Returns (inputs [..., L] int32, targets [..., L] int32: the original token at chosen
     positions and 0 elsewhere, weights [..., L] float32: 1 at chosen positions, 0 elsewhere).
@@ -53,9 +58,22 @@ def mask_tokens(rng, tokens, *, vocab_size: int, mask_id: int, special_ids, mask
     if len(ordinary) == 0:
         raise ValueError(f"a vocabulary of {vocab_size} ids holds only special tokens")
 
+    if pack_ids is not None and not (isinstance(max_sequences, numbers.Integral)
+                                     and max_sequences > 0):
+        raise ValueError(f"max_sequences={max_sequences!r}: packed rows (pack_ids) need a "
+                         f"positive integer")
+
     tokens = jnp.asarray(tokens, jnp.int32)
     choose_rng, kind_rng, random_rng = jax.random.split(rng, 3)
     candidate = ~jnp.isin(tokens, jnp.asarray(special))
+    if word_starts is not None:
+        word_starts = jnp.asarray(word_starts, bool)
+    if pack_ids is not None:  # one row [..., M, L] per packed sequence, its candidates only
+        in_sequence = jnp.asarray(pack_ids)[..., None, :] == jnp.arange(1, max_sequences + 1)[
+            :, None]
+        candidate = candidate[..., None, :] & in_sequence
+        if word_starts is not None:
+            word_starts = jnp.broadcast_to(word_starts[..., None, :], candidate.shape)
     n = jnp.sum(candidate, -1)
     k = jnp.maximum(jnp.round(n * mask_prob), jnp.minimum(n, 1)).astype(jnp.int32)
     if max_predictions is not None:
@@ -63,7 +81,9 @@ def mask_tokens(rng, tokens, *, vocab_size: int, mask_id: int, special_ids, mask
     if word_starts is None:
         chosen = _choose_positions(choose_rng, candidate, k)
     else:
-        chosen = _choose_words(choose_rng, candidate, jnp.asarray(word_starts, bool), k)
+        chosen = _choose_words(choose_rng, candidate, word_starts, k)
+    if pack_ids is not None:
+        chosen = jnp.any(chosen, -2)
 
     u = jax.random.uniform(kind_rng, tokens.shape)
     random_tokens = jnp.asarray(ordinary)[

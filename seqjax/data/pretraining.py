@@ -9,16 +9,20 @@ WikiText's (one paragraph per line, articles opened by a ` = Title = ` line, sec
 ` = = Section = = `, tokens separated by spaces) and GLUE's (`sentence<TAB>label` with a header
 line).
 
-Dimension letters: N sequences, L max_seq_len.
+Packed pretraining rows (`pack_pretraining`) hold several sequences a row, told apart by
+`pack_ids` (not `segments`, BERT's token types A/B within a sequence).
+
+Dimension letters: N sequences, L max_seq_len, R packed rows, M packed sequences a row.
 """
 
 import gzip
 import importlib.resources
-import pathlib
 import re
 
 import numpy as np
 
+from seqjax import files
+from seqjax.data import packing
 from seqjax.data.text import read_text_file
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -34,7 +38,7 @@ def _corpus(corpus: str, split: str, splits, shipped: str, path, kind: str) -> t
     """(a name for errors, text) of a shipped split (`shipped`: its gzipped file, with `{}` for
     the split) or of the user's file at `path`."""
     if path is not None:
-        return repr(str(pathlib.Path(path).expanduser())), read_text_file(path, kind)
+        return repr(str(files.path(path).expanduser())), read_text_file(path, kind)
     if split not in splits:
         raise ValueError(f"{corpus} split {split!r}: expected one of {splits}")
     resource = importlib.resources.files("seqjax.data").joinpath(shipped.format(split))
@@ -168,6 +172,29 @@ def pretraining_arrays(documents, max_seq_len: int, *, nsp: bool = True, seed: i
         out["valid_len"][n] = len(ids)
         out["nsp_label"][n] = label
     return out
+
+
+def pack_pretraining(arrays: dict, max_sequences: int, align: int = 1) -> dict:
+    """The sequences of `pretraining_arrays` packed first-fit decreasing (`packing.first_fit`),
+    at most `max_sequences` a row, each starting at a multiple of `align`, into rows of the
+    same length: tokens and segments (token
+    types) [R, L]; `pack_ids` [R, L] (1..k: the row's packed sequence a token belongs to, 0 at
+    padding) and `position_ids` [R, L] (restarting at 0 with each sequence); and per packed
+    sequence [R, M]: `cls_positions` (where its [CLS] is), `nsp_label` and `nsp_weight` (1 for
+    a sequence, 0 for an empty slot)."""
+    L, lengths_N = arrays["tokens"].shape[1], arrays["valid_len"]
+    row_N = packing.first_fit(lengths_N, L, max_per_row=max_sequences, align=align)
+    packed = packing.Packing(row_N, lengths_N, L, align)
+
+    def per_sequence(values_N):
+        return packed.per_sequence(values_N, max_sequences)
+
+    return dict(tokens=packed.tokens(arrays["tokens"], PAD_ID),
+                segments=packed.tokens(arrays["segments"]),
+                pack_ids=packed.segment_ids(), position_ids=packed.positions(),
+                cls_positions=per_sequence(packed.offset_N.astype(np.int32)),
+                nsp_label=per_sequence(arrays["nsp_label"]),
+                nsp_weight=per_sequence(np.ones(len(lengths_N), np.float32)))
 
 
 def _document_rows(documents, d: int, max_seq_len: int, nsp: bool, rng):

@@ -12,18 +12,22 @@ by manythings.org (CC BY 2.0 FR; attribution: "www.manythings.org/anki and tatoe
 `fra_eng/SOURCE.md` and `fra_eng/_about.txt`). Any file of `source<TAB>target` lines, plain
 or gzipped, works the same way (further tab-separated columns are ignored).
 
-Dimension letters: N sentences, B batch, T num_steps.
+Packed training rows (`pack_pairs`) hold several pairs a row: source and target of a pair
+under the same segment number in a source row and a target row of `num_steps` tokens each.
+
+Dimension letters: N sentences, B batch, T num_steps, R packed rows.
 """
 
 import gzip
 import importlib.resources
 import json
 import numbers
-import pathlib
 import re
 
 import numpy as np
 
+from seqjax import files
+from seqjax.data import packing
 from seqjax.data.batching import RowBatches, padded_batches
 from seqjax.data.text import Vocab, read_text_file
 
@@ -42,7 +46,7 @@ def load_pairs(path=None, max_pairs: int | None = None) -> list[tuple[str, str]]
         resource = importlib.resources.files("seqjax.data").joinpath("fra_eng/fra.txt.gz")
         lines = gzip.decompress(resource.read_bytes()).decode("utf-8").splitlines()
     else:
-        name = repr(str(pathlib.Path(path).expanduser()))
+        name = repr(str(files.path(path).expanduser()))
         lines = read_text_file(path, "sentence-pair file").splitlines()
     pairs = []
     for number, line in enumerate(lines, 1):
@@ -203,29 +207,64 @@ def build_array(id_lists, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     return ids_NxT, valid_N
 
 
-def _batch(src_BxT, src_len_B, tgt_BxT, tgt_len_B) -> dict:
-    """Teacher forcing: the decoder reads `<bos>` and the target shifted right, and predicts
-    the target; `weights` is 1 on the target's valid positions."""
+def pack_pairs(src_NxT, src_len_N, tgt_NxT, tgt_len_N, align: int = 1) -> dict:
+    """The pairs of `build_array`'s arrays packed first-fit decreasing (`packing.first_fit`,
+    each sentence starting at a multiple of `align`) into rows of the same lengths, a pair's
+    source and target under one segment number: src, tgt [R, T] (`<pad>` between and after
+    the pairs), and for each side `{side}_segment_ids` (0 at padding, 1..k) and
+    `{side}_positions` (restarting at 0 with each pair)."""
+    row_N = packing.first_fit(np.stack([src_len_N, tgt_len_N], 1),
+                              (src_NxT.shape[1], tgt_NxT.shape[1]), align=align)
+    rows = {}
+    for side, ids, lengths in (("src", src_NxT, src_len_N), ("tgt", tgt_NxT, tgt_len_N)):
+        packed = packing.Packing(row_N, lengths, ids.shape[1], align)
+        rows.update({side: packed.tokens(ids, PAD_ID),
+                     f"{side}_segment_ids": packed.segment_ids(),
+                     f"{side}_positions": packed.positions()})
+    return rows
+
+
+def teacher_forcing(rows: dict) -> dict:
+    """The model's batch of training rows: the decoder reads `<bos>` and the target shifted
+    right, and predicts the target; `weights` is 1 on the target's real tokens. Rows of
+    `build_array` (src, src_len, tgt, tgt_len) or packed ones (`pack_pairs`), whose shift
+    restarts with `<bos>` at the start of each pair and whose segment ids and positions pass
+    through."""
+    tgt_BxT = rows["tgt"]
     tgt_in = np.concatenate([np.full((len(tgt_BxT), 1), BOS_ID, np.int32), tgt_BxT[:, :-1]], 1)
-    weights = (np.arange(tgt_BxT.shape[1]) < tgt_len_B[:, None]).astype(np.float32)
-    return {"src": src_BxT, "src_valid_len": src_len_B, "tgt_in": tgt_in, "tgt_out": tgt_BxT,
-            "weights": weights}
+    if "tgt_segment_ids" not in rows:
+        weights = (np.arange(tgt_BxT.shape[1]) < rows["tgt_len"][:, None]).astype(np.float32)
+        return {"src": rows["src"], "src_valid_len": rows["src_len"], "tgt_in": tgt_in,
+                "tgt_out": tgt_BxT, "weights": weights}
+    real = rows["tgt_segment_ids"] > 0
+    tgt_in = np.where(real, np.where(rows["tgt_positions"] == 0, BOS_ID, tgt_in), PAD_ID)
+    return {**{k: rows[k] for k in ("src", "src_segment_ids", "src_positions",
+                                    "tgt_segment_ids", "tgt_positions")},
+            "tgt_in": tgt_in.astype(np.int32), "tgt_out": tgt_BxT,
+            "weights": real.astype(np.float32)}
 
 
-class TranslationBatches:
-    """Training minibatches as a pure function of the step (`batching.RowBatches` over the
-    pairs), with teacher forcing's inputs and weights."""
+class TeacherForcing:
+    """step -> training rows (`batching.RowBatches`, or any pure function of the step) made a
+    function step -> the model's batch (`teacher_forcing`)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __call__(self, step: int) -> dict:
+        return teacher_forcing(self.rows(step))
+
+
+class TranslationBatches(TeacherForcing):
+    """Training minibatches of `build_array`'s arrays as a pure function of the step
+    (`batching.RowBatches` over the pairs), with teacher forcing's inputs and weights."""
 
     def __init__(self, src, src_len, tgt, tgt_len, batch_size: int, *, seed: int = 0,
                  shard_index: int = 0, num_shards: int = 1):
-        self.rows = RowBatches(dict(src=src, src_len=src_len, tgt=tgt, tgt_len=tgt_len),
-                               batch_size, seed=seed, shard_index=shard_index,
-                               num_shards=num_shards, what="pairs")
+        super().__init__(RowBatches(dict(src=src, src_len=src_len, tgt=tgt, tgt_len=tgt_len),
+                                    batch_size, seed=seed, shard_index=shard_index,
+                                    num_shards=num_shards, what="pairs"))
         self.steps_per_epoch = self.rows.steps_per_epoch
-
-    def __call__(self, step: int) -> dict:
-        rows = self.rows(step)
-        return _batch(rows["src"], rows["src_len"], rows["tgt"], rows["tgt_len"])
 
 
 def eval_batches(src, src_len, tgt, tgt_len, batch_size: int) -> list[dict]:
@@ -234,7 +273,7 @@ def eval_batches(src, src_len, tgt, tgt_len, batch_size: int) -> list[dict]:
     batches = []
     for rows in padded_batches(dict(src=src, src_len=src_len, tgt=tgt, tgt_len=tgt_len),
                                batch_size, what="pairs"):
-        batch = _batch(rows["src"], rows["src_len"], rows["tgt"], rows["tgt_len"])
+        batch = teacher_forcing(rows)
         batch["weights"] = batch["weights"] * rows["row_weight"][:, None]
         batches.append(batch)
     return batches

@@ -21,6 +21,14 @@ fused ones have no dropout on the weights and return no weights to sow. cuDNN's
 contiguous blocks (every query of a block sees the same keys), so block-local attention keeps
 its own scan on every backend.
 
+Packed rows (several sequences a row, `seqjax.data.packing`) carry segment ids: 0 at padding,
+1..k for the row's sequences. `segment_mask` lets a query see only the keys of its own segment,
+in self- and cross-attention (a packed target segment attends to the source segment of the same
+number). `jax.nn.dot_product_attention` (jax 0.10) takes no segment ids: its XLA path takes
+them as a general [B, 1, Q, K] mask; its cuDNN path would turn such a mask into a dense
+additive bias (the packed layout cuDNN has, with segment offsets, is not in the public API),
+so 'cudnn' refuses packed rows and 'auto' runs seqjax's masked attention for them.
+
 `local_attention` (from `seqjax.nn.local_attention`) splits a length-N sequence into C = N/S
 blocks of S positions; the queries of a block see the keys of their own block and of the
 `look_back` blocks before it. Its cost is O(N * S * (1 + look_back)), i.e. O(N^2 / C) for
@@ -84,6 +92,14 @@ def additive_scores(q_BxQxA, k_BxKxA, w_v_A):
                       preferred_element_type=jnp.float32)
 
 
+def segment_mask(q_segment_ids_BxQ, kv_segment_ids_BxK=None):
+    """[B, 1, Q, K] bool: a query sees the keys of its own segment, and no query sees padding
+    (segment 0). Self-attention leaves out `kv_segment_ids_BxK`."""
+    kv_BxK = q_segment_ids_BxQ if kv_segment_ids_BxK is None else kv_segment_ids_BxK
+    return ((q_segment_ids_BxQ[:, None, :, None] == kv_BxK[:, None, None, :])
+            & (kv_BxK[:, None, None, :] > 0))
+
+
 def dot_product_weights(q_BxQxHxD, k_BxKxHxD, mask=None, bias=None):
     """Attention weights [B, H, Q, K] (float32) of scaled dot-product scores; `mask` (bool)
     and `bias` (added to the scores) broadcast to [B, H, Q, K]."""
@@ -111,12 +127,26 @@ def dot_product_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask=None, bias=None,
 
 
 def fused_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, *, implementation: str,
-                    key_mask_BxK=None, causal: bool = False):
+                    key_mask_BxK=None, causal: bool = False, segment_ids=None,
+                    kv_segment_ids=None):
     """Full attention through `jax.nn.dot_product_attention` ('xla' or 'cudnn'), with a
-    key-padding mask [B, K] (True = a real token) and causal masking; equal to
-    `dot_product_attention` with the same masks. cuDNN takes padding as lengths, so the real
-    keys of a row must come first (as every padding mask seqjax builds has them)."""
+    key-padding mask [B, K] (True = a real token), causal masking and, on 'xla' only, the
+    segment ids of packed rows (`segment_mask`); equal to `dot_product_attention` with the same
+    masks. cuDNN takes padding as lengths, so the real keys of a row must come first (as every
+    padding mask seqjax builds has them)."""
     lengths_B = None if key_mask_BxK is None else jnp.sum(key_mask_BxK, -1, dtype=jnp.int32)
+    if segment_ids is not None:
+        if implementation != "xla":
+            raise ValueError(f"implementation={implementation!r} takes no segment ids "
+                             f"(jax.nn.dot_product_attention's cuDNN path would make a dense "
+                             f"bias of them): packed rows need 'xla', 'seqjax' or 'auto'")
+        mask = segment_mask(segment_ids, kv_segment_ids)
+        if key_mask_BxK is not None:
+            mask = mask & key_mask_BxK[:, None, None, :]
+        out = jax.nn.dot_product_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask=mask,
+                                           is_causal=causal, implementation="xla")
+        # A query that sees no key (padding) gets zeros, as in seqjax's own attention.
+        return jnp.where(jnp.any(mask, -1)[:, 0, :, None, None], out, 0)
     if implementation == "cudnn":
         # A row without keys is zeroed below; cuDNN sees one key there, not an empty softmax
         # whose backward pass could give NaN.
@@ -183,7 +213,10 @@ class MultiHeadAttention(nn.Module):
     layout of Flax's `nn.MultiHeadDotProductAttention` (query, key, value, out), so weights copy
     over by name. `attention='local'` uses `local_attention` (self-attention only) with
     `block_size` and `look_back`. `causal` masks later keys; `mask` is a key-padding mask
-    [B, K] (True = a real token). `rotary` applies rotary position embeddings to q and k.
+    [B, K] (True = a real token). `rotary` applies rotary position embeddings to q and k, at
+    `positions` [B, Q] when given (packed rows), else at 0..Q-1. `segment_ids` [B, Q] (and
+    `kv_segment_ids` [B, K] in cross-attention) keep the sequences of packed rows apart
+    (`segment_mask`); training only, not with `decode`.
     `attention_impl` picks full attention's implementation (see the module docstring); a call
     with 'intermediates' mutable (an analysis asking for the weights) runs seqjax's own.
 
@@ -210,7 +243,8 @@ class MultiHeadAttention(nn.Module):
     kernel_init: Callable = nn.initializers.lecun_normal()
 
     @nn.compact
-    def __call__(self, inputs_q, inputs_kv=None, *, mask=None, deterministic: bool = True):
+    def __call__(self, inputs_q, inputs_kv=None, *, mask=None, segment_ids=None,
+                 kv_segment_ids=None, positions=None, deterministic: bool = True):
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTION_KINDS}")
         check_impl(self.attention_impl, self.dropout_rate)
@@ -226,6 +260,12 @@ class MultiHeadAttention(nn.Module):
                              "self-attention only")
         if self.decode and not self.causal:
             raise ValueError("decode=True (a key/value cache) needs causal=True")
+        if (segment_ids is None) != (kv_segment_ids is None) and inputs_kv is not None:
+            raise ValueError("packed cross-attention needs the segment ids of both the queries "
+                             "(segment_ids) and the keys (kv_segment_ids)")
+        if self.decode and segment_ids is not None:
+            raise ValueError("segment_ids are for training on packed rows; decode=True reads "
+                             "one sequence a row")
         self_attention = inputs_kv is None
         inputs_kv = inputs_q if self_attention else inputs_kv
         dense = functools.partial(nn.DenseGeneral, features=(self.num_heads,
@@ -244,7 +284,7 @@ class MultiHeadAttention(nn.Module):
             out = self._decode_step(q, k, v, mask)
         else:
             if self.rotary:
-                positions = jnp.arange(q.shape[1])
+                positions = jnp.arange(q.shape[1]) if positions is None else positions
                 q, k = position.rotary(q, positions), position.rotary(k, positions)
             if self.decode:  # init: the cache for inputs of this length
                 self.variable("cache", "cached_key", jnp.zeros_like, k)
@@ -253,12 +293,17 @@ class MultiHeadAttention(nn.Module):
             if local:
                 out = local_attention(q, k, v, block_size=self.block_size, causal=self.causal,
                                       look_back=self.look_back, mask=mask,
-                                      dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
-            elif (impl := self._full_impl(q.dtype, q.shape[-1])) != "seqjax":
+                                      segment_ids=segment_ids, dropout_rate=self.dropout_rate,
+                                      dropout_rng=dropout_rng)
+            elif (impl := self._full_impl(q.dtype, q.shape[-1], segment_ids)) != "seqjax":
                 out = fused_attention(q, k, v, implementation=impl, key_mask_BxK=mask,
-                                      causal=self.causal)
+                                      causal=self.causal, segment_ids=segment_ids,
+                                      kv_segment_ids=kv_segment_ids)
             else:
                 full_mask = None if mask is None else mask[:, None, None, :]
+                if segment_ids is not None:
+                    same = segment_mask(segment_ids, kv_segment_ids)
+                    full_mask = same if full_mask is None else full_mask & same
                 if self.causal:
                     Q, K = q.shape[1], k.shape[1]
                     causal_QxK = jnp.arange(K)[None, :] <= jnp.arange(Q)[:, None]
@@ -273,11 +318,12 @@ class MultiHeadAttention(nn.Module):
                                param_dtype=self.param_dtype, kernel_init=self.kernel_init,
                                name="W_o")(out)
 
-    def _full_impl(self, dtype, head_dim: int) -> str:
+    def _full_impl(self, dtype, head_dim: int, segment_ids) -> str:
         if self.is_mutable_collection("intermediates"):
             return "seqjax"
         if self.attention_impl == "auto":
-            return "cudnn" if self.dropout_rate == 0 and cudnn_runs(dtype, head_dim) else "seqjax"
+            cudnn = self.dropout_rate == 0 and segment_ids is None and cudnn_runs(dtype, head_dim)
+            return "cudnn" if cudnn else "seqjax"
         return self.attention_impl
 
     def _decode_step(self, q, k, v, mask):

@@ -3,8 +3,14 @@ token, segment and learned position embeddings, with the heads of its pretrainin
 (masked language modelling, next-sentence prediction) and a sequence classifier for
 fine-tuning.
 
+Packed rows (pretraining only): several sequences a row, told apart by `pack_ids` [B, L] (0 at
+padding, 1..k for the row's sequences; not BERT's token-type `segments`, which say A or B
+within a sequence) with `position_ids` [B, L] that restart at 0 with each sequence. Attention
+stays within a packed sequence, and the pooler and NSP head run on each one's [CLS]
+(`cls_positions` [B, M]).
+
 Dimension letters: B batch, L length, P predicted positions, E model dimension (`d_model`),
-V vocabulary, C classes.
+V vocabulary, C classes, M packed sequences a row.
 
 Parameter tree: `encoder` (the part that fine-tuning loads from a pretraining checkpoint),
 `pooler` (tanh Dense on [CLS]), and the heads: `mlm_head` (Dense, GELU, LayerNorm, then the
@@ -77,14 +83,17 @@ class BertEncoder(nn.Module):
         if self.norm == "pre":
             self.ln_final = nn.LayerNorm(**kw)
 
-    def __call__(self, tokens_BxL, segments_BxL=None, mask_BxL=None, *,
-                 deterministic: bool = True):
+    def __call__(self, tokens_BxL, segments_BxL=None, mask_BxL=None, *, pack_ids_BxL=None,
+                 position_ids_BxL=None, deterministic: bool = True):
+        """Packed rows give `pack_ids_BxL` and `position_ids_BxL` (see the module docstring)
+        and need no `mask_BxL`: padding is pack id 0."""
         if segments_BxL is None:
             segments_BxL = jnp.zeros_like(tokens_BxL)
         x = self.token_embed(tokens_BxL) + self.segment_embed(segments_BxL)
-        x = self.embed_dropout(self.embed_ln(self.position(x)), deterministic=deterministic)
+        x = self.position(x, positions=position_ids_BxL)
+        x = self.embed_dropout(self.embed_ln(x), deterministic=deterministic)
         for block in self.blocks:
-            x = block(x, mask_BxL, deterministic)
+            x = block(x, mask_BxL, deterministic, pack_ids_BxL)
         return self.ln_final(x) if self.norm == "pre" else x
 
     def embedding(self):
@@ -93,15 +102,18 @@ class BertEncoder(nn.Module):
 
 
 class Pooler(nn.Module):
-    """tanh(Dense(E)) of the [CLS] position: [B, L, E] -> [B, E]."""
+    """tanh(Dense(E)) of the [CLS] position: [B, L, E] -> [B, E]; of each packed sequence's
+    [CLS] at `cls_positions_BxM`: [B, M, E]."""
 
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxLxE):
+    def __call__(self, x_BxLxE, cls_positions_BxM=None):
         dense = nn.Dense(x_BxLxE.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype)
-        return jnp.tanh(dense(x_BxLxE[:, 0]))
+        cls = x_BxLxE[:, 0] if cls_positions_BxM is None else jnp.take_along_axis(
+            x_BxLxE, cls_positions_BxM[..., None], 1)
+        return jnp.tanh(dense(cls))
 
 
 class MLMHead(nn.Module):
@@ -126,21 +138,25 @@ class MLMHead(nn.Module):
 class BertPretraining(nn.Module):
     """The encoder with the MLM head (on `positions` [B, P] when given: the chosen positions
     only, so the V-wide projection runs on P, not L, positions) and, with `nsp`, the pooler and
-    the next-sentence head. Returns (mlm_logits [B, P or L, V], nsp_logits [B, 2] or None)."""
+    the next-sentence head. Returns (mlm_logits [B, P or L, V], nsp_logits [B, 2] or None).
+    Packed rows give `pack_ids_BxL`, `position_ids_BxL` and `cls_positions_BxM`, and get
+    nsp_logits [B, M, 2], one pair per packed sequence."""
 
     encoder: BertEncoder
     nsp: bool = True
 
     @nn.compact
     def __call__(self, tokens_BxL, segments_BxL=None, mask_BxL=None, positions_BxP=None, *,
+                 pack_ids_BxL=None, position_ids_BxL=None, cls_positions_BxM=None,
                  deterministic: bool = True):
         kw = dict(dtype=self.encoder.dtype, param_dtype=self.encoder.param_dtype)
-        x = self.encoder(tokens_BxL, segments_BxL, mask_BxL, deterministic=deterministic)
+        x = self.encoder(tokens_BxL, segments_BxL, mask_BxL, pack_ids_BxL=pack_ids_BxL,
+                         position_ids_BxL=position_ids_BxL, deterministic=deterministic)
         h = x if positions_BxP is None else jnp.take_along_axis(x, positions_BxP[..., None], 1)
         mlm_logits = MLMHead(name="mlm_head", **kw)(h, self.encoder.embedding())
         nsp_logits = None
         if self.nsp:
-            pooled = Pooler(name="pooler", **kw)(x)
+            pooled = Pooler(name="pooler", **kw)(x, cls_positions_BxM)
             nsp_logits = nn.Dense(2, name="nsp_head", dot_general=compute.float32_dot,
                                   **kw)(pooled).astype(jnp.float32)
         return mlm_logits, nsp_logits

@@ -49,14 +49,16 @@ STEP_SCORES = 2 ** 20  # scores a scan step of local_attention computes by defau
 
 
 def local_attention(q_BxNxHxD, k_BxNxHxD, v_BxNxHxD, *, block_size: int, causal: bool = False,
-                    look_back: int = 0, mask=None, dropout_rate: float = 0.0, dropout_rng=None,
-                    blocks_per_step: Optional[int] = None):
+                    look_back: int = 0, mask=None, segment_ids=None, dropout_rate: float = 0.0,
+                    dropout_rng=None, blocks_per_step: Optional[int] = None):
     """Block-local self-attention: [B, N, H, D].
 
     Positions are split into contiguous blocks of `block_size`; a query attends to the keys of
     its own block and of the `look_back` blocks before it, only to keys <= itself if `causal`,
-    and only to real tokens if `mask` ([B, N], True = a real token) is given. A length that is
-    not a multiple of `block_size` is padded internally and the result trimmed.
+    and only to real tokens if `mask` ([B, N], True = a real token) is given. `segment_ids`
+    [B, N] (packed rows: 0 at padding, 1..k for the row's sequences) keep a query to the keys
+    of its own segment, compared block by block inside the scan. A length that is not a
+    multiple of `block_size` is padded internally and the result trimmed.
 
     A `lax.scan` runs over steps of `blocks_per_step` blocks (by default as many as keep a
     step's scores within STEP_SCORES, so that a step works in cache), carrying the keys and
@@ -84,10 +86,14 @@ def local_attention(q_BxNxHxD, k_BxNxHxD, v_BxNxHxD, *, block_size: int, causal:
 
     key_ok_BxN = jnp.ones((B, N), bool) if mask is None else jnp.broadcast_to(
         jnp.asarray(mask, bool), (B, N))
+    if segment_ids is not None:
+        segment_ids = jnp.broadcast_to(jnp.asarray(segment_ids, jnp.int32), (B, N))
+        key_ok_BxN = key_ok_BxN & (segment_ids > 0)
+        segment_ids = in_steps(segment_ids)
     rate = float(dropout_rate) if dropout_rng is not None else 0.0
     config = _Local(S, G, look_back, bool(causal), rate)
     out = _local(in_steps(q_BxNxHxD), in_steps(k_BxNxHxD), in_steps(v_BxNxHxD),
-                 in_steps(key_ok_BxN), dropout_rng if rate else None, config)
+                 in_steps(key_ok_BxN), segment_ids, dropout_rng if rate else None, config)
     out = jnp.moveaxis(out, 0, 1)  # [B, steps, G, S, H, D]
     return out.reshape((B, steps * G * S) + out.shape[4:])[:, :N]
 
@@ -121,9 +127,10 @@ def _window_sums(d_BxHxGxWxD, config: _Local):
                for j in range(L + 1))
 
 
-def _step_scores(q_BxHxGxSxD, before, k, v, key_ok, config: _Local):
+def _step_scores(q_BxHxGxSxD, before, k, v, key_ok, segment_ids, config: _Local):
     """The scaled, masked float32 scores [B, H, G, S, W] of one step, its value windows and
-    the look_back blocks of keys, values and key mask before the next step."""
+    the look_back blocks of keys, values, key mask and segment ids (None when there are none)
+    before the next step."""
     k_window, k_next = _windows(k, before[0], config, axis=2)
     v_window, v_next = _windows(v, before[1], config, axis=2)
     ok_window, ok_next = _windows(key_ok, before[2], config, axis=1)
@@ -131,9 +138,14 @@ def _step_scores(q_BxHxGxSxD, before, k, v, key_ok, config: _Local):
     scores = jnp.einsum("bhgqd,bhgkd->bhgqk", q_BxHxGxSxD, k_window,
                         preferred_element_type=jnp.float32)
     scores += jnp.where(ok_window, 0.0, NEG)[:, None, :, None, :]  # [B, 1, G, 1, W]
+    segments_next = None
+    if segment_ids is not None:  # this step's queries [B, G, S] against their windows' keys
+        segments_window, segments_next = _windows(segment_ids, before[3], config, axis=1)
+        same_BxGxSxW = segment_ids[..., None] == segments_window[:, :, None, :]
+        scores += jnp.where(same_BxGxSxW, 0.0, NEG)[:, None]
     if config.causal:  # key offset in the window <= query offset + the look_back blocks
         scores += np.where(np.arange(W)[None, :] > np.arange(S)[:, None] + W - S, NEG, 0.0)
-    return scores, k_window, v_window, (k_next, v_next, ok_next)
+    return scores, k_window, v_window, (k_next, v_next, ok_next, segments_next)
 
 
 def _head_major(x_BxGxSxHxD):
@@ -146,11 +158,13 @@ def _position_major(x_BxHxGxSxD):
     return jnp.transpose(x_BxHxGxSxD, (0, 2, 3, 1, 4))
 
 
-def _first_before(k, v, config: _Local):
-    """The carry of the first step: look_back blocks of zero keys and values, masked out."""
+def _first_before(k, v, segment_ids, config: _Local):
+    """The carry of the first step: look_back blocks of zero keys and values, masked out (and
+    of segment 0, padding, when there are segment ids)."""
     B, H, L, S = k.shape[1], k.shape[4], config.look_back, config.block_size
+    segments = None if segment_ids is None else jnp.zeros((B, L, S), segment_ids.dtype)
     return (jnp.zeros((B, H, L, S, k.shape[-1]), k.dtype),
-            jnp.zeros((B, H, L, S, v.shape[-1]), v.dtype), jnp.zeros((B, L, S), bool))
+            jnp.zeros((B, H, L, S, v.shape[-1]), v.dtype), jnp.zeros((B, L, S), bool), segments)
 
 
 def _keep(dropout_rng, step, shape, rate):
@@ -159,19 +173,19 @@ def _keep(dropout_rng, step, shape, rate):
     return keep / (1.0 - rate)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _local(q, k, v, key_ok, dropout_rng, config: _Local):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _local(q, k, v, key_ok, segment_ids, dropout_rng, config: _Local):
     """local_attention on inputs laid out in steps, [steps, B, G, S, H, D] ([steps, B, G, S]
-    for key_ok): the output in the same layout."""
-    return _local_fwd(q, k, v, key_ok, dropout_rng, config)[0]
+    for key_ok and segment_ids, which may be None): the output in the same layout."""
+    return _local_fwd(q, k, v, key_ok, segment_ids, dropout_rng, config)[0]
 
 
-def _local_fwd(q, k, v, key_ok, dropout_rng, config: _Local):
+def _local_fwd(q, k, v, key_ok, segment_ids, dropout_rng, config: _Local):
     def step(before, inputs):
-        i, q_step, k_step, v_step, ok_step = inputs
+        i, q_step, k_step, v_step, ok_step, segments_step = inputs
         q_step, k_step, v_step = (_head_major(x) for x in (q_step, k_step, v_step))
         scores, _, v_window, before = _step_scores(scale_queries(q_step), before, k_step, v_step,
-                                                   ok_step, config)
+                                                   ok_step, segments_step, config)
         max_scores = jnp.max(scores, axis=-1, keepdims=True)
         exp = jnp.exp(scores - max_scores)
         total = jnp.sum(exp, axis=-1, keepdims=True)
@@ -186,23 +200,23 @@ def _local_fwd(q, k, v, key_ok, dropout_rng, config: _Local):
         return before, (_position_major(out), log_sum_exp)
 
     step_ids = jnp.arange(q.shape[0])
-    _, (out, log_sum_exp) = lax.scan(step, _first_before(k, v, config),
-                                     (step_ids, q, k, v, key_ok))
-    return out, (q, k, v, key_ok, dropout_rng, log_sum_exp)
+    _, (out, log_sum_exp) = lax.scan(step, _first_before(k, v, segment_ids, config),
+                                     (step_ids, q, k, v, key_ok, segment_ids))
+    return out, (q, k, v, key_ok, segment_ids, dropout_rng, log_sum_exp)
 
 
 def _local_bwd(config: _Local, residuals, d_out):
-    q, k, v, key_ok, dropout_rng, log_sum_exp = residuals
+    q, k, v, key_ok, segment_ids, dropout_rng, log_sum_exp = residuals
     G, L = config.blocks_per_step, config.look_back
 
     def step(carry, inputs):
         before, (dk_sum, dv_sum) = carry
-        i, q_step, k_step, v_step, ok_step, d_out_step, lse_step = inputs
+        i, q_step, k_step, v_step, ok_step, segments_step, d_out_step, lse_step = inputs
         q_step, k_step, v_step, d_out_step = (_head_major(x) for x in (q_step, k_step, v_step,
                                                                         d_out_step))
         q_step = scale_queries(q_step)
         scores, k_window, v_window, before = _step_scores(q_step, before, k_step, v_step,
-                                                          ok_step, config)
+                                                          ok_step, segments_step, config)
         weights = jnp.exp(scores - lse_step[..., None])
         d_weights = jnp.einsum("bhgqd,bhgkd->bhgqk", d_out_step, v_window,
                                preferred_element_type=jnp.float32)
@@ -227,8 +241,9 @@ def _local_bwd(config: _Local, residuals, d_out):
 
     steps, B, _, S, H, _ = q.shape
     sums = tuple(jnp.zeros((B, H, L + G, S, x.shape[-1]), jnp.float32) for x in (k, v))
-    (_, sums), (dq, dk, dv) = lax.scan(step, (_first_before(k, v, config), sums),
-                                       (jnp.arange(steps), q, k, v, key_ok, d_out, log_sum_exp))
+    (_, sums), (dq, dk, dv) = lax.scan(step, (_first_before(k, v, segment_ids, config), sums),
+                                       (jnp.arange(steps), q, k, v, key_ok, segment_ids, d_out,
+                                        log_sum_exp))
     if L:  # a step emits the blocks from L before it: blocks -L .. steps*G - L, then the rest
         def realign(d, d_sum):  # d [steps, B, G, S, H, D]; d_sum [B, H, L + G, S, D]
             blocks = jnp.moveaxis(d, 0, 1).reshape((B, steps * G) + d.shape[3:])
@@ -236,7 +251,7 @@ def _local_bwd(config: _Local, residuals, d_out):
             blocks = jnp.concatenate([blocks, rest], axis=1)[:, L:]
             return jnp.moveaxis(blocks.reshape((B, steps, G) + d.shape[3:]), 1, 0)
         dk, dv = realign(dk, sums[0]), realign(dv, sums[1])
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None, None, None
 
 
 _local.defvjp(_local_fwd, _local_bwd)

@@ -10,6 +10,11 @@ Every sublayer (self-attention, cross-attention, position-wise FFN) is followed 
 causal self-attention is a decoder-only (GPT-style) block; a `DecoderBlock` adds
 cross-attention to the encoder's output between the two.
 
+Packed rows (several sequences a row, `seqjax.data.packing`) pass segment ids and positions
+[B, L]: attention stays within a segment (a target segment's cross-attention within the source
+segment of the same number), and positional encodings read each token's own position, so a
+packed sequence gets the outputs it gets alone, to float rounding.
+
 Precision: with `dtype=bfloat16` the products run in bfloat16 on float32 parameters
 (`param_dtype`), while attention scores and softmax, LayerNorm statistics and the logits stay
 in float32. `remat` rematerialises each block (`seqjax.nn.compute`), `attention_impl` picks
@@ -96,16 +101,19 @@ class _Block(nn.Module):
 
 
 class EncoderBlock(_Block):
-    """Self-attention and FFN with residuals: [B, L, E] -> [B, L, E]."""
+    """Self-attention and FFN with residuals: [B, L, E] -> [B, L, E]. `segment_ids` and
+    `positions` [B, L] of packed rows go to the attention (`MultiHeadAttention`)."""
 
     @nn.compact
-    def __call__(self, x_BxLxE, mask=None, deterministic: bool = True):
+    def __call__(self, x_BxLxE, mask=None, deterministic: bool = True, segment_ids=None,
+                 positions=None):
         _check_norm(self.norm)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attention = MultiHeadAttention(self.num_heads, dropout_rate=self.attention_dropout_rate,
                                        name="attention", **dict(self.attention_kwargs), **kw)
         ffn = PositionwiseFFN(self.ffn_hiddens, activation=self.activation, name="ffn", **kw)
-        sublayers = (lambda x: attention(x, mask=mask, deterministic=deterministic), ffn)
+        sublayers = (lambda x: attention(x, mask=mask, segment_ids=segment_ids,
+                                         positions=positions, deterministic=deterministic), ffn)
         for i, sublayer in enumerate(sublayers):
             x_BxLxE = _residual(i + 1, x_BxLxE, sublayer, self.norm, self.dropout_rate,
                                 deterministic, kw)
@@ -167,9 +175,10 @@ class _Stack(nn.Module):
             **self._block_kwargs(causal=causal), name=f"block{i}")
 
     @nn.nowrap
-    def _embed(self, tokens_BxL, deterministic: bool):
-        """Embedded tokens [B, L, E] at their positions (offset by the cache when decoding).
-        Called inside the subclass's compact `__call__`: the layers are its submodules."""
+    def _embed(self, tokens_BxL, deterministic: bool, positions_BxL=None):
+        """Embedded tokens [B, L, E] at their positions: `positions_BxL` (packed rows), else
+        0..L-1 offset by the cache when decoding. Called inside the subclass's compact
+        `__call__`: the layers are its submodules."""
         if self.position not in position.ENCODINGS:
             raise ValueError(f"position={self.position!r}: expected one of {position.ENCODINGS}")
         _check_norm(self.norm)
@@ -188,9 +197,12 @@ class _Stack(nn.Module):
         x = x * jnp.asarray(np.sqrt(self.d_model), x.dtype)
         if self.position == "sinusoidal":
             pe = jnp.asarray(position.sinusoidal_encoding(self.max_length, self.d_model))
-            x = x + jax.lax.dynamic_slice_in_dim(pe, offset, L).astype(x.dtype)
+            pe = jax.lax.dynamic_slice_in_dim(pe, offset, L) if positions_BxL is None \
+                else jnp.take(pe, positions_BxL, axis=0)
+            x = x + pe.astype(x.dtype)
         elif self.position == "learned":
-            x = position.LearnedPosition(self.max_length, self.param_dtype, name="pos")(x, offset)
+            x = position.LearnedPosition(self.max_length, self.param_dtype, name="pos")(
+                x, offset, positions_BxL)
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
     @nn.nowrap
@@ -220,10 +232,13 @@ class DecoderBlock(_Block):
     (queries from the decoder, keys and values from the encoder; `memory_mask` [B, S] marks
     real source tokens), and an FFN, each with its residual: [B, T, E] -> [B, T, E].
     `attention_kwargs` go to the self-attention (attention='local', block_size, look_back,
-    rotary, decode); cross-attention is always full attention over the source."""
+    rotary, decode); cross-attention is always full attention over the source. Packed rows
+    give `segment_ids` and `positions` [B, T] of the target and `memory_segment_ids` [B, S] of
+    the source."""
 
     @nn.compact
-    def __call__(self, x_BxTxE, memory_BxSxE, memory_mask_BxS=None, deterministic: bool = True):
+    def __call__(self, x_BxTxE, memory_BxSxE, memory_mask_BxS=None, deterministic: bool = True,
+                 segment_ids=None, memory_segment_ids=None, positions=None):
         _check_norm(self.norm)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attention = functools.partial(MultiHeadAttention, self.num_heads,
@@ -235,8 +250,11 @@ class DecoderBlock(_Block):
             attention_impl=attention_kwargs.get("attention_impl", "seqjax"))
         ffn = PositionwiseFFN(self.ffn_hiddens, activation=self.activation, name="ffn", **kw)
         sublayers = (
-            lambda x: self_attention(x, deterministic=deterministic),
+            lambda x: self_attention(x, segment_ids=segment_ids, positions=positions,
+                                     deterministic=deterministic),
             lambda x: cross_attention(x, memory_BxSxE, mask=memory_mask_BxS,
+                                      segment_ids=segment_ids,
+                                      kv_segment_ids=memory_segment_ids,
                                       deterministic=deterministic),
             ffn)
         for i, sublayer in enumerate(sublayers):
@@ -246,19 +264,22 @@ class DecoderBlock(_Block):
 
 
 class TransformerEncoder(_Stack):
-    """Source tokens [B, S] with `valid_len` [B] -> memory [B, S, E]: the input layer and
-    `num_layers` `EncoderBlock`s whose attention ignores padded positions (full, or
-    block-local for long inputs), with a final LayerNorm for pre-norm stacks."""
+    """Source tokens [B, S] with `valid_len` [B] (or, for packed rows, `segment_ids` and
+    `positions` [B, S]) -> memory [B, S, E]: the input layer and `num_layers` `EncoderBlock`s
+    whose attention ignores padded positions (full, or block-local for long inputs), with a
+    final LayerNorm for pre-norm stacks."""
 
     norm: str = "post"
     activation: str = "relu"
 
     @nn.compact
-    def __call__(self, tokens_BxS, valid_len_B=None, *, deterministic: bool = True):
+    def __call__(self, tokens_BxS, valid_len_B=None, *, segment_ids=None, positions=None,
+                 deterministic: bool = True):
         mask_BxS = None if valid_len_B is None else source_mask(valid_len_B, tokens_BxS.shape[1])
-        x = self._embed(tokens_BxS, deterministic)
+        x = self._embed(tokens_BxS, deterministic, positions)
         for i in range(self.num_layers):
-            x = self._block(EncoderBlock, i, causal=False)(x, mask_BxS, deterministic)
+            x = self._block(EncoderBlock, i, causal=False)(x, mask_BxS, deterministic,
+                                                           segment_ids, positions)
         if self.norm == "pre":
             x = nn.LayerNorm(name="ln_final", **self._kw())(x)
         return x
@@ -268,7 +289,9 @@ class TransformerDecoder(_Stack):
     """Target tokens [B, T] (teacher forcing: `<bos>` and the target shifted right) and the
     `memory` from `init_state` -> (logits [B, T, V] in float32, memory): the input layer,
     `num_layers` `DecoderBlock`s and the head. With `decode=True` it continues from its
-    cache, one or more tokens per call; the memory does not change."""
+    cache, one or more tokens per call; the memory does not change. Packed rows give
+    `segment_ids` and `positions` [B, T] of the target and `memory_segment_ids` [B, S] of the
+    source, with a memory whose mask is None."""
 
     norm: str = "post"
     activation: str = "relu"
@@ -279,10 +302,12 @@ class TransformerDecoder(_Stack):
         return memory_BxSxE, source_mask(src_valid_len_B, memory_BxSxE.shape[1])
 
     @nn.compact
-    def __call__(self, tokens_BxT, memory, *, deterministic: bool = True):
-        x = self._embed(tokens_BxT, deterministic)
+    def __call__(self, tokens_BxT, memory, *, segment_ids=None, memory_segment_ids=None,
+                 positions=None, deterministic: bool = True):
+        x = self._embed(tokens_BxT, deterministic, positions)
         for i in range(self.num_layers):
-            x = self._block(DecoderBlock, i, causal=True)(x, *memory, deterministic)
+            x = self._block(DecoderBlock, i, causal=True)(x, *memory, deterministic, segment_ids,
+                                                          memory_segment_ids, positions)
         return self._head(x), memory
 
 
@@ -313,7 +338,17 @@ class EncoderDecoder(nn.Module):
     def decode(self, tgt_BxT, memory, *, deterministic: bool = True):
         return self.decoder(tgt_BxT, memory, deterministic=deterministic)
 
-    def __call__(self, src_BxS, src_valid_len_B, tgt_BxT, *, deterministic: bool = True):
-        """Teacher-forced logits [B, T, V] (float32)."""
-        memory = self.encode(src_BxS, src_valid_len_B, deterministic=deterministic)
-        return self.decode(tgt_BxT, memory, deterministic=deterministic)[0]
+    def __call__(self, src_BxS, src_valid_len_B, tgt_BxT, *, src_segment_ids=None,
+                 src_positions=None, tgt_segment_ids=None, tgt_positions=None,
+                 deterministic: bool = True):
+        """Teacher-forced logits [B, T, V] (float32). Packed rows (Transformer stacks only)
+        give the segment ids and positions of both sides ([B, S] and [B, T]) and no valid
+        lengths: target segment s reads source segment s."""
+        if src_segment_ids is None:
+            memory = self.encode(src_BxS, src_valid_len_B, deterministic=deterministic)
+            return self.decode(tgt_BxT, memory, deterministic=deterministic)[0]
+        outputs = self.encoder(src_BxS, segment_ids=src_segment_ids, positions=src_positions,
+                               deterministic=deterministic)
+        return self.decoder(tgt_BxT, (outputs, None), segment_ids=tgt_segment_ids,
+                            memory_segment_ids=src_segment_ids, positions=tgt_positions,
+                            deterministic=deterministic)[0]

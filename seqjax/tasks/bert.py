@@ -8,6 +8,12 @@ are comparable across evaluations. The MLM head runs on the chosen positions onl
 the mean cross-entropy over chosen positions plus, with NSP, the mean NSP cross-entropy over
 sequences.
 
+With `data.pack`, training rows hold up to `data.pack_max_sequences` sequences each
+(`data_lib.pack_pretraining`), kept apart by pack ids in attention. Each packed sequence draws
+its mask as it would alone (its own 15% and `data.max_predictions` cap), so the MLM budget is
+per packed sequence, and the head runs on `packed_predictions(config)` positions a row; NSP
+runs on each packed sequence's [CLS]. Validation reads one sequence a row as before.
+
 The WordPiece tokenizer is trained on the pretraining corpus and saved in the workdir
 (`tokenizer.json`); fine-tuning with `config.init_from` reads the pretraining run's, and from
 scratch (`init_from=None`) trains the same one, so the two differ only in their weights.
@@ -16,6 +22,7 @@ Dimension letters: B batch, L max_seq_len, P max_predictions, V vocabulary.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -90,9 +97,17 @@ def _tokenizer(config, workdir, train_documents=None):
 
 
 def _feed(batch):
-    """The model's inputs of a batch: segments and the padding mask from the valid lengths."""
+    """The model's inputs of a batch: segments and the padding mask from the valid lengths
+    (none for packed rows, whose pack id 0 marks padding)."""
+    if "pack_ids" in batch:
+        return batch["segments"], None
     L = batch["tokens"].shape[1]
     return batch["segments"], jnp.arange(L)[None, :] < batch["valid_len"][:, None]
+
+
+# The model's keyword inputs of packed rows (`data_lib.pack_pretraining`), by batch key.
+_PACKED_INPUTS = {"pack_ids": "pack_ids_BxL", "position_ids": "position_ids_BxL",
+                  "cls_positions": "cls_positions_BxM"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +115,12 @@ def _feed(batch):
 # ---------------------------------------------------------------------------------------------
 
 def check_pretrain(config):
+    if config_lib.expect_type(config, "data.pack", bool):
+        config_lib.expect_positive_int(config, "data.pack_max_sequences")
+        config_lib.expect(config.model.attention_impl != "cudnn", "model.attention_impl",
+                          config.model.attention_impl,
+                          "takes no segment ids (jax.nn.dot_product_attention's cuDNN path): "
+                          "with data.pack=True use 'auto', 'seqjax' or 'xla'")
     check_model(config)
     d = config.data
     config_lib.expect_positive_int(config, "data.max_predictions", "data.dupe_factor")
@@ -115,36 +136,53 @@ def check_pretrain(config):
             config_lib.expect_positive_int(config, f"data.{key}")
 
 
+def packed_predictions(config) -> int:
+    """The most positions the mask chooses in a packed row: each of its M sequences of n
+    ordinary tokens chooses at most max(round(p n), 1) <= p n + 1 of them (p = mask_prob), and
+    at most max_predictions, so a row of L tokens at most p L + M in all."""
+    d = config.data
+    M, L = d.pack_max_sequences, d.max_seq_len
+    return min(M * d.max_predictions, math.ceil(d.mask_prob * L) + M, L)
+
+
 def pretraining_loss(model: BertPretraining, params, batch, carry=(), *, rng=None, train=False,
-                     draw_mask, max_predictions: int):
+                     draw_mask, max_predictions: int, packed_predictions: int | None = None):
     """Summed MLM cross-entropy over the chosen positions (and with NSP, its loss per sequence
     scaled so that loss / weight is their sum of means). Training draws the mask from `rng`
-    (`draw_mask(rng, tokens) -> (inputs, targets, weights)`); evaluation reads the batch's
-    fixed draw. `row_weight` 0 marks padding rows of an evaluation batch."""
+    (`draw_mask(rng, tokens) -> (inputs, targets, weights)`, and `draw_mask(rng, tokens,
+    pack_ids)` for packed rows); evaluation reads the batch's fixed draw. `row_weight` 0 marks
+    padding rows of an evaluation batch. A packed batch (`data_lib.pack_pretraining`) has NSP
+    labels and weights per packed sequence [B, M], and at most `packed_predictions` chosen
+    positions a row (`max_predictions` bounds those of an unpacked row)."""
     row_weight_B = batch.get("row_weight", jnp.ones(batch["tokens"].shape[0]))
+    packed = "pack_ids" in batch
     if train:
         mask_rng, rng = jax.random.split(rng)
-        inputs, targets, weights = draw_mask(mask_rng, batch["tokens"])
+        pack_ids = (batch["pack_ids"],) if packed else ()
+        inputs, targets, weights = draw_mask(mask_rng, batch["tokens"], *pack_ids)
     else:
         inputs, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
         weights = weights * row_weight_B[:, None]
-    # Chosen positions first: at most max_predictions per row, so all of them fit in P.
-    positions_BxP = jax.lax.top_k(weights, max_predictions)[1]
+    # Chosen positions first: a row has at most P of them, so all of them are among these.
+    P = packed_predictions if packed else max_predictions
+    positions_BxP = jax.lax.top_k(weights, P)[1]
     targets_BxP = jnp.take_along_axis(targets, positions_BxP, 1)
     weights_BxP = jnp.take_along_axis(weights, positions_BxP, 1)
     mlm_logits, nsp_logits = model.apply(
         params, inputs, *_feed(batch), positions_BxP, deterministic=not train,
-        rngs={"dropout": rng} if train else {})
+        rngs={"dropout": rng} if train else {},
+        **{name: batch[key] for key, name in _PACKED_INPUTS.items() if key in batch})
     ce_BxP = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, targets_BxP)
     sums = dict(loss=jnp.sum(ce_BxP * weights_BxP), weight=jnp.sum(weights_BxP),
                 mlm_accuracy=accuracy_sum(mlm_logits, targets_BxP, weights_BxP))
     sums["mlm_loss"] = sums["loss"]
-    if model.nsp:
-        labels_B = batch["nsp_label"]
-        nsp_ce_B = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, labels_B)
-        sums.update(nsp_loss=jnp.sum(nsp_ce_B * row_weight_B),
-                    nsp_accuracy=accuracy_sum(nsp_logits, labels_B, row_weight_B),
-                    sequences=jnp.sum(row_weight_B))
+    if model.nsp:  # one label per row, or per packed sequence: [B] or [B, M]
+        labels = batch["nsp_label"]
+        sequence_weights = batch["nsp_weight"] if packed else row_weight_B
+        nsp_ce = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, labels)
+        sums.update(nsp_loss=jnp.sum(nsp_ce * sequence_weights),
+                    nsp_accuracy=accuracy_sum(nsp_logits, labels, sequence_weights),
+                    sequences=jnp.sum(sequence_weights))
         # loss / weight = mean MLM loss per chosen token + mean NSP loss per sequence.
         per_sequence = jax.lax.stop_gradient(sums["weight"] / jnp.maximum(sums["sequences"], 1))
         sums["loss"] = sums["loss"] + per_sequence * sums["nsp_loss"]
@@ -157,6 +195,20 @@ def pretraining_report(means):
     return dict(means, mlm_perplexity=perplexity(means["mlm_loss"]))
 
 
+def train_rows(config, tokenizer, documents) -> dict:
+    """The training rows of `documents` (a corpus, or a chunk of one): `pretraining_arrays`,
+    packed when `config.data.pack` (`data_lib.pack_pretraining`; with block-local attention
+    each sequence starts at a block boundary, so that it sees the windows it sees alone)."""
+    d, m = config.data, config.model
+    rows = data_lib.pretraining_arrays(data_lib.encode_documents(tokenizer, documents),
+                                       d.max_seq_len, nsp=d.nsp, seed=config.seed,
+                                       dupe_factor=d.dupe_factor)
+    if not d.pack:
+        return rows
+    align = m.block_size if m.attention == "local" else 1
+    return data_lib.pack_pretraining(rows, d.pack_max_sequences, align)
+
+
 def build_pretrain(config, workdir=None) -> Task:
     check_pretrain(config)
     d = config.data
@@ -164,21 +216,20 @@ def build_pretrain(config, workdir=None) -> Task:
     valid_docs = data_lib.load_wikitext("valid", d.valid_file, d.max_documents)
     tokenizer = _tokenizer(config, workdir, train_docs)
     V = tokenizer.get_vocab_size()
-    arrays = functools.partial(data_lib.pretraining_arrays, max_seq_len=d.max_seq_len, nsp=d.nsp)
-    train = arrays(data_lib.encode_documents(tokenizer, train_docs), seed=config.seed,
-                   dupe_factor=d.dupe_factor)
-    valid = arrays(data_lib.encode_documents(tokenizer, valid_docs), seed=config.seed + 1)
+    valid = data_lib.pretraining_arrays(data_lib.encode_documents(tokenizer, valid_docs),
+                                        d.max_seq_len, nsp=d.nsp, seed=config.seed + 1)
     valid = {k: v[:d.num_valid] for k, v in valid.items()}
     continuation = jnp.asarray(data_lib.continuation_table(tokenizer))
     mask = functools.partial(masking.mask_tokens, vocab_size=V, mask_id=data_lib.MASK_ID,
                              special_ids=_SPECIAL_IDS, mask_prob=d.mask_prob,
                              mask_token_prob=d.mask_token_prob,
                              random_token_prob=d.random_token_prob,
-                             max_predictions=d.max_predictions)
+                             max_predictions=d.max_predictions,
+                             max_sequences=d.pack_max_sequences if d.pack else None)
 
-    def draw_mask(rng, tokens):
+    def draw_mask(rng, tokens, pack_ids=None):
         word_starts = ~continuation[tokens] if d.whole_word else None
-        return mask(rng, tokens, word_starts=word_starts)
+        return mask(rng, tokens, word_starts=word_starts, pack_ids=pack_ids)
 
     # Validation: one fixed draw of the mask.
     fixed = jax.jit(draw_mask)(jax.random.PRNGKey(config.seed), valid["tokens"])
@@ -191,10 +242,13 @@ def build_pretrain(config, workdir=None) -> Task:
 
     return Task(init_params=init_params,
                 loss=functools.partial(pretraining_loss, model, draw_mask=draw_mask,
-                                       max_predictions=d.max_predictions),
-                train_batch=RowBatches(train, d.batch_size, seed=config.seed,
-                                       shard_index=jax.process_index(),
-                                       num_shards=jax.process_count(), what="sequences"),
+                                       max_predictions=d.max_predictions,
+                                       packed_predictions=packed_predictions(config)
+                                       if d.pack else None),
+                train_batch=RowBatches(train_rows(config, tokenizer, train_docs), d.batch_size,
+                                       seed=config.seed, shard_index=jax.process_index(),
+                                       num_shards=jax.process_count(),
+                                       what="packed rows" if d.pack else "sequences"),
                 eval_batches=padded_batches(valid, d.eval_batch_size, what="validation sequences"),
                 batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
                 tokens_per_batch=d.batch_size * d.max_seq_len, report=pretraining_report,

@@ -8,6 +8,11 @@ sentence truncated or padded to `num_steps` tokens with `<eos>` and its valid le
 decoder reads `<bos>` plus the target shifted right and predicts the target; padded target
 positions carry no loss, and padded source positions are masked out of every attention.
 
+With `data.pack`, training rows hold several pairs each (`data_lib.pack_pairs`; Transformer
+only): attention stays within a pair, the loss is the same sum over target tokens, so a pair
+costs the same loss and gradient as unpacked, and the batch size counts rows. Evaluation,
+BLEU and decoding read one pair a row as before.
+
 Input to `translate`: a sentence longer than `num_steps - 1` tokens is truncated with a
 warning (the model never saw longer sources); an empty sentence or one whose words are all
 unknown to the source vocabulary is a ValueError naming it.
@@ -26,8 +31,9 @@ import numpy as np
 import sacrebleu
 
 from seqjax import config as config_lib
-from seqjax import decoding, plotting
+from seqjax import decoding, files, plotting
 from seqjax.data import translation as data_lib
+from seqjax.data.batching import RowBatches
 from seqjax.nn.recurrent import CELLS
 from seqjax.nn.seq2seq import Seq2SeqAttentionDecoder, Seq2SeqEncoder
 from seqjax.nn.transformer import EncoderDecoder, TransformerDecoder, TransformerEncoder
@@ -43,6 +49,7 @@ from seqjax.tasks.common import (
 )
 
 MODELS = ("transformer", "seq2seq_attention")
+PACKED_KEYS = ("src_segment_ids", "src_positions", "tgt_segment_ids", "tgt_positions")
 TOKENIZER_FILES = {"src": "src_tokenizer.json", "tgt": "tgt_tokenizer.json"}
 
 
@@ -59,6 +66,13 @@ def check_config(config):
     if d.max_pairs is not None:
         config_lib.expect_positive_int(config, "data.max_pairs")
     config_lib.expect(m.name in MODELS, "model.name", m.name, f"expected one of {MODELS}")
+    if config_lib.expect_type(config, "data.pack", bool):
+        config_lib.expect(m.name == "transformer", "data.pack", d.pack,
+                          f"packs several pairs a row for model.name='transformer' only (the "
+                          f"recurrent encoder-decoder reads one pair a row), not {m.name!r}")
+        config_lib.expect(m.attention_impl != "cudnn", "model.attention_impl", m.attention_impl,
+                          "takes no segment ids (jax.nn.dot_product_attention's cuDNN path): "
+                          "with data.pack=True use 'auto', 'seqjax' or 'xla'")
     check_precision(config)
     if m.name == "transformer":
         transformer_config(config, max_length_key="data.num_steps")
@@ -93,9 +107,12 @@ def make_model(config, src_vocab_size: int, tgt_vocab_size: int) -> EncoderDecod
 
 def loss(model: EncoderDecoder, params, batch, carry=(), *, rng=None, train=False):
     """Summed cross-entropy and accuracy of the teacher-forced target tokens (padding has
-    weight 0)."""
-    logits_BxTxV = model.apply(params, batch["src"], batch["src_valid_len"], batch["tgt_in"],
-                               deterministic=not train, rngs={"dropout": rng} if train else {})
+    weight 0). A packed batch (`data_lib.pack_pairs`) has segment ids and positions instead
+    of source lengths; its sums are the same sums over the same target tokens."""
+    packed = {key: batch[key] for key in PACKED_KEYS if key in batch}
+    logits_BxTxV = model.apply(params, batch["src"], batch.get("src_valid_len"), batch["tgt_in"],
+                               deterministic=not train, rngs={"dropout": rng} if train else {},
+                               **packed)
     sums = lm_sums(logits_BxTxV, batch["tgt_out"], batch["weights"])
     sums["accuracy"] = accuracy_sum(logits_BxTxV, batch["tgt_out"], batch["weights"])
     return sums, carry
@@ -117,6 +134,26 @@ def _arrays(tokenizer, texts, num_steps):
     return data_lib.build_array([tokenizer.encode(text) for text in texts], num_steps)
 
 
+def pack_align(config) -> int:
+    """Where packed sequences may start: at every position, or with block-local attention at
+    block boundaries, so that a sequence sees the same windows packed as alone."""
+    m = config.model
+    return m.block_size if m.attention == "local" else 1
+
+
+def train_rows(config, src_tok, tgt_tok, pairs) -> dict:
+    """The training rows of `pairs` (a corpus, or a chunk of one), packed when
+    `config.data.pack` (`data_lib.pack_pairs`; with block-local attention each sentence starts
+    a block), else one pair a row (src, src_len, tgt, tgt_len); `data_lib.teacher_forcing`
+    makes a batch of any of their rows."""
+    num_steps = config.data.num_steps
+    src, src_len = _arrays(src_tok, [p[0] for p in pairs], num_steps)
+    tgt, tgt_len = _arrays(tgt_tok, [p[1] for p in pairs], num_steps)
+    if config.data.pack:
+        return data_lib.pack_pairs(src, src_len, tgt, tgt_len, align=pack_align(config))
+    return dict(src=src, src_len=src_len, tgt=tgt, tgt_len=tgt_len)
+
+
 def build(config, workdir=None) -> Task:
     check_config(config)
     d, s = config.data, config.decode
@@ -125,9 +162,8 @@ def build(config, workdir=None) -> Task:
                                  seed=config.seed)
     splits = {name: [pairs[i] for i in idx] for name, idx in split.items()}
     src_tok, tgt_tok = _tokenizers(config, splits["train"], workdir)
-    arrays = {name: (*_arrays(src_tok, [p[0] for p in rows], d.num_steps),
-                     *_arrays(tgt_tok, [p[1] for p in rows], d.num_steps))
-              for name, rows in splits.items()}
+    valid = (*_arrays(src_tok, [p[0] for p in splits["valid"]], d.num_steps),
+             *_arrays(tgt_tok, [p[1] for p in splits["valid"]], d.num_steps))
     model = make_model(config, len(src_tok), len(tgt_tok))
     searcher = Searcher(model, d.num_steps, d.eval_batch_size)
 
@@ -165,23 +201,22 @@ def build(config, workdir=None) -> Task:
             beam = translate_sentences(params, sources)
             metrics[f"test_bleu_beam{s.beam_size}"] = _bleu(test_pairs, beam)
             if workdir and jax.process_index() == 0:
-                path = os.path.join(workdir, "test_translations.tsv")
-                with open(path, "w", encoding="utf-8") as f:
-                    f.write(f"source\treference\tgreedy\tbeam{s.beam_size}\n")
-                    f.writelines(f"{p[0]}\t{p[1]}\t{g}\t{b}\n"
-                                 for p, g, b in zip(test_pairs, greedy, beam))
+                rows = [f"source\treference\tgreedy\tbeam{s.beam_size}\n"] + [
+                    f"{p[0]}\t{p[1]}\t{g}\t{b}\n" for p, g, b in zip(test_pairs, greedy, beam)]
+                files.write_text(os.path.join(workdir, "test_translations.tsv"), "".join(rows))
                 shown = _spread(sources, s.num_attention_maps)
                 _attention_maps(model, params, src_tok, tgt_tok, [sources[i] for i in shown],
                                 [beam[i] for i in shown], d.num_steps,
                                 os.path.join(workdir, "attention_maps.png"))
         return metrics
 
-    batches = data_lib.TranslationBatches(*arrays["train"], d.batch_size, seed=config.seed,
-                                          shard_index=jax.process_index(),
-                                          num_shards=jax.process_count())
+    rows = RowBatches(train_rows(config, src_tok, tgt_tok, splits["train"]), d.batch_size,
+                      seed=config.seed, shard_index=jax.process_index(),
+                      num_shards=jax.process_count(),
+                      what="packed rows of pairs" if d.pack else "pairs")
     return Task(init_params=init_params, loss=functools.partial(loss, model),
-                train_batch=batches,
-                eval_batches=data_lib.eval_batches(*arrays["valid"], d.eval_batch_size),
+                train_batch=data_lib.TeacherForcing(rows),
+                eval_batches=data_lib.eval_batches(*valid, d.eval_batch_size),
                 batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
                 tokens_per_batch=d.batch_size * d.num_steps, report=with_perplexity,
                 files={TOKENIZER_FILES["src"]: src_tok.to_json(),
@@ -313,5 +348,4 @@ def _attention_maps(model, params, src_tok, tgt_tok, sources, hypotheses, num_st
         ax.set_yticks(range(len(tgt)), tgt_tok.tokens(tgt), fontsize=8)
     fig.suptitle("Cross-attention: target tokens (rows) over source tokens (columns)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save(fig, path)
