@@ -13,6 +13,8 @@ translate, export (the parameters as a NumPy .npz archive), or a sweep and its s
     python launch.py --config experiments/charlm.py --workdir runs/charlm --mode export \
         --out params.npz
     python launch.py --config experiments/charlm.py --workdir runs/charlm --profile_steps=10,20
+    python launch.py --config experiments/bert_pretrain.py --workdir runs/bert --mode prepare \
+        --source corpus.txt.gz --out shards/bert
 """
 
 import os
@@ -24,8 +26,8 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/X.py[:args]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the saved config.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "translate", "export", "summarize"],
-                  "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "translate", "export", "summarize",
+                                    "prepare"], "What to do.")
 flags.DEFINE_bool("sweep", False, "Train every point of the config file's get_sweep().")
 flags.DEFINE_integer("parallel", 1, "--sweep: how many points train at once, each in its own "
                      "process (1: one after another in this process).", lower_bound=1)
@@ -44,7 +46,10 @@ flags.DEFINE_string("text", None, "translate: a sentence to translate.")
 flags.DEFINE_string("input_file", None, "translate: a file of sentences, one per line.")
 flags.DEFINE_integer("beam_size", None, "translate: beam size; 1 is greedy "
                      "(default: config.decode.beam_size).")
-flags.DEFINE_string("out", None, "export: the .npz file to write the parameters to.")
+flags.DEFINE_string("out", None, "export: the .npz file to write the parameters to; prepare: "
+                    "the directory of shards to write (config.data.shard_dir of the runs).")
+flags.DEFINE_list("source", [], "prepare: the text files (plain or .gz, WikiText's layout) to "
+                  "tokenize into shards, comma-separated.")
 flags.DEFINE_string("profile_steps", None, "train: a jax.profiler trace of steps A to B "
                     "(--profile_steps=A,B, counted from 1) in WORKDIR/profile, which "
                     "`tensorboard --logdir WORKDIR/profile` shows in its profile tab.")
@@ -230,9 +235,19 @@ def sweep_mode(config) -> int:
     return 1 if any(row["status"].startswith("failed") for row in rows) else 0
 
 
+def prepare_mode(config) -> int:
+    from seqjax import tasks
+    if FLAGS.out is None:
+        raise ValueError("--mode prepare needs --out, the directory to write the shards into")
+    manifest = tasks.prepare(config, FLAGS.workdir, FLAGS.source, FLAGS.out)
+    print(f"wrote {manifest['rows']:,} training rows in {len(manifest['shards'])} shards to "
+          f"{FLAGS.out}; train on them with --config.data.shard_dir={FLAGS.out}")
+    return 0
+
+
 MODES = {"train": train_mode, "eval": eval_mode, "sample": sample_mode,
          "translate": translate_mode, "export": export_mode, "summarize": summarize_mode,
-         "sweep": sweep_mode}
+         "sweep": sweep_mode, "prepare": prepare_mode}
 
 
 def _init_distributed():

@@ -34,6 +34,9 @@ def get_config(arg=None):
         train_file=placeholder(str),
         valid_file=placeholder(str),
         max_documents=placeholder(int),  # None: every article of each split
+        # a directory of training rows that `--mode prepare` wrote from text files of any size,
+        # streamed instead of train_file (README: "Your own large corpus"); None: in memory
+        shard_dir=placeholder(str),
         num_valid=placeholder(int),  # None: every validation sequence
         vocab_size=8000,  # WordPiece vocabulary, trained on the training split
         max_seq_len=64,
@@ -70,6 +73,8 @@ def get_config(arg=None):
     config.eval_every = 1000
     config.checkpoint_every = 1000
     config.keep_checkpoints = 2
+    # patience in evaluations without a better validation loss; target 'metric>=value': 0 / '' off
+    config.early_stopping = dict(patience=0, target="")
 
     if args.smoke:
         config.data.update(vocab_size=200, max_seq_len=32, max_predictions=5, num_valid=16,

@@ -102,6 +102,8 @@ def get_config(arg=None):
     config.eval_every = 300
     config.checkpoint_every = 300
     config.keep_checkpoints = 2
+    # patience in evaluations without a better validation loss; target 'metric>=value': 0 / '' off
+    config.early_stopping = dict(patience=0, target="")
 
     if args.model == "seq2seq_attention":
         config.model.dropout = 0.2

@@ -25,7 +25,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_two_processes(workdir, *overrides):
+def _start_two_processes(workdir, *overrides, config="experiments/charlm.py:tiny"):
     """Starts both processes; returns them and their (stdout, stderr) files. Output goes to
     files, not pipes: a process blocked on a full pipe would stall the other one inside a
     collective."""
@@ -38,7 +38,7 @@ def _start_two_processes(workdir, *overrides):
     for i, (out, err) in enumerate(logs):
         with open(out, "w") as stdout, open(err, "w") as stderr:
             procs.append(subprocess.Popen(
-                [sys.executable, str(ROOT / "launch.py"), "--config", "experiments/charlm.py:tiny",
+                [sys.executable, str(ROOT / "launch.py"), "--config", config,
                  "--workdir", str(workdir), "--coordinator_address", address,
                  "--num_processes", "2", "--process_id", str(i), "--config.log_every=1",
                  *overrides], cwd=ROOT, env=env, stdout=stdout, stderr=stderr))
@@ -57,8 +57,8 @@ def _finish(procs, logs, returncode: int = 0) -> list[str]:
     return [out.read_text() for out, _ in logs]
 
 
-def _run_two_processes(workdir, *overrides):
-    return _finish(*_start_two_processes(workdir, *overrides))
+def _run_two_processes(workdir, *overrides, **kwargs):
+    return _finish(*_start_two_processes(workdir, *overrides, **kwargs))
 
 
 def test_two_processes_equal_one_process_with_four_devices(tmp_path):

@@ -29,7 +29,7 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 WIKITEXT_SPLITS = ("train", "valid", "test")
 SST2_SPLITS = ("train", "dev")
-_ARTICLE = re.compile(r"^ = [^=].* = $")
+ARTICLE = re.compile(r"^ = [^=].* = $")
 _HEADING = re.compile(r"^ = .* = $")
 _SENTENCE_END = frozenset(".?!")
 
@@ -55,9 +55,18 @@ def load_wikitext(split: str = "train", path=None, max_documents: int | None = N
     empty corpus is an error."""
     name, text = _corpus("WikiText-2", split, WIKITEXT_SPLITS, "wikitext2/wiki.{}.tokens.gz",
                          path, "WikiText file")
+    documents = parse_wikitext(text)[:max_documents]
+    if not documents:
+        raise ValueError(f"{name} holds no text")
+    return documents
+
+
+def parse_wikitext(text: str) -> list[list[str]]:
+    """The documents of text in WikiText's layout (`load_wikitext`), a whole file or a block of
+    whole articles of one."""
     documents, current = [], []
     for line in text.split("\n"):
-        if _ARTICLE.match(line):
+        if ARTICLE.match(line):
             if current:
                 documents.append(current)
             current = []
@@ -65,9 +74,6 @@ def load_wikitext(split: str = "train", path=None, max_documents: int | None = N
             current.extend(_sentences(line))
     if current:
         documents.append(current)
-    documents = documents[:max_documents]
-    if not documents:
-        raise ValueError(f"{name} holds no text")
     return documents
 
 

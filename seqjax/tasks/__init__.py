@@ -15,3 +15,17 @@ def build(config, workdir: str | None = None) -> Task:
     if config.task not in builders:
         raise ValueError(f"config.task={config.task!r}: expected one of {sorted(builders)}")
     return builders[config.task](config, workdir)
+
+
+def prepare(config, workdir: str | None, sources: list[str], out_dir: str) -> dict:
+    """Writes the training rows of text files `sources` of any size into shards in `out_dir`
+    with the tokenizer of the run in `workdir` (`seqjax.tasks.shards`); returns the manifest."""
+    from seqjax.tasks import bert, shards
+    if config.task != "bert_pretrain":
+        raise ValueError(f"config.task={config.task!r}: --mode prepare writes the training "
+                         f"corpus of bert_pretrain (experiments/bert_pretrain.py)")
+    if not sources:
+        raise ValueError("--source: give the text files to prepare (comma-separated)")
+    bert.check_pretrain(config)
+    tokenizer, name = bert.named_tokenizer(config, workdir)
+    return shards.prepare(config, tokenizer, name, sources, out_dir, bert.train_rows)

@@ -34,6 +34,7 @@ from seqjax.data import masking
 from seqjax.data import pretraining as data_lib
 from seqjax.data.batching import RowBatches, padded_batches
 from seqjax.nn.bert import BERT_SIZES, BertClassifier, BertEncoder, BertPretraining
+from seqjax.tasks import shards
 from seqjax.tasks.common import (
     Task,
     accuracy_sum,
@@ -77,23 +78,30 @@ def make_encoder(config, vocab_size: int) -> BertEncoder:
     return BertEncoder(vocab_size, **_encoder_config(config).kwargs("position", "activation"))
 
 
-def _tokenizer(config, workdir, train_documents=None):
-    """The workdir's saved tokenizer; else, when fine-tuning, the one of `config.init_from`;
-    else one trained on the pretraining corpus' training split."""
-    text = saved_file(workdir, TOKENIZER_FILE)
+def named_tokenizer(config, workdir, train_documents=None):
+    """(tokenizer, where it comes from): the workdir's saved tokenizer; else, when
+    fine-tuning, the one of `config.init_from`; else that of the pretraining shards
+    (`data.shard_dir`); else one trained on the pretraining corpus' training split."""
+    text, name = saved_file(workdir, TOKENIZER_FILE), f"the {TOKENIZER_FILE} of {workdir}"
     if text is None and config.get("init_from"):
         config_lib.expect_run_dir(config, "init_from")
-        text = saved_file(config.init_from, TOKENIZER_FILE)
+        text, name = saved_file(config.init_from, TOKENIZER_FILE), \
+            f"the {TOKENIZER_FILE} of {config.init_from}"
         if text is None:
             raise FileNotFoundError(f"config.init_from={config.init_from!r} holds no "
                                     f"{TOKENIZER_FILE}: not a BERT pretraining workdir")
+    if text is None and config.data.get("shard_dir"):
+        text, name = shards.shard_tokenizer(config.data.shard_dir) or (None, None)
     if text is not None:
-        return data_lib.tokenizer_from_json(text, f"the {TOKENIZER_FILE} of this run")
+        return data_lib.tokenizer_from_json(text, name), name
+    # Fine-tuning names its tokenizer's corpus; pretraining trains it on its training split.
+    path = config.data.get("tokenizer_corpus", config.data.get("train_file"))
     if train_documents is None:
-        train_documents = data_lib.load_wikitext("train", config.data.tokenizer_corpus,
-                                                 config.data.max_documents)
-    return data_lib.train_tokenizer([s for doc in train_documents for s in doc],
-                                    config.data.vocab_size)
+        train_documents = data_lib.load_wikitext("train", path, config.data.max_documents)
+    corpus = repr(path) if path else "the shipped WikiText-2 train split"
+    return (data_lib.train_tokenizer([s for doc in train_documents for s in doc],
+                                     config.data.vocab_size),
+            f"a WordPiece tokenizer trained on {corpus} (vocab_size={config.data.vocab_size})")
 
 
 def _feed(batch):
@@ -134,6 +142,8 @@ def check_pretrain(config):
     for key in ("num_valid", "max_documents"):
         if d[key] is not None:
             config_lib.expect_positive_int(config, f"data.{key}")
+    if d.get("shard_dir") is not None:
+        config_lib.expect_type(config, "data.shard_dir", str)
 
 
 def packed_predictions(config) -> int:
@@ -195,13 +205,14 @@ def pretraining_report(means):
     return dict(means, mlm_perplexity=perplexity(means["mlm_loss"]))
 
 
-def train_rows(config, tokenizer, documents) -> dict:
+def train_rows(config, tokenizer, documents, seed=None) -> dict:
     """The training rows of `documents` (a corpus, or a chunk of one): `pretraining_arrays`,
     packed when `config.data.pack` (`data_lib.pack_pretraining`; with block-local attention
     each sequence starts at a block boundary, so that it sees the windows it sees alone)."""
     d, m = config.data, config.model
     rows = data_lib.pretraining_arrays(data_lib.encode_documents(tokenizer, documents),
-                                       d.max_seq_len, nsp=d.nsp, seed=config.seed,
+                                       d.max_seq_len, nsp=d.nsp,
+                                       seed=config.seed if seed is None else seed,
                                        dupe_factor=d.dupe_factor)
     if not d.pack:
         return rows
@@ -212,9 +223,19 @@ def train_rows(config, tokenizer, documents) -> dict:
 def build_pretrain(config, workdir=None) -> Task:
     check_pretrain(config)
     d = config.data
-    train_docs = data_lib.load_wikitext("train", d.train_file, d.max_documents)
+    streamed = d.get("shard_dir") is not None
+    train_docs = None if streamed else data_lib.load_wikitext("train", d.train_file,
+                                                              d.max_documents)
     valid_docs = data_lib.load_wikitext("valid", d.valid_file, d.max_documents)
-    tokenizer = _tokenizer(config, workdir, train_docs)
+    tokenizer, tokenizer_name = named_tokenizer(config, workdir, train_docs)
+    if streamed:
+        train = shards.stream(config, tokenizer, tokenizer_name, jax.process_index(),
+                              jax.process_count())
+    else:
+        train = RowBatches(train_rows(config, tokenizer, train_docs), d.batch_size,
+                           seed=config.seed, shard_index=jax.process_index(),
+                           num_shards=jax.process_count(),
+                           what="packed rows" if d.pack else "sequences")
     V = tokenizer.get_vocab_size()
     valid = data_lib.pretraining_arrays(data_lib.encode_documents(tokenizer, valid_docs),
                                         d.max_seq_len, nsp=d.nsp, seed=config.seed + 1)
@@ -245,10 +266,7 @@ def build_pretrain(config, workdir=None) -> Task:
                                        max_predictions=d.max_predictions,
                                        packed_predictions=packed_predictions(config)
                                        if d.pack else None),
-                train_batch=RowBatches(train_rows(config, tokenizer, train_docs), d.batch_size,
-                                       seed=config.seed, shard_index=jax.process_index(),
-                                       num_shards=jax.process_count(),
-                                       what="packed rows" if d.pack else "sequences"),
+                train_batch=train,
                 eval_batches=padded_batches(valid, d.eval_batch_size, what="validation sequences"),
                 batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
                 tokens_per_batch=d.batch_size * d.max_seq_len, report=pretraining_report,
@@ -285,7 +303,7 @@ def classification_loss(model: BertClassifier, params, batch, carry=(), *, rng=N
 def build_finetune(config, workdir=None) -> Task:
     check_finetune(config)
     d = config.data
-    tokenizer = _tokenizer(config, workdir)
+    tokenizer, _ = named_tokenizer(config, workdir)
 
     def split(name, path):
         sentences, labels = data_lib.load_sst2(name, path)

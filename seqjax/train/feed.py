@@ -17,45 +17,65 @@ class Feed:
     A batch is a pure function of its step, so building it ahead changes no value. An error of
     `build` or of the transfer is raised by `take()` for the step it belongs to, as building
     inline would have raised it there; `close()` stops the thread (a daemon, so that even a
-    builder stuck in a call cannot keep the process alive)."""
+    builder stuck in a call cannot keep the process alive).
 
-    def __init__(self, build, put, start: int, stop: int):
+    A streamed corpus (`build.iterate(start)`: a grain iterator that reads ahead itself) is
+    read through its iterator instead, and `state` is the position in the stream after the
+    last batch taken, which a checkpoint of that step saves (`resume_state` restores it: the
+    iterator then starts from the saved position, which must be the step's)."""
+
+    def __init__(self, build, put, start: int, stop: int, resume_state: dict | None = None):
         self._put, self._left = put, stop - start
         self._queue = queue.Queue(PREFETCH)
         self._closed = threading.Event()
-        self._next = None  # (device batch, error) of the next step, once transferred
-        self._thread = threading.Thread(target=self._build, args=(build, start, stop),
+        self._next = None  # (device batch, stream state, error) of the next step, transferred
+        self.state = resume_state
+        if hasattr(build, "iterate"):
+            self._iterator = build.iterate(start)
+            expected = self._iterator.get_state()
+            if resume_state is not None and resume_state != expected:
+                self._iterator.close()
+                raise ValueError(f"the checkpoint of step {start} saved the data stream at "
+                                 f"{resume_state}, not at {expected}")
+            if resume_state is not None:
+                self._iterator.set_state(resume_state)
+            source = lambda step: (next(self._iterator), self._iterator.get_state())
+        else:
+            self._iterator = None
+            source = lambda step: (build(step), None)
+        self._thread = threading.Thread(target=self._build, args=(source, start, stop),
                                         name="seqjax-batches", daemon=True)
         self._thread.start()
 
-    def _build(self, build, start, stop):
+    def _build(self, source, start, stop):
         for step in range(start, stop):
             try:
-                item = (build(step), None)
+                item = (*source(step), None)
             except BaseException as e:  # handed to the loop, which raises it
-                item = (None, e)
+                item = (None, None, e)
             self._queue.put(item)  # close() empties the queue, so this returns
-            if item[1] is not None or self._closed.is_set():
+            if item[2] is not None or self._closed.is_set():
                 return
 
     def transfer_next(self):
         if self._next is not None or not self._left:
             return
         self._left -= 1
-        batch, error = self._queue.get()
+        batch, state, error = self._queue.get()
         if error is None:
             try:
                 batch = self._put(batch)
             except Exception as e:
                 error = e
-        self._next = (batch, error)
+        self._next = (batch, state, error)
 
     def take(self):
         """The next step's batch on the devices."""
         self.transfer_next()
-        (batch, error), self._next = self._next, None
+        (batch, state, error), self._next = self._next, None
         if error is not None:
             raise error
+        self.state = state
         return batch
 
     def close(self):
@@ -66,3 +86,5 @@ class Feed:
             except queue.Empty:
                 break
         self._thread.join(timeout=10)
+        if self._iterator is not None:
+            self._iterator.close()

@@ -47,6 +47,7 @@ class RunRecord:
     last_train: dict = dataclasses.field(default_factory=dict)
     last_val: dict = dataclasses.field(default_factory=dict)
     evaluations_since_best: int = 0
+    data_state: dict | None = None  # a streamed corpus' position after the step (Feed.state)
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     @classmethod
@@ -54,7 +55,8 @@ class RunRecord:
         return cls(best_loss=best.get("best_val_loss"), best_step=best.get("best_step"),
                    earlier_time_s=latest.get("train_time_s", 0.0),
                    last_train=latest.get("train", {}), last_val=latest.get("val", {}),
-                   evaluations_since_best=latest.get("evaluations_since_best", 0))
+                   evaluations_since_best=latest.get("evaluations_since_best", 0),
+                   data_state=latest.get("data"))
 
     def train_time_s(self) -> float:
         """Time in the training loop (evaluation included) of the calls that led here."""
@@ -66,7 +68,7 @@ class RunRecord:
     def meta(self) -> dict:
         return dict(best_val_loss=self.best_loss, best_step=self.best_step,
                     train_time_s=self.train_time_s(), train=self.last_train, val=self.last_val,
-                    evaluations_since_best=self.evaluations_since_best)
+                    evaluations_since_best=self.evaluations_since_best, data=self.data_state)
 
 
 def _fetch(pending: list, par) -> list[dict]:
@@ -261,7 +263,8 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps
             window = profiling.StepWindow(profile_steps, os.path.join(workdir, PROFILE_DIR))
         record.started = time.perf_counter()
         pending, fetched = [], []  # metrics on the devices; on the host, not yet logged
-        feed = Feed(task.train_batch, par.batch, start, total_steps)
+        feed = Feed(task.train_batch, par.batch, start, total_steps,
+                    resume_state=record.data_state)
         try:
             with StopRequest() as stop:
                 for step in range(start, total_steps):
@@ -269,6 +272,7 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps
                     if window is not None:
                         window.before(done, state)
                     state, metrics = p_train(state, feed.take())
+                    record.data_state = feed.state
                     stopping = stop.after(done) or (stop_after is not None
                                                     and done - start >= stop_after)
                     if not stopping:
