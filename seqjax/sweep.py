@@ -252,11 +252,12 @@ def _plot(rows: list[dict], workdir: str, metric: str):
 
 
 def _finished_row(point, subdir: str) -> dict | None:
-    """The recorded row of a point that finished all its steps with this very config."""
+    """The recorded row of a point that finished (all its steps, or stopped early) with this
+    very config."""
     row = _read_json(os.path.join(subdir, RESULT_FILE))
     saved = config_lib.load(subdir) if row else None
-    if row is None or saved is None or row.get("status") != "ok" or \
-            row.get("step") != point.num_train_steps:
+    if row is None or saved is None or row.get("status") != "ok" or (
+            row.get("step") != point.num_train_steps and not row.get("early_stopped")):
         return None
     now = json.loads(json.dumps(config_lib.flatten(point), default=str))
     return row if not config_lib.differences(config_lib.flatten(saved), now) else None

@@ -256,7 +256,7 @@ def test_packed_translation_gives_each_pair_its_unpacked_loss_and_gradient():
     decoder. Loss equality per pair also shows that `pack_pairs` keeps a pair's source and
     target under one segment number, with positions from 0, and that teacher forcing restarts
     with <bos> at each pair."""
-    T, N, align = 8, 7, 4  # sentences start at block boundaries, as translation.pack_align
+    T, N, align = 8, 7, 4  # sentences start at block boundaries, as tasks.common.pack_align
     src, src_len, tgt, tgt_len = _pairs(N, T, seed=1)
     hp = dict(TINY, num_layers=1, d_model=16, max_length=T)
     model = EncoderDecoder(

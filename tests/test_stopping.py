@@ -55,6 +55,7 @@ def test_target_metric_ends_the_run_when_reached(tmp_path, tiny_charlm):
     ("patience", -1, "must be >= 0"),
     ("target", "accuracy > 0.5", "metric>=value"),
     ("target", "accuracy>=high", "metric>=value"),
+    ("target", "accuracy>=1.2.3", "metric>=value"),
 ])
 def test_bad_early_stopping_is_refused_before_anything_is_written(tmp_path, tiny_charlm, key,
                                                                   value, match):

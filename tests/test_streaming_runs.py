@@ -64,7 +64,9 @@ def test_resume_is_bit_identical_with_the_stream_position_in_the_checkpoint(shar
     assert train_and_evaluate(config, str(twice), stop_after=2)["step"] == 2
     from seqjax.train.checkpoint import Checkpoints
     ckpts = Checkpoints(str(twice))
-    assert ckpts.meta("latest")["data"] == {"next_index": 2}
+    saved = ckpts.meta("latest")["data"]
+    assert saved == dict(position={"next_index": 2},
+                         source=streaming.ShardSource(shard_dir).fingerprint)
     ckpts.close()
     train_and_evaluate(config, str(twice))
     _same_state(restored(once), restored(twice))
@@ -107,6 +109,15 @@ def test_shards_of_another_tokenizer_are_refused_naming_both(shard_dir, tmp_path
         train_and_evaluate(_config(other), str(workdir))
     assert f"written with a WordPiece tokenizer trained on {SOURCE!r}" in str(error.value)
     assert f"this run tokenizes with the tokenizer.json of {workdir}" in str(error.value)
+
+
+def test_a_run_resumed_on_shards_prepared_again_is_refused(shard_dir, tmp_path):
+    workdir = tmp_path / "run"
+    train_and_evaluate(_config(shard_dir, num_train_steps=3), str(workdir))
+    again = tmp_path / "again"  # the same text and tokenizer, cut with another seed
+    tasks.prepare(_config(again, seed=1), str(workdir), [SOURCE], str(again))
+    with pytest.raises(ValueError, match="trained on other rows than the stream holds now"):
+        train_and_evaluate(_config(again), str(workdir))
 
 
 def test_a_corrupt_shard_names_the_file_and_keeps_the_workdir(shard_dir, tmp_path):

@@ -57,7 +57,8 @@ def text_blocks(path, *, block_chars: int = 1 << 23, starts_block=None):
     """The text of the UTF-8 file at `path` (gunzipped if it ends in `.gz`) in blocks of whole
     lines, one block in memory at a time: a block closes once it holds `block_chars`
     characters, before the next line for which `starts_block(line)` is true (any line by
-    default), so that a record spread over lines (a WikiText article) stays in one block."""
+    default), so that a record spread over lines (a WikiText article) stays in one block. A
+    file with no such line in 4 x `block_chars` is an error, not a block that grows with it."""
     path = files.path(path).expanduser()
     starts_block = starts_block or (lambda line: True)
     lines, size = [], 0
@@ -69,6 +70,10 @@ def text_blocks(path, *, block_chars: int = 1 << 23, starts_block=None):
                 if size >= block_chars and starts_block(line.rstrip("\n")):
                     yield "".join(lines)
                     lines, size = [], 0
+                if size >= 4 * block_chars:
+                    raise ValueError(f"{str(path)!r}: no line that may start a block in "
+                                     f"{size:,} characters (a WikiText article's ' = Title = "
+                                     f"' line): not in the layout its reader expects")
                 lines.append(line)
                 size += len(line)
     except UnicodeDecodeError as e:
@@ -104,11 +109,13 @@ def _struct(layout) -> np.dtype:
     return np.dtype([(name, dtype, tuple(shape)) for name, dtype, shape in layout])
 
 
-def write_shards(rows_iter, out_dir, *, metadata: dict, rows_per_shard: int = 65_536) -> dict:
+def write_shards(rows_iter, out_dir, *, metadata: dict, rows_per_shard: int = 65_536,
+                 extra_files: dict | None = None) -> dict:
     """Writes the rows of `rows_iter` (chunks: dicts of equal-length arrays, the layout the
     tasks' in-memory path makes) into ArrayRecord shards of `rows_per_shard` rows in
     `out_dir`, one record per row, holding one chunk in memory at a time; then the manifest,
-    which it returns. `metadata` (JSON) is stored in it for `ShardSource.check_metadata`.
+    which it returns. `metadata` (JSON) is stored in it for `ShardSource.check_metadata`;
+    `extra_files` ({name: text}: the tokenizer) are written beside the shards, before it.
 
     `out_dir` must be new, empty, or hold an unfinished write (shards without a manifest),
     whose shards are replaced; finished shards (a manifest) or other files are refused."""
@@ -116,8 +123,9 @@ def write_shards(rows_iter, out_dir, *, metadata: dict, rows_per_shard: int = 65
             or rows_per_shard <= 0:
         raise ValueError(f"rows_per_shard={rows_per_shard!r}: must be a positive integer")
     metadata = json.loads(json.dumps(metadata))  # not JSON: an error now, not after the work
-    out = _local_dir(out_dir)
-    _clear_unfinished(out)
+    out = local_dir(out_dir)
+    extra_files = extra_files or {}
+    _clear_unfinished(out, set(extra_files))
     out.mkdir(parents=True, exist_ok=True)
     layout, shards, writer, path, rows = None, [], None, None, 0
 
@@ -157,26 +165,29 @@ def write_shards(rows_iter, out_dir, *, metadata: dict, rows_per_shard: int = 65
         raise ValueError(f"no rows to write into {out}")
     manifest = dict(format=_FORMAT[0], version=_FORMAT[1], rows=sum(s["rows"] for s in shards),
                     arrays=layout, shards=shards, metadata=metadata)
+    for name, text in extra_files.items():
+        files.write_text(out / name, text)
     files.write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
-def _local_dir(p) -> epath.Path:
+def local_dir(p) -> epath.Path:
     if not files.is_local(p):
         raise ValueError(f"{os.fspath(p)!r}: shards are read and written on this machine's disks "
                          f"only (array_record opens local files); copy them to one")
     return files.path(p).expanduser()
 
 
-def _clear_unfinished(out: epath.Path):
+def _clear_unfinished(out: epath.Path, extra_names: set):
     if not out.exists():
         return
     if (out / MANIFEST).exists():
         raise FileExistsError(f"{out} already holds finished shards ({MANIFEST}); remove it to "
                               f"write them again")
     names = [p.name for p in out.iterdir()]
-    others = [n for n in names  # files.write_text's temporary manifest is ours too
-              if not (_SHARD.fullmatch(n) or n.startswith(f".{MANIFEST}.") and n.endswith(".tmp"))]
+    ours = {MANIFEST, *extra_names}  # and files.write_text's temporary files of them
+    others = [n for n in names if not (_SHARD.fullmatch(n) or n in extra_names or any(
+        n.startswith(f".{name}.") and n.endswith(".tmp") for name in ours))]
     if others:
         raise FileExistsError(f"{out} holds files other than shards ({sorted(others)[:5]}); "
                               f"write shards into a new or empty directory")
@@ -190,7 +201,7 @@ def _clear_unfinished(out: epath.Path):
 
 def read_manifest(shard_dir) -> dict:
     """The manifest of a finished shard directory, with errors that say what is wrong."""
-    d = _local_dir(shard_dir)
+    d = local_dir(shard_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"shard directory {str(d)!r} does not exist")
     names = sorted(p.name for p in d.iterdir())
@@ -233,8 +244,11 @@ class ShardSource:
     any shard."""
 
     def __init__(self, shard_dir):
-        self.shard_dir = _local_dir(shard_dir)
+        self.shard_dir = local_dir(shard_dir)
         self.manifest = read_manifest(self.shard_dir)
+        # Which rows these are: a run resumed on other shards (prepared again) is refused.
+        self.fingerprint = hashlib.sha256(
+            json.dumps(self.manifest, sort_keys=True).encode("utf-8")).hexdigest()
         self.layout = _struct(self.manifest["arrays"])
         self.paths = [self.shard_dir / s["file"] for s in self.manifest["shards"]]
         self._readers = [_open_shard(path, s["rows"], s["bytes"])
@@ -357,6 +371,10 @@ class StreamBatches:
         self.dataset = local_rows.map(self.source.rows)
         self.read_options = grain.ReadOptions(num_threads=num_threads,
                                               prefetch_buffer_size=prefetch)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.source.fingerprint
 
     def __call__(self, step: int) -> dict:
         if not (isinstance(step, numbers.Integral) and step >= 0):

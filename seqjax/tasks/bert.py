@@ -38,6 +38,7 @@ from seqjax.tasks import shards
 from seqjax.tasks.common import (
     Task,
     accuracy_sum,
+    pack_align,
     perplexity,
     saved_file,
     transformer_config,
@@ -78,10 +79,10 @@ def make_encoder(config, vocab_size: int) -> BertEncoder:
     return BertEncoder(vocab_size, **_encoder_config(config).kwargs("position", "activation"))
 
 
-def named_tokenizer(config, workdir, train_documents=None):
+def named_tokenizer(config, workdir, train_documents=None, shard_dir=None):
     """(tokenizer, where it comes from): the workdir's saved tokenizer; else, when
-    fine-tuning, the one of `config.init_from`; else that of the pretraining shards
-    (`data.shard_dir`); else one trained on the pretraining corpus' training split."""
+    fine-tuning, the one of `config.init_from`; else that of the pretraining shards in
+    `shard_dir`; else one trained on the pretraining corpus' training split."""
     text, name = saved_file(workdir, TOKENIZER_FILE), f"the {TOKENIZER_FILE} of {workdir}"
     if text is None and config.get("init_from"):
         config_lib.expect_run_dir(config, "init_from")
@@ -90,8 +91,8 @@ def named_tokenizer(config, workdir, train_documents=None):
         if text is None:
             raise FileNotFoundError(f"config.init_from={config.init_from!r} holds no "
                                     f"{TOKENIZER_FILE}: not a BERT pretraining workdir")
-    if text is None and config.data.get("shard_dir"):
-        text, name = shards.shard_tokenizer(config.data.shard_dir) or (None, None)
+    if text is None and shard_dir is not None:
+        text, name = shards.shard_tokenizer(shard_dir) or (None, None)
     if text is not None:
         return data_lib.tokenizer_from_json(text, name), name
     # Fine-tuning names its tokenizer's corpus; pretraining trains it on its training split.
@@ -209,15 +210,14 @@ def train_rows(config, tokenizer, documents, seed=None) -> dict:
     """The training rows of `documents` (a corpus, or a chunk of one): `pretraining_arrays`,
     packed when `config.data.pack` (`data_lib.pack_pretraining`; with block-local attention
     each sequence starts at a block boundary, so that it sees the windows it sees alone)."""
-    d, m = config.data, config.model
+    d = config.data
     rows = data_lib.pretraining_arrays(data_lib.encode_documents(tokenizer, documents),
                                        d.max_seq_len, nsp=d.nsp,
                                        seed=config.seed if seed is None else seed,
                                        dupe_factor=d.dupe_factor)
     if not d.pack:
         return rows
-    align = m.block_size if m.attention == "local" else 1
-    return data_lib.pack_pretraining(rows, d.pack_max_sequences, align)
+    return data_lib.pack_pretraining(rows, d.pack_max_sequences, pack_align(config))
 
 
 def build_pretrain(config, workdir=None) -> Task:
@@ -227,7 +227,7 @@ def build_pretrain(config, workdir=None) -> Task:
     train_docs = None if streamed else data_lib.load_wikitext("train", d.train_file,
                                                               d.max_documents)
     valid_docs = data_lib.load_wikitext("valid", d.valid_file, d.max_documents)
-    tokenizer, tokenizer_name = named_tokenizer(config, workdir, train_docs)
+    tokenizer, tokenizer_name = named_tokenizer(config, workdir, train_docs, d.get("shard_dir"))
     if streamed:
         train = shards.stream(config, tokenizer, tokenizer_name, jax.process_index(),
                               jax.process_count())

@@ -96,6 +96,13 @@ def transformer_config(config, *, max_length_key: str, **fixed) -> TransformerCo
         name=lambda field: keys.get(field, f"model.{field}"), expect=config_lib.expect)
 
 
+def pack_align(config) -> int:
+    """Where packed sequences may start: at every position, or with block-local attention at
+    block boundaries, so that a sequence sees the same windows packed as alone."""
+    m = config.model
+    return m.block_size if m.attention == "local" else 1
+
+
 def lm_sums(logits_BxTxV, targets_BxT, weights_BxT=None) -> dict:
     """Summed next-token cross-entropy and its weight (padding has weight 0 in eval batches)."""
     ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)

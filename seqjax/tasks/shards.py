@@ -6,9 +6,9 @@ run adopts; a run whose tokenizer is another (its own workdir's, or config.init_
 refused, naming both.
 """
 
-from seqjax import files
 from seqjax.data import pretraining as data_lib
 from seqjax.data import streaming
+from seqjax.tasks.common import pack_align
 
 TOKENIZER_FILE = "tokenizer.json"
 BLOCK_CHARS = 1 << 23  # characters of text tokenized at a time: memory stays flat
@@ -16,22 +16,24 @@ BLOCK_CHARS = 1 << 23  # characters of text tokenized at a time: memory stays fl
 
 def row_metadata(config) -> dict:
     """What a shard's rows depend on besides the tokenizer, as the manifest records it."""
-    d, m = config.data, config.model
+    d = config.data
     metadata = dict(task=config.task, max_seq_len=d.max_seq_len, nsp=d.nsp,
                     dupe_factor=d.dupe_factor, pack=d.pack)
     if d.pack:
-        metadata.update(pack_max_sequences=d.pack_max_sequences,
-                        align=m.block_size if m.attention == "local" else 1)
+        metadata.update(pack_max_sequences=d.pack_max_sequences, align=pack_align(config))
     return metadata
 
 
 def shard_tokenizer(shard_dir) -> tuple[str, str] | None:
-    """(JSON, name) of the tokenizer that wrote the shards in `shard_dir`, or None if it holds
-    none (not a finished shard directory: opening it says why)."""
-    path = files.path(shard_dir) / TOKENIZER_FILE
+    """(JSON, name) of the tokenizer that wrote the shards in `shard_dir`, or None if they have
+    none beside them; a directory of no finished shards is an error here, before a run trains a
+    tokenizer of its own."""
+    streaming.read_manifest(shard_dir)
+    path = streaming.local_dir(shard_dir) / TOKENIZER_FILE
     if not path.exists():
         return None
-    return files.read_text(path), f"the {TOKENIZER_FILE} of the shards in {str(shard_dir)!r}"
+    name = f"the {TOKENIZER_FILE} of the shards in {str(shard_dir)!r}"
+    return path.read_text(encoding="utf-8"), name
 
 
 def _blocks_of_documents(sources):
@@ -65,9 +67,8 @@ def prepare(config, tokenizer, tokenizer_name: str, sources, out_dir, train_rows
                     tokenizer=streaming.tokenizer_metadata(tokenizer_name, text))
     rows = (train_rows(config, tokenizer, documents, seed=(config.seed, i))
             for i, documents in enumerate(_blocks_of_documents(sources)))
-    manifest = streaming.write_shards(rows, out_dir, metadata=metadata)
-    files.write_text(files.path(out_dir) / TOKENIZER_FILE, text)
-    return manifest
+    return streaming.write_shards(rows, out_dir, metadata=metadata,
+                                  extra_files={TOKENIZER_FILE: text})
 
 
 def stream(config, tokenizer, tokenizer_name: str, process_index: int,

@@ -42,6 +42,7 @@ from seqjax.tasks.common import (
     accuracy_sum,
     check_precision,
     lm_sums,
+    pack_align,
     precision,
     saved_file,
     transformer_config,
@@ -132,13 +133,6 @@ def _tokenizers(config, train_pairs, workdir):
 
 def _arrays(tokenizer, texts, num_steps):
     return data_lib.build_array([tokenizer.encode(text) for text in texts], num_steps)
-
-
-def pack_align(config) -> int:
-    """Where packed sequences may start: at every position, or with block-local attention at
-    block boundaries, so that a sequence sees the same windows packed as alone."""
-    m = config.model
-    return m.block_size if m.attention == "local" else 1
 
 
 def train_rows(config, src_tok, tgt_tok, pairs) -> dict:

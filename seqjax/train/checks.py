@@ -15,7 +15,8 @@ from seqjax.train.optimizer import OPTIMIZERS, SCHEDULES
 # evaluation, logging) may change.
 RESUME_KEYS = ("task", "model", "data.preprocess", "data.min_freq", "data.batch_size",
                "data.tokenizer", "data.vocab_size", "data.max_pairs", "data.num_valid",
-               "data.num_test", "opt.name", "opt.grad_accum_steps")
+               "data.num_test", "data.pack", "data.pack_max_sequences", "opt.name",
+               "opt.grad_accum_steps")
 RESUME_FREE = ("model.dropout", "model.attention_dropout", "model.unroll", "model.dtype",
                "model.init", "model.linear.scan", "model.remat", "model.attention_impl")
 

@@ -20,9 +20,10 @@ class Feed:
     builder stuck in a call cannot keep the process alive).
 
     A streamed corpus (`build.iterate(start)`: a grain iterator that reads ahead itself) is
-    read through its iterator instead, and `state` is the position in the stream after the
-    last batch taken, which a checkpoint of that step saves (`resume_state` restores it: the
-    iterator then starts from the saved position, which must be the step's)."""
+    read through its iterator instead, and `state` is its position after the last batch taken
+    and the fingerprint of the rows (`build.fingerprint`), which a checkpoint of that step
+    saves; `resume_state` is checked against the stream at `start`: other rows (shards prepared
+    again) or another position are refused."""
 
     def __init__(self, build, put, start: int, stop: int, resume_state: dict | None = None):
         self._put, self._left = put, stop - start
@@ -32,14 +33,17 @@ class Feed:
         self.state = resume_state
         if hasattr(build, "iterate"):
             self._iterator = build.iterate(start)
-            expected = self._iterator.get_state()
+            fingerprint = build.fingerprint
+            expected = dict(position=self._iterator.get_state(), source=fingerprint)
             if resume_state is not None and resume_state != expected:
                 self._iterator.close()
-                raise ValueError(f"the checkpoint of step {start} saved the data stream at "
-                                 f"{resume_state}, not at {expected}")
-            if resume_state is not None:
-                self._iterator.set_state(resume_state)
-            source = lambda step: (next(self._iterator), self._iterator.get_state())
+                raise ValueError(
+                    f"the checkpoint of step {start} was trained on other rows than the stream "
+                    f"holds now (prepared again?)" if resume_state.get("source") != fingerprint
+                    else f"the checkpoint of step {start} saved the data stream at "
+                    f"{resume_state.get('position')}, not at {expected['position']}")
+            source = lambda step: (next(self._iterator),
+                                   dict(position=self._iterator.get_state(), source=fingerprint))
         else:
             self._iterator = None
             source = lambda step: (build(step), None)
@@ -86,5 +90,5 @@ class Feed:
             except queue.Empty:
                 break
         self._thread.join(timeout=10)
-        if self._iterator is not None:
+        if self._iterator is not None and not self._thread.is_alive():
             self._iterator.close()

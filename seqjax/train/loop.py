@@ -234,7 +234,8 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps
         results.update(prefixed("val", val))
         progress.write(f"step {done}: " + ", ".join(f"val {k} {v:.4f}" for k, v in val.items()))
         record.last_val = val
-        improves = record.improves(val["loss"])
+        # A resumed run may replay the step of its best checkpoint: still the best, not a miss.
+        improves = record.improves(val["loss"]) or done == record.best_step
         record.evaluations_since_best = 0 if improves else record.evaluations_since_best + 1
         if not improves:
             return None
@@ -315,8 +316,8 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps
                 progress.write(window.summary())
         return state
 
-    ended = early.reason(record.evaluations_since_best, record.last_val) if start else None
     try:
+        ended = early.reason(record.evaluations_since_best, record.last_val) if start else None
         if start < total_steps and not ended:
             if start:
                 progress.write(f"resumed from step {start} in {workdir}")

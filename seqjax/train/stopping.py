@@ -6,8 +6,9 @@ for it forever in the next collective. With one process, a Python handler sets a
 loop reads after each step. With several (`jax.distributed`), JAX's coordination service
 catches SIGTERM on any of them and `reached_preemption_sync_point(step)` is True on all of them
 at the same step, a few steps later; the loop asks it once a step, a host-side call that does
-not wait for the devices (about 5 us, `benchmarks/preemption.py`). A Python SIGTERM handler
-would take the signal from the service, so none is installed then.
+not wait for the devices (3.6 us, `benchmarks/preemption.py`). A Python SIGTERM handler would
+take the signal from the service, so none is installed then. JAX reaches one sync point per
+process: a sweep stops after the point that reached it.
 
 Early stopping. `config.early_stopping.patience` = P > 0 ends the run after P evaluations in a
 row without a better validation loss; `config.early_stopping.target` = `"metric>=value"` (or
@@ -24,7 +25,8 @@ import jax
 
 from seqjax import config as config_lib
 
-_TARGET = re.compile(r"^\s*(\w+)\s*(>=|<=)\s*([-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)\s*$")
+_TARGET = re.compile(r"^\s*(\w+)\s*(>=|<=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+_preempted = False  # a sync point was reached in this process: a sweep stops after its point
 
 
 class StopRequest:
@@ -36,9 +38,13 @@ class StopRequest:
     outer one's flag and passes a signal on to it."""
 
     def __init__(self):
-        self.requested = False
+        self._requested = False
         self.previous = None
         self.shared = jax.process_count() > 1
+
+    @property
+    def requested(self) -> bool:
+        return self._requested or (self.shared and _preempted)
 
     def __enter__(self):
         if self.shared:
@@ -54,19 +60,20 @@ class StopRequest:
         self.outer = getattr(self.previous, "__self__", None)
         if not isinstance(self.outer, StopRequest):
             self.outer = None
-        self.requested = bool(self.outer and self.outer.requested)
+        self._requested = bool(self.outer and self.outer.requested)
         return self
 
     def after(self, step: int) -> bool:
         """Whether to stop after `step`; called once a step, with increasing steps, by every
         process."""
-        if self.shared:
+        global _preempted
+        if self.shared and not _preempted:
             from jax.experimental import multihost_utils
-            self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+            _preempted = multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 
     def _handle(self, *args):
-        self.requested = True
+        self._requested = True
         if self.outer is not None:
             self.outer._handle(*args)
 
@@ -77,11 +84,14 @@ class StopRequest:
 
 def check_config(config):
     """config.early_stopping (absent from configs written before it: off)."""
-    if "early_stopping" not in config:
-        return
-    patience = config_lib.expect_type(config, "early_stopping.patience", int)
-    config_lib.expect(patience >= 0, "early_stopping.patience", patience, "must be >= 0 (0: off)")
-    target = config_lib.expect_type(config, "early_stopping.target", str)
+    settings = config.get("early_stopping") or {}
+    if "patience" in settings:
+        patience = config_lib.expect_type(config, "early_stopping.patience", int)
+        config_lib.expect(patience >= 0, "early_stopping.patience", patience,
+                          "must be >= 0 (0: off)")
+    target = settings.get("target", "")
+    if "target" in settings:
+        config_lib.expect_type(config, "early_stopping.target", str)
     config_lib.expect(not target or _TARGET.match(target), "early_stopping.target", target,
                       "expected 'metric>=value' or 'metric<=value' (e.g. 'accuracy>=0.85'), "
                       "or '' (off)")
