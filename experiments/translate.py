@@ -41,6 +41,10 @@ def get_config(arg=None):
         # None: the shipped English-French pairs; else any file of `source<TAB>target` lines
         path=ml_collections.config_dict.placeholder(str),
         max_pairs=ml_collections.config_dict.placeholder(int),  # None: every pair
+        # a directory of training rows that `--mode prepare` wrote from pair files of any size,
+        # streamed instead of path's training split (path still gives the vocabularies,
+        # validation and test); None: in memory
+        shard_dir=ml_collections.config_dict.placeholder(str),
         num_valid=2000,
         num_test=2000,  # pairs whose source never occurs in training
         tokenizer="word",  # 'word' (the textbook's), or subwords: 'bpe' or 'wordpiece'

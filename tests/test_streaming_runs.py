@@ -1,6 +1,7 @@
-"""BERT pretraining streamed from shards (`--mode prepare`, `config.data.shard_dir`): a resumed run
-equals an uninterrupted one bit for bit with grain's position in the checkpoint, two processes
-equal one, and bad shard directories are refused with nothing in the workdir lost."""
+"""Training corpora streamed from shards (`--mode prepare`, `config.data.shard_dir`): BERT
+pretraining and translation read the rows the in-memory path makes; a resumed run equals an
+uninterrupted one bit for bit, two processes equal one, and bad shard directories are refused
+with nothing in the workdir lost."""
 
 import json
 
@@ -44,11 +45,11 @@ def _same_state(a, b):
 def test_prepared_rows_are_the_in_memory_rows_of_each_block(shard_dir, tmp_path):
     config = _config(shard_dir)
     source = streaming.ShardSource(shard_dir)
-    tokenizer_json, _ = shards.shard_tokenizer(shard_dir)
+    ((tokenizer_json, _),) = shards.shard_tokenizers(shard_dir, ["tokenizer.json"]).values()
     from seqjax.data import pretraining as data_lib
     from seqjax.tasks import bert
     tokenizer = data_lib.tokenizer_from_json(tokenizer_json, "the shards' tokenizer")
-    (documents,) = list(shards._blocks_of_documents([SOURCE]))  # one block: a small file
+    (documents,) = list(shards.document_blocks([SOURCE]))  # one block: a small file
     expected = bert.train_rows(config, tokenizer, documents, seed=(config.seed, 0))
     assert len(source) == len(expected["tokens"])
     got = source.rows(np.arange(len(source)))
@@ -138,3 +139,32 @@ def test_a_corrupt_shard_names_the_file_and_keeps_the_workdir(shard_dir, tmp_pat
     after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p.name != ".lock"}
     assert {p: after.get(p) for p in before} == before
     assert json.loads((broken / "manifest.json").read_text())["rows"] > 0
+
+
+def test_translation_streams_prepared_pairs_and_resumes_exactly(tmp_path):
+    import gzip
+
+    from seqjax.data import translation as translation_data
+    from seqjax.tasks import translation
+    text = gzip.decompress((ROOT / "seqjax/data/fra_eng/fra.txt.gz").read_bytes()).decode()
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("".join(text.splitlines(keepends=True)[:3000]))
+    out = tmp_path / "shards"
+    config = load_config("translate", "tiny")
+    config.data.shard_dir = str(out)
+    config.num_train_steps = 6
+    tasks.prepare(config, None, [str(pairs)], str(out))
+    named = translation.named_tokenizers(config, None, None, str(out))
+    expected = translation.train_rows(config, *(tok for tok, _ in named.values()),
+                                      translation_data.load_pairs(str(pairs)))
+    source = streaming.ShardSource(out)
+    got = source.rows(np.arange(len(source)))
+    assert set(got) == set(expected)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(got[name], array)
+
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    train_and_evaluate(config, str(once))
+    train_and_evaluate(config, str(twice), stop_after=3)
+    train_and_evaluate(config, str(twice))
+    _same_state(restored(once), restored(twice))

@@ -353,7 +353,7 @@ class StreamBatches:
 
     def __init__(self, shard_dir, batch_size: int, *, seed: int = 0, shard_index: int = 0,
                  num_shards: int = 1, metadata: dict | None = None, what: str = "rows",
-                 num_threads: int = 1, prefetch: int = 4):
+                 transform=None, num_threads: int = 1, prefetch: int = 4):
         check_sharding(batch_size, seed, shard_index, num_shards)
         self.source = ShardSource(shard_dir)
         if metadata is not None:
@@ -369,6 +369,8 @@ class StreamBatches:
         local_rows = (order[:self.steps_per_epoch * batch_size].batch(batch_size // num_shards)
                       [shard_index::num_shards].repeat())
         self.dataset = local_rows.map(self.source.rows)
+        if transform is not None:  # a batch of rows -> the model's batch (teacher forcing)
+            self.dataset = self.dataset.map(transform)
         self.read_options = grain.ReadOptions(num_threads=num_threads,
                                               prefetch_buffer_size=prefetch)
 

@@ -48,8 +48,18 @@ def load_pairs(path=None, max_pairs: int | None = None) -> list[tuple[str, str]]
     else:
         name = repr(str(files.path(path).expanduser()))
         lines = read_text_file(path, "sentence-pair file").splitlines()
+    pairs = parse_pairs(lines, name, max_pairs=max_pairs)
+    if not pairs:
+        raise ValueError(f"{name} holds no sentence pair")
+    return pairs
+
+
+def parse_pairs(lines, name: str, first_number: int = 1, max_pairs: int | None = None
+                ) -> list[tuple[str, str]]:
+    """The (source, target) pairs of `lines` (of the file `name`, from its line `first_number`:
+    a whole file or a block of one), as `load_pairs` reads them."""
     pairs = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(lines, first_number):
         if max_pairs is not None and len(pairs) >= max_pairs:
             break
         if not line.strip():
@@ -58,8 +68,6 @@ def load_pairs(path=None, max_pairs: int | None = None) -> list[tuple[str, str]]
         if len(fields) < 2 or not fields[0].strip() or not fields[1].strip():
             raise ValueError(f"line {number} of {name} is not 'source<TAB>target': {line[:80]!r}")
         pairs.append((fields[0], fields[1]))
-    if not pairs:
-        raise ValueError(f"{name} holds no sentence pair")
     return pairs
 
 

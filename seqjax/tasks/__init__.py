@@ -19,13 +19,13 @@ def build(config, workdir: str | None = None) -> Task:
 
 def prepare(config, workdir: str | None, sources: list[str], out_dir: str) -> dict:
     """Writes the training rows of text files `sources` of any size into shards in `out_dir`
-    with the tokenizer of the run in `workdir` (`seqjax.tasks.shards`); returns the manifest."""
-    from seqjax.tasks import bert, shards
-    if config.task != "bert_pretrain":
+    with the tokenizers of the run in `workdir` (`seqjax.tasks.shards`); returns the manifest."""
+    from seqjax.tasks import bert, shards, translation
+    preparers = {"bert_pretrain": bert.prepare_rows, "translate": translation.prepare_rows}
+    if config.task not in preparers:
         raise ValueError(f"config.task={config.task!r}: --mode prepare writes the training "
-                         f"corpus of bert_pretrain (experiments/bert_pretrain.py)")
+                         f"corpus of {' or '.join(sorted(preparers))}")
     if not sources:
         raise ValueError("--source: give the text files to prepare (comma-separated)")
-    bert.check_pretrain(config)
-    tokenizer, name = bert.named_tokenizer(config, workdir)
-    return shards.prepare(config, tokenizer, name, sources, out_dir, bert.train_rows)
+    tokenizers, rows = preparers[config.task](config, workdir, sources)
+    return shards.prepare(config, tokenizers, rows, out_dir)

@@ -92,7 +92,8 @@ def named_tokenizer(config, workdir, train_documents=None, shard_dir=None):
             raise FileNotFoundError(f"config.init_from={config.init_from!r} holds no "
                                     f"{TOKENIZER_FILE}: not a BERT pretraining workdir")
     if text is None and shard_dir is not None:
-        text, name = shards.shard_tokenizer(shard_dir) or (None, None)
+        saved = shards.shard_tokenizers(shard_dir, [TOKENIZER_FILE])
+        text, name = saved[TOKENIZER_FILE] if saved else (None, None)
     if text is not None:
         return data_lib.tokenizer_from_json(text, name), name
     # Fine-tuning names its tokenizer's corpus; pretraining trains it on its training split.
@@ -220,6 +221,16 @@ def train_rows(config, tokenizer, documents, seed=None) -> dict:
     return data_lib.pack_pretraining(rows, d.pack_max_sequences, pack_align(config))
 
 
+def prepare_rows(config, workdir, sources):
+    """({file name: (JSON, where it comes from)} of the run's tokenizer, the training rows of
+    the text files `sources` a block of articles at a time, each block seeded by its index)."""
+    check_pretrain(config)
+    tokenizer, name = named_tokenizer(config, workdir)
+    rows = (train_rows(config, tokenizer, documents, seed=(config.seed, i))
+            for i, documents in enumerate(shards.document_blocks(sources)))
+    return {TOKENIZER_FILE: (tokenizer.to_str(), name)}, rows
+
+
 def build_pretrain(config, workdir=None) -> Task:
     check_pretrain(config)
     d = config.data
@@ -229,8 +240,8 @@ def build_pretrain(config, workdir=None) -> Task:
     valid_docs = data_lib.load_wikitext("valid", d.valid_file, d.max_documents)
     tokenizer, tokenizer_name = named_tokenizer(config, workdir, train_docs, d.get("shard_dir"))
     if streamed:
-        train = shards.stream(config, tokenizer, tokenizer_name, jax.process_index(),
-                              jax.process_count())
+        train = shards.stream(config, {TOKENIZER_FILE: (tokenizer.to_str(), tokenizer_name)},
+                              jax.process_index(), jax.process_count())
     else:
         train = RowBatches(train_rows(config, tokenizer, train_docs), d.batch_size,
                            seed=config.seed, shard_index=jax.process_index(),

@@ -37,6 +37,7 @@ from seqjax.data.batching import RowBatches
 from seqjax.nn.recurrent import CELLS
 from seqjax.nn.seq2seq import Seq2SeqAttentionDecoder, Seq2SeqEncoder
 from seqjax.nn.transformer import EncoderDecoder, TransformerDecoder, TransformerEncoder
+from seqjax.tasks import shards
 from seqjax.tasks.common import (
     Task,
     accuracy_sum,
@@ -66,6 +67,8 @@ def check_config(config):
                       "data.min_freq", d.min_freq, "must be >= 0")
     if d.max_pairs is not None:
         config_lib.expect_positive_int(config, "data.max_pairs")
+    if d.get("shard_dir") is not None:
+        config_lib.expect_type(config, "data.shard_dir", str)
     config_lib.expect(m.name in MODELS, "model.name", m.name, f"expected one of {MODELS}")
     if config_lib.expect_type(config, "data.pack", bool):
         config_lib.expect(m.name == "transformer", "data.pack", d.pack,
@@ -119,16 +122,46 @@ def loss(model: EncoderDecoder, params, batch, carry=(), *, rng=None, train=Fals
     return sums, carry
 
 
-def _tokenizers(config, train_pairs, workdir):
-    """The workdir's saved tokenizers when it has them, so a run always reads text the way its
-    checkpoints were trained; else ones trained on the training pairs."""
+def _splits(config) -> dict:
+    """{'train' | 'valid' | 'test': pairs} of config.data.path."""
     d = config.data
-    saved = [saved_file(workdir, TOKENIZER_FILES[side]) for side in ("src", "tgt")]
+    pairs = data_lib.load_pairs(d.path, max_pairs=d.max_pairs)
+    split = data_lib.split_pairs(pairs, num_valid=d.num_valid, num_test=d.num_test,
+                                 seed=config.seed)
+    return {name: [pairs[i] for i in idx] for name, idx in split.items()}
+
+
+def named_tokenizers(config, train_pairs, workdir, shard_dir=None) -> dict:
+    """{file name: (tokenizer, where it comes from)} of the source and target sides: the
+    workdir's saved tokenizers when it has them, so a run always reads text the way its
+    checkpoints were trained; else those of the training shards in `shard_dir`; else ones
+    trained on the training pairs."""
+    d = config.data
+    names = [TOKENIZER_FILES[side] for side in ("src", "tgt")]
+    saved = [saved_file(workdir, name) for name in names]
     if all(text is not None for text in saved):
-        return tuple(data_lib.Tokenizer.from_json(text) for text in saved)
-    return tuple(data_lib.Tokenizer.train([pair[i] for pair in train_pairs], kind=d.tokenizer,
-                                          min_freq=d.min_freq, vocab_size=d.vocab_size)
-                 for i in (0, 1))
+        return {name: (data_lib.Tokenizer.from_json(text), f"the {name} of {workdir}")
+                for name, text in zip(names, saved)}
+    found = shard_dir is not None and shards.shard_tokenizers(shard_dir, names)
+    if found:
+        return {name: (data_lib.Tokenizer.from_json(text), origin)
+                for name, (text, origin) in found.items()}
+    corpus = repr(d.path) if d.path else "the shipped English-French pairs"
+    return {name: (data_lib.Tokenizer.train([pair[i] for pair in train_pairs],
+                                            kind=d.tokenizer, min_freq=d.min_freq,
+                                            vocab_size=d.vocab_size),
+                   f"a {d.tokenizer} tokenizer trained on the training pairs of {corpus}")
+            for i, name in enumerate(names)}
+
+
+def prepare_rows(config, workdir, sources):
+    """({file name: (JSON, where it comes from)} of the run's tokenizers, the training rows of
+    the `source<TAB>target` files `sources` a block of lines at a time)."""
+    check_config(config)
+    named = named_tokenizers(config, _splits(config)["train"], workdir)
+    src_tok, tgt_tok = (tok for tok, _ in named.values())
+    rows = (train_rows(config, src_tok, tgt_tok, pairs) for pairs in shards.pair_blocks(sources))
+    return {name: (tok.to_json(), origin) for name, (tok, origin) in named.items()}, rows
 
 
 def _arrays(tokenizer, texts, num_steps):
@@ -151,11 +184,9 @@ def train_rows(config, src_tok, tgt_tok, pairs) -> dict:
 def build(config, workdir=None) -> Task:
     check_config(config)
     d, s = config.data, config.decode
-    pairs = data_lib.load_pairs(d.path, max_pairs=d.max_pairs)
-    split = data_lib.split_pairs(pairs, num_valid=d.num_valid, num_test=d.num_test,
-                                 seed=config.seed)
-    splits = {name: [pairs[i] for i in idx] for name, idx in split.items()}
-    src_tok, tgt_tok = _tokenizers(config, splits["train"], workdir)
+    splits = _splits(config)
+    named = named_tokenizers(config, splits["train"], workdir, d.get("shard_dir"))
+    src_tok, tgt_tok = (tok for tok, _ in named.values())
     valid = (*_arrays(src_tok, [p[0] for p in splits["valid"]], d.num_steps),
              *_arrays(tgt_tok, [p[1] for p in splits["valid"]], d.num_steps))
     model = make_model(config, len(src_tok), len(tgt_tok))
@@ -204,12 +235,18 @@ def build(config, workdir=None) -> Task:
                                 os.path.join(workdir, "attention_maps.png"))
         return metrics
 
-    rows = RowBatches(train_rows(config, src_tok, tgt_tok, splits["train"]), d.batch_size,
-                      seed=config.seed, shard_index=jax.process_index(),
-                      num_shards=jax.process_count(),
-                      what="packed rows of pairs" if d.pack else "pairs")
+    if d.get("shard_dir") is not None:
+        train = shards.stream(config, {name: (tok.to_json(), origin)
+                                       for name, (tok, origin) in named.items()},
+                              jax.process_index(), jax.process_count(),
+                              transform=data_lib.teacher_forcing)
+    else:
+        train = data_lib.TeacherForcing(RowBatches(
+            train_rows(config, src_tok, tgt_tok, splits["train"]), d.batch_size,
+            seed=config.seed, shard_index=jax.process_index(), num_shards=jax.process_count(),
+            what="packed rows of pairs" if d.pack else "pairs"))
     return Task(init_params=init_params, loss=functools.partial(loss, model),
-                train_batch=data_lib.TeacherForcing(rows),
+                train_batch=train,
                 eval_batches=data_lib.eval_batches(*valid, d.eval_batch_size),
                 batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
                 tokens_per_batch=d.batch_size * d.num_steps, report=with_perplexity,
