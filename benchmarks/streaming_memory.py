@@ -106,7 +106,7 @@ def stream(shard_dir: str, dupe_factor: int, batch_size: int, steps: int):
     imported = _peak_mib()
     config = _config(shard_dir, dupe_factor, batch_size)
     tokenizer, name = bert.named_tokenizer(config, None, shard_dir=shard_dir)
-    batches = shards.stream(config, tokenizer, name, 0, 1)
+    batches = shards.stream(config, {bert.TOKENIZER_FILE: (tokenizer.to_str(), name)}, 0, 1)
     opened = _peak_mib()
     start = time.perf_counter()
     iterator = batches.iterate(0)
