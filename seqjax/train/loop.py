@@ -234,9 +234,10 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps
         results.update(prefixed("val", val))
         progress.write(f"step {done}: " + ", ".join(f"val {k} {v:.4f}" for k, v in val.items()))
         record.last_val = val
-        # A resumed run may replay the step of its best checkpoint: still the best, not a miss.
-        improves = record.improves(val["loss"]) or done == record.best_step
-        record.evaluations_since_best = 0 if improves else record.evaluations_since_best + 1
+        improves = record.improves(val["loss"])
+        # A resumed run may replay the step of its best checkpoint: not a miss for patience.
+        record.evaluations_since_best = (0 if improves or done == record.best_step
+                                         else record.evaluations_since_best + 1)
         if not improves:
             return None
         record.best_loss, record.best_step = val["loss"], done
