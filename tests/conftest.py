@@ -12,6 +12,10 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "seqjax-test-jax-cache")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# A size limit turns on the cache's file lock around every read and write: without it a test
+# process can read an entry another process (a worker, one of two hosts) is still writing,
+# and XLA crashes on the truncated executable.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
 import jax  # noqa: E402  (after the environment above)
 
