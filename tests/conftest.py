@@ -20,10 +20,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 import jax  # noqa: E402  (after the environment above)
 
 assert jax.local_device_count() == 4, "XLA_FLAGS was set after jax initialised its backend"
-# The test process itself compiles without the persistent cache (its subprocesses, the launches
-# of runs, share it): twice a full serial run crashed inside XLA serialising or deserialising
-# one executable at the same test, a crash no smaller run reproduced.
-jax.config.update("jax_enable_compilation_cache", False)
 
 import json  # noqa: E402
 import pathlib  # noqa: E402
