@@ -1,26 +1,29 @@
 r"""Sequence packing: the padding it removes and the training throughput it gains, on CPU.
 
-    python benchmarks/packing.py              # default configs: ~5 minutes on 2 shared CPU cores
-    python benchmarks/packing.py --smoke      # the tiny configs and 2 short rounds (a minute)
+    python benchmarks/packing.py              # the default configs
+    python benchmarks/packing.py --smoke      # the tiny configs and 2 short rounds
     python benchmarks/packing.py --steps=10 --repeats=9
 
 Padding: the fraction of padding tokens in the training rows, one sequence a row against packed
 rows (`seqjax.data.packing`: first-fit decreasing, rows of the same length), of
 - the shipped English-French pairs as experiments/translate.py's default config prepares them
-  (`seqjax.tasks.translation.build`, `data.pack` False and True: its word tokenizers and
-  `num_steps` tokens a sentence), source and target rows;
+  (`seqjax.tasks.translation.train_rows` of the training split, `data.pack` False and True,
+  with the word tokenizers the task trains and `num_steps` tokens a sentence), source and
+  target rows;
 - the WikiText-2 pretraining sequences of experiments/bert_pretrain.py's default config
-  (`seqjax.tasks.bert.train_rows`, with the WordPiece tokenizer the task trains).
+  (`seqjax.tasks.bert.train_rows` with the WordPiece tokenizer the task trains, and those
+  sequences packed by `seqjax.data.pretraining.pack_pretraining`).
 
 Throughput: the translation task's training step, unpacked and packed, with the same
-`data.batch_size` rows a batch: `jax.grad` of the task's summed loss divided by its weight (as
-the engine's step does), an optax adamw update, jitted with the state donated; dropout as the
-config has it, its key folded from the step. Each variant steps through the first 8 batches of
-its task's `train_batch`. The variants run in turn, 2 warm-up rounds then --repeats timed
-rounds of --steps steps, so that a change of load on a shared machine hits both alike. Real
-tokens are the non-padding source and target tokens of a batch; real tokens/s = their mean
-per step / the median seconds a step; "vs unpacked" is the median over rounds of (unpacked
-time / packed time) x (packed real tokens a step / unpacked real tokens a step).
+`data.batch_size` rows a batch: the engine's own step (`seqjax.train.step.train_step` with the
+config's optimizer, `seqjax.train.optimizer.make_optimizer`), compiled on one device as the
+training loop compiles it (`seqjax.train.parallel`, the state donated), from the fresh state
+the loop starts with. Each variant steps through the first 8 batches of its task's
+`train_batch`. The variants run in turn, 2 warm-up rounds then --repeats timed rounds of
+--steps steps, so that a change of load on a shared machine hits both alike. Real tokens are
+the non-padding source and target tokens of a batch; real tokens/s = their mean per step / the
+median seconds a step; "vs unpacked" is the median over rounds of (unpacked time / packed
+time) x (packed real tokens a step / unpacked real tokens a step).
 """
 
 import functools
@@ -28,12 +31,17 @@ import statistics
 import time
 
 import jax
-import optax
 from absl import app, flags
+from jax.sharding import PartitionSpec as P
 
 from seqjax import config as config_lib
 from seqjax.data import pretraining
+from seqjax.data import translation as translation_data
 from seqjax.tasks import bert, translation
+from seqjax.tasks.common import pack_align
+from seqjax.train import loop, parallel
+from seqjax.train.optimizer import make_optimizer
+from seqjax.train.step import state_specs, train_step
 
 from common import environment, interleaved_times, load_average, paired_median
 
@@ -49,73 +57,63 @@ def _percent(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _real_tokens(batch) -> dict:
+    """The non-padding source and target tokens of a teacher-forced batch (or of all rows)."""
+    src = (batch["src_segment_ids"] > 0).sum() if "src_segment_ids" in batch \
+        else batch["src_valid_len"].sum()
+    return dict(src=int(src), tgt=int(batch["weights"].sum()))
+
+
 def _translation_padding(rows: dict, num_steps: int) -> dict:
-    """Rows and padding fractions of the source, the target and both, of unpacked
-    (src_len, tgt_len) or packed (segment ids) rows."""
-    real = {side: (rows[f"{side}_segment_ids"] > 0).sum() if f"{side}_segment_ids" in rows
-            else rows[f"{side}_len"].sum() for side in ("src", "tgt")}
+    """Rows and padding fractions of the source, the target and both, of training rows."""
+    real = _real_tokens(translation_data.teacher_forcing(rows))
     slots = len(rows["src"]) * num_steps
     return dict(rows=len(rows["src"]), src=1 - real["src"] / slots, tgt=1 - real["tgt"] / slots,
                 both=1 - (real["src"] + real["tgt"]) / (2 * slots))
 
 
-def _real_tokens(batch) -> int:
-    src = (batch["src_segment_ids"] > 0).sum() if "src_segment_ids" in batch \
-        else batch["src_valid_len"].sum()
-    return int(src + batch["weights"].sum())
-
-
 def _trainer(task, config):
-    """A function that runs `steps` training steps on the task's first batches (cycling) and
-    blocks until they are done, and the mean real tokens of those batches."""
-    tx = optax.adamw(config.opt.lr, b1=config.opt.b1, b2=config.opt.b2,
-                     weight_decay=config.opt.weight_decay)
+    """A function that runs `steps` of the engine's training steps on the task's first batches
+    (cycling) and blocks until they are done, and the mean real tokens of those batches."""
+    tx = make_optimizer(config.opt, config.num_train_steps)
+    par = parallel.make(config.parallel, jax.local_devices()[:1])
+    p_train = par.compile(functools.partial(train_step, loss_fn=task.loss, tx=tx),
+                          (state_specs(), parallel.BATCH), (state_specs(), P()), donate=True)
     batches = [task.train_batch(step) for step in range(BATCHES)]
-    real_tokens = statistics.mean(_real_tokens(b) for b in batches)
-    batches = [jax.device_put(b) for b in batches]
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, step, batch):
-        rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
-
-        def loss_sum(params):
-            sums, _ = task.loss(params, batch, rng=rng, train=True)
-            return sums["loss"], sums["weight"]
-
-        grads, weight = jax.grad(loss_sum, has_aux=True)(params)
-        grads = jax.tree.map(lambda g: g / weight, grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    params = jax.jit(task.init_params)(jax.random.PRNGKey(config.seed))
-    state = {"params": params, "opt_state": tx.init(params), "step": 0}
+    real_tokens = statistics.mean(sum(_real_tokens(b).values()) for b in batches)
+    batches = [par.batch(b) for b in batches]
+    host, _ = loop._fresh_state(config, None, task, tx)
+    run_state = {"state": parallel.to_devices(host, par), "step": 0}
 
     def run(steps):
         for _ in range(steps):
-            state["params"], state["opt_state"] = train_step(
-                state["params"], state["opt_state"], state["step"],
-                batches[state["step"] % BATCHES])
-            state["step"] += 1
-        jax.block_until_ready(state["params"])
+            run_state["state"], _ = p_train(run_state["state"],
+                                            batches[run_state["step"] % BATCHES])
+            run_state["step"] += 1
+        jax.block_until_ready(run_state["state"].params)
 
     return run, real_tokens
 
 
 def main(argv):
     del argv
+    started = time.perf_counter()
     steps, repeats = (1, 2) if FLAGS.smoke else (FLAGS.steps, FLAGS.repeats)
     print(environment(extras=[load_average()]))
 
     # --- translation: padding -----------------------------------------------------------------
     base = config_lib.load_experiment("experiments/translate.py").get_config(
         "tiny" if FLAGS.smoke else None)
+    train_pairs = translation._splits(base)["train"]
+    src_tok, tgt_tok = (tok for tok, _ in translation.named_tokenizers(
+        base, train_pairs, None).values())
     tasks, padding = {}, {}
     for pack in (False, True):
         config = config_lib.override(base, {"data.pack": pack})
+        rows = translation.train_rows(config, src_tok, tgt_tok, train_pairs)
+        padding[pack] = _translation_padding(rows, config.data.num_steps)
         start = time.perf_counter()
         tasks[pack] = (translation.build(config), config)
-        rows = tasks[pack][0].train_batch.rows.arrays
-        padding[pack] = _translation_padding(rows, config.data.num_steps)
         print(f"translation task built with data.pack={pack} in "
               f"{time.perf_counter() - start:.0f} s")
     d = base.data
@@ -132,9 +130,11 @@ def main(argv):
         "smoke" if FLAGS.smoke else None)
     d = config.data
     documents = pretraining.load_wikitext("train", d.train_file, d.max_documents)
-    tokenizer = pretraining.train_tokenizer([s for doc in documents for s in doc], d.vocab_size)
-    bert_rows = {pack: bert.train_rows(config_lib.override(config, {"data.pack": pack}),
-                                       tokenizer, documents) for pack in (False, True)}
+    tokenizer, _ = bert.named_tokenizer(config, None, documents)
+    unpacked = bert.train_rows(config_lib.override(config, {"data.pack": False}), tokenizer,
+                               documents)
+    bert_rows = {False: unpacked, True: pretraining.pack_pretraining(
+        unpacked, d.pack_max_sequences, pack_align(config))}
     real = bert_rows[False]["valid_len"].sum()
     assert real == (bert_rows[True]["pack_ids"] > 0).sum()
     print(f"\nBERT pretraining, experiments/bert_pretrain.py{':smoke' if FLAGS.smoke else ''} "
@@ -161,6 +161,7 @@ def main(argv):
             real_tokens["unpacked"]
         print(f"| {name} | {1000 * seconds:.1f} | {real_tokens[name]:,.0f} | "
               f"{real_tokens[name] / seconds:,.0f} | {gain:.2f}x |")
+    print(f"\nelapsed {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 r"""Memory of a BERT pretraining corpus larger than memory, prepared into ArrayRecord shards and
 streamed through grain (`seqjax.data.streaming`).
 
-    nice python benchmarks/streaming_memory.py             # 2 GiB: ~25 minutes on 2 CPU cores
-    python benchmarks/streaming_memory.py --size_gib=0.05  # the same on 50 MiB: a minute
+    nice python benchmarks/streaming_memory.py             # a 2 GiB corpus
+    python benchmarks/streaming_memory.py --size_gib=0.05  # the same on 50 MiB
 
 The corpus is generated, never downloaded: copies of the shipped WikiText-2 training split,
 each with its articles in a new random order, written in WikiText's layout into a temporary
@@ -13,7 +13,9 @@ trained on the shipped split; 64-token sequences with next-sentence pairs; --dup
 passes): the corpus is read, tokenized and written into shards a block of articles at a time.
 Then the training minibatches a run with `config.data.shard_dir` reads (`shards.stream`, of
 --batch_size rows) are streamed, --steps through grain's iterator (one thread reading ahead),
-then --steps more by calls, one at a time.
+then --steps more by calls, one at a time. Last, the cost of one random read from a shard of
+each corpus, in the two ways array_record offers: `read([i])` (grain's ArrayRecordDataSource)
+and `read(i, i + 1)` (seqjax's ShardSource).
 
 Prepare and stream each run in a fresh process (spawned), which reports its own peak resident
 memory (`ru_maxrss`): the claim is that neither grows with the corpus. The shards were just
@@ -91,9 +93,12 @@ def prepare(corpus: str, out_dir: str, dupe_factor: int, batch_size: int) -> dic
     from seqjax.tasks import bert
     start = time.perf_counter()
     config = _config(out_dir, dupe_factor, batch_size)
-    bert.named_tokenizer(config, None)  # what prepare does first, timed apart
+    tokenizer, _ = bert.named_tokenizer(config, None)  # what prepare does first, timed apart
     tokenizer_s, tokenizer_peak = time.perf_counter() - start, _peak_mib()
-    manifest = tasks.prepare(config, None, [corpus], out_dir)
+    with tempfile.TemporaryDirectory() as workdir:  # the run's tokenizer, not trained again
+        with open(os.path.join(workdir, bert.TOKENIZER_FILE), "w", encoding="utf-8") as f:
+            f.write(tokenizer.to_str())
+        manifest = tasks.prepare(config, workdir, [corpus], out_dir)
     return dict(rows=manifest["rows"], shards=len(manifest["shards"]),
                 shard_bytes=sum(s["bytes"] for s in manifest["shards"]),
                 tokenizer_s=tokenizer_s, tokenizer_peak_mib=tokenizer_peak,
@@ -120,14 +125,43 @@ def stream(shard_dir: str, dupe_factor: int, batch_size: int, steps: int):
     called_s = time.perf_counter() - start
     return dict(imported_mib=imported, opened_mib=opened, peak_mib=_peak_mib(),
                 iterate_rows_s=steps * config.data.batch_size / iterated_s,
-                call_rows_s=steps * config.data.batch_size / called_s)
+                call_rows_s=steps * config.data.batch_size / called_s,
+                **_read_costs(batches.source))
+
+
+def _read_costs(source, reads: int = 2000) -> dict:
+    """Microseconds per random read of a row of the source's first shard, both ways."""
+    import numpy as np
+    from array_record.python import array_record_module
+
+    from seqjax.data import streaming
+    rows = source.manifest["shards"][0]["rows"]
+    reader = array_record_module.ArrayRecordReader(
+        str(source.paths[0]), streaming.READER_OPTIONS, file_reader_buffer_size=32768)
+    positions = [int(i) for i in np.random.default_rng(0).integers(0, rows, reads)]
+    costs = {}
+    for name, read in (("list", lambda i: reader.read([i])),
+                       ("range", lambda i: reader.read(i, i + 1))):
+        start = time.perf_counter()
+        for i in positions:
+            read(i)
+        costs[f"read_{name}_us"] = 1e6 * (time.perf_counter() - start) / reads
+    reader.close()
+    return dict(costs, shard_rows=rows)
 
 
 def main(argv):
     del argv
     root = _DIR.value or tempfile.mkdtemp(prefix="seqjax-streaming-")
-    print(f"working in {root}; load average {os.getloadavg()[0]:.1f}, "
-          f"os.cpu_count() {os.cpu_count()}", flush=True)
+    import importlib.metadata
+
+    import grain
+    import numpy as np
+
+    from common import environment, load_average
+    print(f"working in {root}; " + environment(
+        (grain, np), [f"array_record {importlib.metadata.version('array-record')}",
+                      load_average()]), flush=True)
     try:
         os.makedirs(root, exist_ok=True)
         big = os.path.join(root, "big.wiki.train.tokens")
@@ -158,6 +192,12 @@ def main(argv):
                   f"{p['peak_mib']:.0f} MiB | {s['imported_mib']:.0f} / {s['opened_mib']:.0f} / "
                   f"{s['peak_mib']:.0f} MiB | {s['iterate_rows_s']:,.0f} | "
                   f"{s['call_rows_s']:,.0f} |")
+        print("\n| corpus | rows in the shard | read([i]) | read(i, i + 1) |")
+        print("| --- | --- | --- | --- |")
+        for name, _, _, s in rows:
+            print(f"| {name} | {s['shard_rows']:,} | {s['read_list_us']:.1f} us | "
+                  f"{s['read_range_us']:.1f} us |")
+        print(f"done in {time.perf_counter() - start:.0f} s; {load_average()}")
     finally:
         if not _KEEP.value:
             shutil.rmtree(root, ignore_errors=True)

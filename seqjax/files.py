@@ -10,6 +10,7 @@ upload ends), a log that grows (`Appender`) is rewritten from memory there, and 
 makes nothing. Paths stay strings in the engine's signatures; `path()` makes an epath.Path.
 """
 
+import csv
 import io
 import os
 import shutil
@@ -77,7 +78,7 @@ def write_bytes(p, data: bytes):
         path(p).write_bytes(data)
         return
     directory, name = os.path.split(os.path.abspath(p))
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}{_TMP}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -85,6 +86,15 @@ def write_bytes(p, data: bytes):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+_TMP = ".tmp"
+
+
+def is_temporary(name: str, of: str) -> bool:
+    """Whether the file `name` is a temporary file of `write_bytes(<directory>/of)`, left by
+    a process killed while writing it."""
+    return name.startswith(f".{of}.") and name.endswith(_TMP)
 
 
 def write_text(p, text: str):
@@ -97,6 +107,16 @@ def write_from_process_0(p, data: str | bytes):
     import jax  # imported here: reading and writing files needs no jax otherwise
     if jax.process_index() == 0:
         write_bytes(p, data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def write_csv(p, rows: list[dict], fieldnames=None):
+    """`rows` as a CSV file with a header (`fieldnames`, else the first row's keys), written by
+    process 0."""
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, list(fieldnames or rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_from_process_0(p, table.getvalue())
 
 
 def remove(p):

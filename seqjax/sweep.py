@@ -10,8 +10,6 @@ be a bucket (gs://bucket/sweep): every file goes through `seqjax.files`, and onl
 writes them.
 """
 
-import csv
-import io
 import itertools
 import json
 import os
@@ -104,7 +102,7 @@ def run(config, points, workdir: str, *, parallel: int = 1, command=None) -> boo
     processes `command(i)` (training point i), `parallel` at a time, each with its output in
     `<point>/log.txt` (in a bucket, copied there when the point ends). SIGTERM stops the sweep
     after the running points have saved. Returns whether it was stopped."""
-    from seqjax.train.loop import StopRequest
+    from seqjax.train.stopping import StopRequest
     with StopRequest() as stop:
         if parallel <= 1:
             for overrides in points:
@@ -200,11 +198,7 @@ def summarize(points, workdir: str, metric: str = "best_val_loss") -> list[dict]
     rows.sort(key=order)
     keys = list(dict.fromkeys(k for row in rows for k in row))
     files.makedirs(workdir)
-    table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, keys)
-    writer.writeheader()
-    writer.writerows(rows)
-    files.write_from_process_0(os.path.join(workdir, "summary.csv"), table.getvalue())
+    files.write_csv(os.path.join(workdir, "summary.csv"), rows, keys)
     columns = ["point", "status", "step", metric, "best_step"] + [
         k for prefix in ("best_val_", "val_", "test_") for k in keys if k.startswith(prefix)]
     files.write_from_process_0(os.path.join(workdir, "summary.md"), markdown_table(
@@ -227,7 +221,11 @@ def markdown_table(rows: list[dict], keys: list[str]) -> str:
 def _plot(rows: list[dict], workdir: str, metric: str):
     """summary.png: the logged curve behind `metric` ('best_val_loss' -> the 'val' rows'
     'loss') against the step, one line per point."""
+    import jax
+
     from seqjax.train.metrics import METRICS_FILE, read_metrics
+    if jax.process_index() != 0:  # only process 0 writes it: no need to read and draw
+        return
     name = metric.removeprefix("best_")
     split, _, key = name.partition("_")
     if not key:

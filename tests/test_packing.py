@@ -147,7 +147,8 @@ def test_no_attention_across_segments(kind):
         band = local_window_mask(12, 4, look_back=1, causal=causal)
         f = lambda x: local_attention(x, x, x, block_size=4, look_back=1,  # noqa: E731
                                       causal=causal, segment_ids=SEGMENTS, blocks_per_step=1)
-    allowed_BxNxN = np.asarray(segment_mask(SEGMENTS))[:, 0] & band
+    allowed_BxNxN = ((SEGMENTS[:, :, None] == SEGMENTS[:, None, :])
+                     & (SEGMENTS[:, None, :] > 0) & band)
     # Output (b, i) depends on input (b', j) iff b' = b and query i may see key j.
     queries = np.eye(24, dtype=bool).reshape(24, 2, 12)
     [depends] = dependence(f, queries, x)

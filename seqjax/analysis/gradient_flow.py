@@ -252,10 +252,10 @@ def run(config, workdir: str) -> dict:
                     summary[f"{key}_min"] = float(np.abs(lam).min())
                     summary[f"{key}_median"] = float(np.median(np.abs(lam)))
                     summary[f"{key}_max"] = float(np.abs(lam).max())
-    plots.write_csv(os.path.join(workdir, "gradient_flow.csv"), rows)
+    files.write_csv(os.path.join(workdir, "gradient_flow.csv"), rows)
     plots.plot_gradient_flow(rows, os.path.join(workdir, "gradient_flow.png"))
     if eigenvalues:
-        plots.write_csv(os.path.join(workdir, "lru_eigenvalues.csv"),
+        files.write_csv(os.path.join(workdir, "lru_eigenvalues.csv"),
                    [dict(layer=layer, when=when, modulus=float(abs(lam)),
                          phase=float(np.angle(lam)))
                     for (layer, when), lams in eigenvalues.items() for lam in lams])
@@ -279,7 +279,7 @@ def run(config, workdir: str) -> dict:
         key = "clipped" if theta else "unclipped"
         summary[f"{key}_final_train_loss"] = float("nan") if error else last[1]
         summary[f"{key}_diverged"] = error is not None
-    plots.write_csv(os.path.join(workdir, "clipping.csv"),
+    files.write_csv(os.path.join(workdir, "clipping.csv"),
                [dict(clip_norm=theta, step=s, loss=loss) for theta, (curve, _) in curves.items()
                 for s, loss in curve])
     plots.plot_clipping(curves, c, os.path.join(workdir, "clipping.png"))
@@ -304,7 +304,7 @@ def run(config, workdir: str) -> dict:
         sym_rows.append(dict(init=init_name, steps=s.num_train_steps, max_unit_difference=spread,
                              train_perplexity=results.get("train_perplexity")))
         summary[f"symmetry_{init_name}_max_unit_difference"] = spread
-    plots.write_csv(os.path.join(workdir, "symmetry.csv"), sym_rows)
+    files.write_csv(os.path.join(workdir, "symmetry.csv"), sym_rows)
 
     files.write_from_process_0(os.path.join(workdir, "summary.json"),
                                json.dumps(summary, indent=2))

@@ -1,21 +1,11 @@
 """The files of the gradient-flow analysis (`seqjax.analysis.gradient_flow`): its CSV tables and
 its plots of gradient norms against distance, the LRU's eigenvalues and the clipping runs."""
 
-import csv
-import io
 
 import numpy as np
 
-from seqjax import files, plotting
+from seqjax import plotting
 from seqjax.nn.linear_recurrent import LINEAR_CELLS
-
-
-def write_csv(path, rows):
-    table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    files.write_from_process_0(path, table.getvalue())
 
 
 def _panel(row):

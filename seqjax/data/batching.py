@@ -11,10 +11,11 @@ class RowBatches:
     """Training minibatches of a dict of equal-length arrays: epoch step // steps_per_epoch
     shuffles the rows with `default_rng((seed, epoch))`, and minibatch k takes rows
     [kB, (k+1)B) of that order (the last partial minibatch of an epoch is left out). With
-    `num_shards` > 1 a host gets its `batch_size / num_shards` rows of the global minibatch."""
+    `num_shards` > 1 a host gets its `batch_size / num_shards` rows of the global minibatch;
+    `transform` makes the model's batch of them (translation's teacher forcing)."""
 
     def __init__(self, arrays: dict, batch_size: int, *, seed: int = 0, shard_index: int = 0,
-                 num_shards: int = 1, what: str = "rows"):
+                 num_shards: int = 1, what: str = "rows", transform=None):
         check_sharding(batch_size, seed, shard_index, num_shards)
         self.arrays = {name: np.asarray(a) for name, a in arrays.items()}
         lengths = {len(a) for a in self.arrays.values()}
@@ -30,6 +31,7 @@ class RowBatches:
         self.rows = np.arange(shard_index * local, (shard_index + 1) * local)
         self.steps_per_epoch = self.num_rows // batch_size
         self._order = (None, None)
+        self.transform = transform or (lambda rows: rows)
 
     def __call__(self, step: int) -> dict:
         if not (isinstance(step, numbers.Integral) and step >= 0):
@@ -39,7 +41,7 @@ class RowBatches:
             self._order = (epoch, np.random.default_rng((self.seed, epoch)).permutation(
                 self.num_rows))
         idx = self._order[1][k * self.batch_size + self.rows]
-        return {name: a[idx] for name, a in self.arrays.items()}
+        return self.transform({name: a[idx] for name, a in self.arrays.items()})
 
 
 def padded_batches(arrays: dict, batch_size: int, what: str = "rows") -> list[dict]:

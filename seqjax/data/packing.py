@@ -9,8 +9,7 @@ position it has unpacked.
 
 `first_fit` chooses the rows by first-fit decreasing (Johnson 1973): sequences are taken
 longest first (ties in index order), and each goes into the lowest-numbered row where it fits,
-else into a new row. Taken in corpus order instead, the shipped translation pairs (sorted by
-length) kept about three times as much padding.
+else into a new row: the short sequences that come last fill the gaps the long ones left.
 
 A sequence may have parts that go to rows of their own under one segment number: a translation
 pair's source and target go to source row r and target row r, so `lengths` is [N, K] with a

@@ -37,13 +37,13 @@ from array_record.python import array_record_module
 from etils import epath
 
 from seqjax import files
-from seqjax.data.text import check_sharding
+from seqjax.data.text import check_sharding, named_errors
 
 MANIFEST = "manifest.json"
 _FORMAT = ("seqjax.shards", 1)
 _SHARD = re.compile(r"shard-\d{5}\.array_record")
 _WRITER_OPTIONS = "group_size:1"  # one row per chunk: a random read decompresses one row
-_READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"  # array_record's for random access
+READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"  # array_record's for random access
 _KINDS = "biuf"  # bool, signed and unsigned integers, floats
 
 
@@ -53,7 +53,10 @@ def tokenizer_metadata(name: str, json_text: str) -> dict:
     return dict(name=name, sha256=hashlib.sha256(json_text.encode("utf-8")).hexdigest())
 
 
-def text_blocks(path, *, block_chars: int = 1 << 23, starts_block=None):
+BLOCK_CHARS = 1 << 23  # characters of text tokenized at a time: memory stays flat
+
+
+def text_blocks(path, *, block_chars: int = BLOCK_CHARS, starts_block=None):
     """The text of the UTF-8 file at `path` (gunzipped if it ends in `.gz`) in blocks of whole
     lines, one block in memory at a time: a block closes once it holds `block_chars`
     characters, before the next line for which `starts_block(line)` is true (any line by
@@ -62,7 +65,7 @@ def text_blocks(path, *, block_chars: int = 1 << 23, starts_block=None):
     path = files.path(path).expanduser()
     starts_block = starts_block or (lambda line: True)
     lines, size = [], 0
-    try:
+    with named_errors(path, "text file"):
         with path.open("rb") as raw, (gzip.open(raw, "rt", encoding="utf-8")
                                       if path.suffix == ".gz"
                                       else io.TextIOWrapper(raw, encoding="utf-8")) as f:
@@ -76,8 +79,6 @@ def text_blocks(path, *, block_chars: int = 1 << 23, starts_block=None):
                                      f"' line): not in the layout its reader expects")
                 lines.append(line)
                 size += len(line)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{str(path)!r} is not UTF-8 text ({e.reason})") from None
     if lines:
         yield "".join(lines)
 
@@ -185,9 +186,9 @@ def _clear_unfinished(out: epath.Path, extra_names: set):
         raise FileExistsError(f"{out} already holds finished shards ({MANIFEST}); remove it to "
                               f"write them again")
     names = [p.name for p in out.iterdir()]
-    ours = {MANIFEST, *extra_names}  # and files.write_text's temporary files of them
+    ours = {MANIFEST, *extra_names}
     others = [n for n in names if not (_SHARD.fullmatch(n) or n in extra_names or any(
-        n.startswith(f".{name}.") and n.endswith(".tmp") for name in ours))]
+        files.is_temporary(n, name) for name in ours))]
     if others:
         raise FileExistsError(f"{out} holds files other than shards ({sorted(others)[:5]}); "
                               f"write shards into a new or empty directory")
@@ -213,7 +214,7 @@ def read_manifest(shard_dir) -> dict:
             f"{len(shards)} shards of an unfinished or interrupted write; prepare it again"
             if shards else f"not a shard directory (it holds {names[:5]})"))
     try:
-        manifest = json.loads((d / MANIFEST).read_text())
+        manifest = json.loads(files.read_text(d / MANIFEST))
         ok = (manifest["format"], manifest["version"]) == _FORMAT
         _struct(manifest["arrays"])
         counts = [(s["file"], int(s["rows"]), int(s["bytes"])) for s in manifest["shards"]]
@@ -235,13 +236,12 @@ class ShardSource:
     """A grain `RandomAccessDataSource` of the rows of a shard directory: item i is row i (a
     dict of arrays), and `rows(indices)` reads several at once. Opening checks the manifest
     and every shard's size and record count, and keeps a reader of each shard open (its
-    index in memory: ~10 bytes a row); a read that finds a corrupt record raises a
+    index in memory: ~8 bytes a row); a read that finds a corrupt record raises a
     ValueError naming the shard file.
 
-    Not grain's ArrayRecordDataSource: its reads (`reader.read([position])`) cost time in
-    proportion to the records in the shard (array_record 0.8.6: 6 us a row in a shard of 2k
-    rows, 100 us in one of 64k), where `reader.read(position, position + 1)` costs 3 us in
-    any shard."""
+    Not grain's ArrayRecordDataSource: its reads (`reader.read([position])`) cost time that
+    grows with the records in the shard, where `reader.read(position, position + 1)` does not
+    (`benchmarks/streaming_memory.py` measures both; figures in `benchmarks/README.md`)."""
 
     def __init__(self, shard_dir):
         self.shard_dir = local_dir(shard_dir)
@@ -311,7 +311,7 @@ def _open_shard(path: epath.Path, rows: int, size: int):
         raise ValueError(f"corrupt shard {str(path)!r}: {actual} bytes, its manifest says {size} "
                          f"(truncated or overwritten)")
     reader = array_record_module.ArrayRecordReader(
-        str(path), _READER_OPTIONS, file_reader_buffer_size=32768)
+        str(path), READER_OPTIONS, file_reader_buffer_size=32768)
     if reader.ok() and reader.num_records() == rows:
         return reader
     try:

@@ -10,6 +10,7 @@ Dimension letters: B batch (rows), T num_steps (time), N tokens in the stream.
 """
 
 import collections
+import contextlib
 import gzip
 import importlib.resources
 import json
@@ -44,10 +45,18 @@ def read_text_file(path, what: str) -> str:
     (gunzipped if it ends in `.gz`), with universal newlines as `Path.read_text` reads them, and
     errors that name the file as `what` instead of raw OS or codec tracebacks."""
     path = files.path(path).expanduser()
-    try:
+    with named_errors(path, what):
         raw = path.read_bytes()
         text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
         return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+@contextlib.contextmanager
+def named_errors(path, what: str):
+    """Turns the OS, codec and gzip errors of reading the file `path` into errors that name it
+    as `what`."""
+    try:
+        yield
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {str(path)!r}") from None
     except IsADirectoryError:

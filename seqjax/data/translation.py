@@ -252,27 +252,15 @@ def teacher_forcing(rows: dict) -> dict:
             "weights": real.astype(np.float32)}
 
 
-class TeacherForcing:
-    """step -> training rows (`batching.RowBatches`, or any pure function of the step) made a
-    function step -> the model's batch (`teacher_forcing`)."""
-
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __call__(self, step: int) -> dict:
-        return teacher_forcing(self.rows(step))
-
-
-class TranslationBatches(TeacherForcing):
+class TranslationBatches(RowBatches):
     """Training minibatches of `build_array`'s arrays as a pure function of the step
     (`batching.RowBatches` over the pairs), with teacher forcing's inputs and weights."""
 
     def __init__(self, src, src_len, tgt, tgt_len, batch_size: int, *, seed: int = 0,
                  shard_index: int = 0, num_shards: int = 1):
-        super().__init__(RowBatches(dict(src=src, src_len=src_len, tgt=tgt, tgt_len=tgt_len),
-                                    batch_size, seed=seed, shard_index=shard_index,
-                                    num_shards=num_shards, what="pairs"))
-        self.steps_per_epoch = self.rows.steps_per_epoch
+        super().__init__(dict(src=src, src_len=src_len, tgt=tgt, tgt_len=tgt_len), batch_size,
+                         seed=seed, shard_index=shard_index, num_shards=num_shards, what="pairs",
+                         transform=teacher_forcing)
 
 
 def eval_batches(src, src_len, tgt, tgt_len, batch_size: int) -> list[dict]:

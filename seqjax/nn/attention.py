@@ -100,6 +100,16 @@ def segment_mask(q_segment_ids_BxQ, kv_segment_ids_BxK=None):
             & (kv_BxK[:, None, None, :] > 0))
 
 
+def _key_mask(key_mask_BxK=None, segment_ids=None, kv_segment_ids=None):
+    """The [B, 1, Q or 1, K] bool mask of a key-padding mask [B, K] (True = a real token) and
+    the `segment_mask` of segment ids, of either or both; None for neither."""
+    mask = None if key_mask_BxK is None else key_mask_BxK[:, None, None, :]
+    if segment_ids is None:
+        return mask
+    same = segment_mask(segment_ids, kv_segment_ids)
+    return same if mask is None else mask & same
+
+
 def dot_product_weights(q_BxQxHxD, k_BxKxHxD, mask=None, bias=None):
     """Attention weights [B, H, Q, K] (float32) of scaled dot-product scores; `mask` (bool)
     and `bias` (added to the scores) broadcast to [B, H, Q, K]."""
@@ -134,31 +144,26 @@ def fused_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, *, implementation: str,
     segment ids of packed rows (`segment_mask`); equal to `dot_product_attention` with the same
     masks. cuDNN takes padding as lengths, so the real keys of a row must come first (as every
     padding mask seqjax builds has them)."""
-    lengths_B = None if key_mask_BxK is None else jnp.sum(key_mask_BxK, -1, dtype=jnp.int32)
-    if segment_ids is not None:
-        if implementation != "xla":
-            raise ValueError(f"implementation={implementation!r} takes no segment ids "
-                             f"(jax.nn.dot_product_attention's cuDNN path would make a dense "
-                             f"bias of them): packed rows need 'xla', 'seqjax' or 'auto'")
-        mask = segment_mask(segment_ids, kv_segment_ids)
-        if key_mask_BxK is not None:
-            mask = mask & key_mask_BxK[:, None, None, :]
+    if segment_ids is not None and implementation != "xla":
+        raise ValueError(f"implementation={implementation!r} takes no segment ids "
+                         f"(jax.nn.dot_product_attention's cuDNN path would make a dense "
+                         f"bias of them): packed rows need 'xla', 'seqjax' or 'auto'")
+    if implementation == "xla":
+        mask = _key_mask(key_mask_BxK, segment_ids, kv_segment_ids)
         out = jax.nn.dot_product_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask=mask,
                                            is_causal=causal, implementation="xla")
+        if mask is None:
+            return out
         # A query that sees no key (padding) gets zeros, as in seqjax's own attention.
         return jnp.where(jnp.any(mask, -1)[:, 0, :, None, None], out, 0)
-    if implementation == "cudnn":
-        # A row without keys is zeroed below; cuDNN sees one key there, not an empty softmax
-        # whose backward pass could give NaN.
-        out = jax.nn.dot_product_attention(
-            q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, is_causal=causal, implementation="cudnn",
-            key_value_seq_lengths=None if lengths_B is None else jnp.maximum(lengths_B, 1))
-    elif implementation == "xla":
-        mask = None if key_mask_BxK is None else key_mask_BxK[:, None, None, :]
-        out = jax.nn.dot_product_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, mask=mask,
-                                           is_causal=causal, implementation="xla")
-    else:
+    if implementation != "cudnn":
         raise ValueError(f"implementation={implementation!r}: expected 'xla' or 'cudnn'")
+    lengths_B = None if key_mask_BxK is None else jnp.sum(key_mask_BxK, -1, dtype=jnp.int32)
+    # A row without keys is zeroed below; cuDNN sees one key there, not an empty softmax whose
+    # backward pass could give NaN.
+    out = jax.nn.dot_product_attention(
+        q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, is_causal=causal, implementation="cudnn",
+        key_value_seq_lengths=None if lengths_B is None else jnp.maximum(lengths_B, 1))
     if lengths_B is None:
         return out
     return jnp.where(lengths_B[:, None, None, None] > 0, out, 0)
@@ -300,10 +305,7 @@ class MultiHeadAttention(nn.Module):
                                       causal=self.causal, segment_ids=segment_ids,
                                       kv_segment_ids=kv_segment_ids)
             else:
-                full_mask = None if mask is None else mask[:, None, None, :]
-                if segment_ids is not None:
-                    same = segment_mask(segment_ids, kv_segment_ids)
-                    full_mask = same if full_mask is None else full_mask & same
+                full_mask = _key_mask(mask, segment_ids, kv_segment_ids)
                 if self.causal:
                     Q, K = q.shape[1], k.shape[1]
                     causal_QxK = jnp.arange(K)[None, :] <= jnp.arange(Q)[:, None]

@@ -38,6 +38,7 @@ from seqjax.tasks import shards
 from seqjax.tasks.common import (
     Task,
     accuracy_sum,
+    check_training_rows,
     pack_align,
     perplexity,
     saved_file,
@@ -125,12 +126,8 @@ _PACKED_INPUTS = {"pack_ids": "pack_ids_BxL", "position_ids": "position_ids_BxL"
 # ---------------------------------------------------------------------------------------------
 
 def check_pretrain(config):
-    if config_lib.expect_type(config, "data.pack", bool):
+    if check_training_rows(config):
         config_lib.expect_positive_int(config, "data.pack_max_sequences")
-        config_lib.expect(config.model.attention_impl != "cudnn", "model.attention_impl",
-                          config.model.attention_impl,
-                          "takes no segment ids (jax.nn.dot_product_attention's cuDNN path): "
-                          "with data.pack=True use 'auto', 'seqjax' or 'xla'")
     check_model(config)
     d = config.data
     config_lib.expect_positive_int(config, "data.max_predictions", "data.dupe_factor")
@@ -144,8 +141,6 @@ def check_pretrain(config):
     for key in ("num_valid", "max_documents"):
         if d[key] is not None:
             config_lib.expect_positive_int(config, f"data.{key}")
-    if d.get("shard_dir") is not None:
-        config_lib.expect_type(config, "data.shard_dir", str)
 
 
 def packed_predictions(config) -> int:
@@ -239,14 +234,9 @@ def build_pretrain(config, workdir=None) -> Task:
                                                               d.max_documents)
     valid_docs = data_lib.load_wikitext("valid", d.valid_file, d.max_documents)
     tokenizer, tokenizer_name = named_tokenizer(config, workdir, train_docs, d.get("shard_dir"))
-    if streamed:
-        train = shards.stream(config, {TOKENIZER_FILE: (tokenizer.to_str(), tokenizer_name)},
-                              jax.process_index(), jax.process_count())
-    else:
-        train = RowBatches(train_rows(config, tokenizer, train_docs), d.batch_size,
-                           seed=config.seed, shard_index=jax.process_index(),
-                           num_shards=jax.process_count(),
-                           what="packed rows" if d.pack else "sequences")
+    tokenizers = {TOKENIZER_FILE: (tokenizer.to_str(), tokenizer_name)}
+    train = shards.train_batches(config, tokenizers,
+                                 lambda: train_rows(config, tokenizer, train_docs), "sequences")
     V = tokenizer.get_vocab_size()
     valid = data_lib.pretraining_arrays(data_lib.encode_documents(tokenizer, valid_docs),
                                         d.max_seq_len, nsp=d.nsp, seed=config.seed + 1)
@@ -282,7 +272,7 @@ def build_pretrain(config, workdir=None) -> Task:
                 batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
                 tokens_per_batch=d.batch_size * d.max_seq_len, report=pretraining_report,
                 denominators=dict(nsp_loss="sequences", nsp_accuracy="sequences") if d.nsp else {},
-                files={TOKENIZER_FILE: tokenizer.to_str()})
+                files=shards.texts(tokenizers))
 
 
 # ---------------------------------------------------------------------------------------------

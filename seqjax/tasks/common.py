@@ -96,6 +96,20 @@ def transformer_config(config, *, max_length_key: str, **fixed) -> TransformerCo
         name=lambda field: keys.get(field, f"model.{field}"), expect=config_lib.expect)
 
 
+def check_training_rows(config) -> bool:
+    """data.pack and data.shard_dir (the tasks that pack and stream their training rows);
+    returns whether rows are packed."""
+    pack = config_lib.expect_type(config, "data.pack", bool)
+    if pack:
+        config_lib.expect(config.model.attention_impl != "cudnn", "model.attention_impl",
+                          config.model.attention_impl,
+                          "takes no segment ids (jax.nn.dot_product_attention's cuDNN path): "
+                          "with data.pack=True use 'auto', 'seqjax' or 'xla'")
+    if config.data.get("shard_dir") is not None:
+        config_lib.expect_type(config, "data.shard_dir", str)
+    return pack
+
+
 def pack_align(config) -> int:
     """Where packed sequences may start: at every position, or with block-local attention at
     block boundaries, so that a sequence sees the same windows packed as alone."""

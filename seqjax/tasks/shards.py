@@ -6,11 +6,12 @@ which a new run adopts; a run whose tokenizers are others (its own workdir's, or
 config.init_from's) is refused, naming both.
 """
 
+import jax
+
 from seqjax.data import pretraining, streaming
 from seqjax.data import translation as translation_data
-from seqjax.tasks.common import pack_align
-
-BLOCK_CHARS = 1 << 23  # characters of text tokenized at a time: memory stays flat
+from seqjax.data.batching import RowBatches
+from seqjax.tasks.common import pack_align, saved_file
 
 
 def row_metadata(config) -> dict:
@@ -33,12 +34,16 @@ def shard_tokenizers(shard_dir, names) -> dict | None:
     `shard_dir`, or None if they lack one; a directory of no finished shards is an error here,
     before a run trains tokenizers of its own."""
     streaming.read_manifest(shard_dir)
-    paths = {name: streaming.local_dir(shard_dir) / name for name in names}
-    if not all(path.exists() for path in paths.values()):
+    texts = {name: saved_file(str(streaming.local_dir(shard_dir)), name) for name in names}
+    if any(text is None for text in texts.values()):
         return None
-    return {name: (path.read_text(encoding="utf-8"),
-                   f"the {name} of the shards in {str(shard_dir)!r}")
-            for name, path in paths.items()}
+    return {name: (text, f"the {name} of the shards in {str(shard_dir)!r}")
+            for name, text in texts.items()}
+
+
+def texts(tokenizers: dict) -> dict:
+    """{file name: JSON} (`Task.files`) of {file name: (JSON, where it comes from)}."""
+    return {name: text for name, (text, _) in tokenizers.items()}
 
 
 def document_blocks(sources):
@@ -46,8 +51,7 @@ def document_blocks(sources):
     two documents joins its neighbour (next-sentence prediction draws from another one)."""
     pending = None
     for source in sources:
-        for block in streaming.text_blocks(source, block_chars=BLOCK_CHARS,
-                                           starts_block=pretraining.ARTICLE.match):
+        for block in streaming.text_blocks(source, starts_block=pretraining.ARTICLE.match):
             documents = pretraining.parse_wikitext(block)
             if not documents:
                 continue
@@ -67,7 +71,7 @@ def pair_blocks(sources):
     """The (source, target) pairs of `sources`, a block of lines at a time."""
     for source in sources:
         lines_before = 0
-        for block in streaming.text_blocks(source, block_chars=BLOCK_CHARS):
+        for block in streaming.text_blocks(source):
             lines = block.splitlines()
             pairs = translation_data.parse_pairs(lines, repr(str(source)), lines_before + 1)
             lines_before += len(lines)
@@ -84,6 +88,18 @@ def prepare(config, tokenizers: dict, rows, out_dir) -> dict:
         for name, (text, origin) in tokenizers.items()})
     return streaming.write_shards(rows, out_dir, metadata=metadata, extra_files={
         name: text for name, (text, _) in tokenizers.items()})
+
+
+def train_batches(config, tokenizers: dict, rows, what: str, transform=None):
+    """The training minibatches of a task: streamed from `config.data.shard_dir` (checked
+    against the run's `tokenizers`), else of the rows `rows()` makes in memory; `transform`
+    makes the model's batch of a minibatch's rows."""
+    d = config.data
+    if d.get("shard_dir") is not None:
+        return stream(config, tokenizers, jax.process_index(), jax.process_count(), transform)
+    return RowBatches(rows(), d.batch_size, seed=config.seed, shard_index=jax.process_index(),
+                      num_shards=jax.process_count(), what=f"packed rows of {what}" if d.pack
+                      else what, transform=transform)
 
 
 def stream(config, tokenizers: dict, process_index: int, process_count: int,

@@ -33,7 +33,6 @@ import sacrebleu
 from seqjax import config as config_lib
 from seqjax import decoding, files, plotting
 from seqjax.data import translation as data_lib
-from seqjax.data.batching import RowBatches
 from seqjax.nn.recurrent import CELLS
 from seqjax.nn.seq2seq import Seq2SeqAttentionDecoder, Seq2SeqEncoder
 from seqjax.nn.transformer import EncoderDecoder, TransformerDecoder, TransformerEncoder
@@ -42,6 +41,7 @@ from seqjax.tasks.common import (
     Task,
     accuracy_sum,
     check_precision,
+    check_training_rows,
     lm_sums,
     pack_align,
     precision,
@@ -67,16 +67,11 @@ def check_config(config):
                       "data.min_freq", d.min_freq, "must be >= 0")
     if d.max_pairs is not None:
         config_lib.expect_positive_int(config, "data.max_pairs")
-    if d.get("shard_dir") is not None:
-        config_lib.expect_type(config, "data.shard_dir", str)
     config_lib.expect(m.name in MODELS, "model.name", m.name, f"expected one of {MODELS}")
-    if config_lib.expect_type(config, "data.pack", bool):
+    if check_training_rows(config):
         config_lib.expect(m.name == "transformer", "data.pack", d.pack,
                           f"packs several pairs a row for model.name='transformer' only (the "
                           f"recurrent encoder-decoder reads one pair a row), not {m.name!r}")
-        config_lib.expect(m.attention_impl != "cudnn", "model.attention_impl", m.attention_impl,
-                          "takes no segment ids (jax.nn.dot_product_attention's cuDNN path): "
-                          "with data.pack=True use 'auto', 'seqjax' or 'xla'")
     check_precision(config)
     if m.name == "transformer":
         transformer_config(config, max_length_key="data.num_steps")
@@ -161,7 +156,12 @@ def prepare_rows(config, workdir, sources):
     named = named_tokenizers(config, _splits(config)["train"], workdir)
     src_tok, tgt_tok = (tok for tok, _ in named.values())
     rows = (train_rows(config, src_tok, tgt_tok, pairs) for pairs in shards.pair_blocks(sources))
-    return {name: (tok.to_json(), origin) for name, (tok, origin) in named.items()}, rows
+    return _jsons(named), rows
+
+
+def _jsons(named: dict) -> dict:
+    """{file name: (JSON, where it comes from)} of `named_tokenizers`."""
+    return {name: (tok.to_json(), origin) for name, (tok, origin) in named.items()}
 
 
 def _arrays(tokenizer, texts, num_steps):
@@ -235,23 +235,16 @@ def build(config, workdir=None) -> Task:
                                 os.path.join(workdir, "attention_maps.png"))
         return metrics
 
-    if d.get("shard_dir") is not None:
-        train = shards.stream(config, {name: (tok.to_json(), origin)
-                                       for name, (tok, origin) in named.items()},
-                              jax.process_index(), jax.process_count(),
-                              transform=data_lib.teacher_forcing)
-    else:
-        train = data_lib.TeacherForcing(RowBatches(
-            train_rows(config, src_tok, tgt_tok, splits["train"]), d.batch_size,
-            seed=config.seed, shard_index=jax.process_index(), num_shards=jax.process_count(),
-            what="packed rows of pairs" if d.pack else "pairs"))
+    tokenizers = _jsons(named)
+    train = shards.train_batches(config, tokenizers,
+                                 lambda: train_rows(config, src_tok, tgt_tok, splits["train"]),
+                                 "pairs", transform=data_lib.teacher_forcing)
     return Task(init_params=init_params, loss=functools.partial(loss, model),
                 train_batch=train,
                 eval_batches=data_lib.eval_batches(*valid, d.eval_batch_size),
                 batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
                 tokens_per_batch=d.batch_size * d.num_steps, report=with_perplexity,
-                files={TOKENIZER_FILES["src"]: src_tok.to_json(),
-                       TOKENIZER_FILES["tgt"]: tgt_tok.to_json()},
+                files=shards.texts(tokenizers),
                 translate_sentences=translate_sentences, decode_eval=decode_eval)
 
 

@@ -92,9 +92,15 @@ def check_config(config):
     target = settings.get("target", "")
     if "target" in settings:
         config_lib.expect_type(config, "early_stopping.target", str)
-    config_lib.expect(not target or _TARGET.match(target), "early_stopping.target", target,
+    config_lib.expect(not target or _parse_target(target), "early_stopping.target", target,
                       "expected 'metric>=value' or 'metric<=value' (e.g. 'accuracy>=0.85'), "
                       "or '' (off)")
+
+
+def _parse_target(target: str) -> tuple[str, str, float] | None:
+    """(metric, '>=' or '<=', value) of an early-stopping target, or None if it is not one."""
+    match = _TARGET.match(target)
+    return match and (match.group(1), match.group(2), float(match.group(3)))
 
 
 class EarlyStopping:
@@ -104,9 +110,8 @@ class EarlyStopping:
         settings = config.get("early_stopping") or {}
         self.patience = settings.get("patience", 0)
         self.target = settings.get("target", "")
-        match = _TARGET.match(self.target) if self.target else None
-        self.metric, self.op, self.value = (match.group(1), match.group(2),
-                                            float(match.group(3))) if match else (None,) * 3
+        self.metric, self.op, self.value = (self.target and _parse_target(self.target)
+                                            or (None,) * 3)
 
     def reason(self, evaluations_since_best: int, val: dict | None) -> str | None:
         if self.patience and evaluations_since_best >= self.patience:
