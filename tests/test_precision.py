@@ -49,10 +49,12 @@ STEPS = 20
 # mean over 8 sequences only); 3% is ten times the largest, room for other CPUs' arithmetic.
 # Which products stay float32 is checked on the jaxprs below, not by this tolerance.
 LOSS_RTOL = 0.03
+FIT_STEPS = 8
 
 
-def _loss_curve(task, steps: int) -> np.ndarray:
-    """Training losses of `steps` Adam steps on the task's batches, one device."""
+def _loss_curve(task, steps: int, fit_steps: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Training losses of `steps` Adam steps on the task's batches, one device, then of
+    `fit_steps` more steps on the first batch alone (same dropout key each time)."""
     tx = optax.adam(3e-3)
     params = task.init_params(jax.random.PRNGKey(0))
     carry = jax.tree.map(jnp.asarray, task.init_carry(task.batch_size))
@@ -68,11 +70,17 @@ def _loss_curve(task, steps: int) -> np.ndarray:
         return optax.apply_updates(params, updates), opt_state, carry, loss
 
     opt_state, losses = tx.init(params), []
+    first_carry = carry
     for s in range(steps):
         params, opt_state, carry, loss = step(params, opt_state, task.train_batch(s), carry,
                                               jax.random.PRNGKey(s))
         losses.append(float(loss))
-    return np.array(losses)
+    fit_losses = []
+    for _ in range(fit_steps):
+        params, opt_state, _, loss = step(params, opt_state, task.train_batch(0), first_carry,
+                                          jax.random.PRNGKey(0))
+        fit_losses.append(float(loss))
+    return np.array(losses), np.array(fit_losses)
 
 
 @pytest.mark.parametrize("name,arg", EXPERIMENTS)
@@ -83,10 +91,13 @@ def test_bfloat16_trains_along_the_float32_curve(name, arg, tmp_path):
         (tmp_path / file).write_text(text, encoding="utf-8")
     config.model.dtype = "bfloat16"
     bf16 = tasks.build(config, str(tmp_path))
-    float32_losses, bfloat16_losses = _loss_curve(f32, STEPS), _loss_curve(bf16, STEPS)
+    float32_losses, _ = _loss_curve(f32, STEPS)
+    bfloat16_losses, fit_losses = _loss_curve(bf16, STEPS, FIT_STEPS)
     assert np.all(np.isfinite(bfloat16_losses))
     np.testing.assert_allclose(bfloat16_losses, float32_losses, rtol=LOSS_RTOL)
-    assert bfloat16_losses[-3:].mean() < bfloat16_losses[:3].mean()  # it trains
+    # It learns: on one batch, every step lowers the loss. (Over 20 different batches the loss
+    # of BERT fine-tuning, a mean over 8 sentences, moves more with the batch than it falls.)
+    assert np.all(np.diff(fit_losses) < 0), fit_losses
 
 
 @pytest.mark.parametrize("name,arg", [("charlm_transformer", "tiny"), ("bert_pretrain", "smoke"),
