@@ -1,6 +1,7 @@
 """Two processes on 127.0.0.1 (gloo CPU collectives, 2 CPU devices each) train the tiny char LM
 to the same parameters as one process with 4 devices and the same global batch."""
 
+import json
 import os
 import signal
 import socket
@@ -118,3 +119,59 @@ def test_sigterm_on_one_process_stops_both_at_the_same_step(tmp_path):
     assert int(a["step"]) == int(b["step"]) == step + 3
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
+
+
+_AGREE_ON_FILES = """
+import hashlib, json, os, sys, tempfile
+import numpy as np
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+address, index = sys.argv[1], int(sys.argv[2])
+jax.distributed.initialize(coordinator_address=address, num_processes=2, process_id=index)
+from seqjax import tasks
+from seqjax.config import load_experiment
+from seqjax.data.text import Vocab
+from seqjax.train.loop import _with_process_zero_files
+config = load_experiment("experiments/charlm.py").get_config("tiny")
+workdir = None
+if index == 1:  # process 1 reads a vocabulary in another order, as a tokenizer trained apart
+    built = json.loads(tasks.build(config).files["vocab.json"])
+    vocab = Vocab.from_json(json.dumps(built))
+    vocab._set_tokens([vocab.idx_to_token[0], *reversed(vocab.idx_to_token[1:])])
+    workdir = tempfile.mkdtemp()
+    with open(os.path.join(workdir, "vocab.json"), "w") as f:
+        f.write(vocab.to_json())
+task = tasks.build(config, workdir)
+digest = lambda task: hashlib.sha256(b"".join(
+    np.asarray(x).tobytes() for x in jax.tree.leaves(task.train_batch(0)))).hexdigest()
+before, files_before = digest(task), task.files
+task = _with_process_zero_files(config, task)
+after = digest(task)
+print("RESULT", json.dumps({"before": before, "after": after, "files_before": files_before,
+                           "files": task.files}))
+"""
+
+
+def test_every_process_reads_text_with_process_zeros_vocabulary(tmp_path):
+    """Vocabularies and tokenizers trained on each process of a fresh run can differ (the
+    tokenizers library breaks ties in hash-map order); every process takes process 0's."""
+    address, env = f"127.0.0.1:{_free_port()}", dict(os.environ, XLA_FLAGS="")
+    procs = []
+    for i in range(2):
+        with open(tmp_path / f"{i}.out", "w") as out, open(tmp_path / f"{i}.err", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, "-c", _AGREE_ON_FILES, address, str(i)],
+                                          cwd=ROOT, env=env, stdout=out, stderr=err))
+    try:
+        for i, p in enumerate(procs):
+            assert p.wait(timeout=120) == 0, (tmp_path / f"{i}.err").read_text()[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+    results = [json.loads(next(line[7:] for line in (tmp_path / f"{i}.out").read_text()
+                                .splitlines() if line.startswith("RESULT ")))
+               for i in range(2)]
+    assert results[0]["files_before"] != results[1]["files_before"]
+    assert results[0]["files"] == results[1]["files"] == results[0]["files_before"]
+    # Each process reads its own rows of a batch: process 0's stay, process 1's are re-encoded.
+    assert results[0]["after"] == results[0]["before"]
+    assert results[1]["after"] != results[1]["before"]

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import math
 import os
+import tempfile
 import time
 
 import jax
@@ -169,7 +170,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     saved = config_lib.load(workdir)
     if saved is not None:
         checks.check_resumable(saved, config, workdir)
-    task = tasks.build(config, workdir)
+    task = _with_process_zero_files(config, tasks.build(config, workdir))
     parallel.check_divisible("config.data.batch_size", task.batch_size, devices)
     parallel.check_divisible("config.data.eval_batch_size", task.eval_batch_size, devices)
     tx = make_optimizer(config.opt, config.num_train_steps)
@@ -177,6 +178,22 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     files.makedirs(workdir)
     with WorkdirLock(workdir):
         return _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps)
+
+
+def _with_process_zero_files(config, task):
+    """`task`, or on a process whose vocabularies or tokenizers differ from process 0's, the
+    task rebuilt with process 0's: a fresh run trains them on every process, and the
+    `tokenizers` library's trainer breaks ties between equal counts in hash-map order, so two
+    processes can train different tokenizers from the same text. Only process 0 writes them."""
+    if jax.process_count() == 1:
+        return task
+    shared = parallel.process_zero_texts(task.files)
+    if shared == task.files:
+        return task
+    with tempfile.TemporaryDirectory() as own_files:
+        for name, text in shared.items():
+            files.write_text(os.path.join(own_files, name), text)
+        return tasks.build(config, own_files)
 
 
 def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps) -> dict:

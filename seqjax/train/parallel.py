@@ -11,8 +11,11 @@ arrays of that layout (as a checkpoint is read back), and `to_saved` gives the s
 global arrays that stay on the devices (as a checkpoint is written).
 """
 
+import json
+
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -40,6 +43,16 @@ def check_divisible(name: str, batch_size: int, devices):
             f"{name}={batch_size} does not split evenly over {shards} devices "
             f"({jax.process_count()} processes x {len(devices)} local devices); "
             f"use a multiple of {shards} or set config.num_devices")
+
+
+def process_zero_texts(texts: dict[str, str]) -> dict[str, str]:
+    """Process 0's `texts` (name -> text) on every process (a collective: every process calls
+    it at the same point)."""
+    data = np.frombuffer(json.dumps(texts, sort_keys=True).encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    if jax.process_index() != 0:
+        data = np.zeros(size, np.uint8)
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(data)).tobytes())
 
 
 def make(kind: str, devices):
