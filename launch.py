@@ -1,5 +1,6 @@
 r"""Runs an experiment: train (default; resumes from the workdir's checkpoint), eval, sample,
-translate, export (the parameters as a NumPy .npz archive), or a sweep and its summary.
+translate, export (the parameters as a NumPy .npz archive, or a BERT run as a Hugging Face
+checkpoint), import (a Hugging Face BERT checkpoint as a run), or a sweep and its summary.
 
     python launch.py --config experiments/charlm.py --workdir runs/charlm
     python launch.py --config experiments/charlm.py:cell=gru --workdir runs/gru --config.opt.lr=1e-3
@@ -15,6 +16,10 @@ translate, export (the parameters as a NumPy .npz archive), or a sweep and its s
     python launch.py --config experiments/charlm.py --workdir runs/charlm --profile_steps=10,20
     python launch.py --config experiments/bert_pretrain.py --workdir runs/bert --mode prepare \
         --source corpus.txt.gz --out shards/bert
+    python launch.py --config experiments/bert_pretrain.py --workdir runs/hf_bert --mode import \
+        --source path/to/bert-base-uncased
+    python launch.py --config experiments/bert_pretrain.py --workdir runs/bert --mode export \
+        --format hf --out exported/bert
 """
 
 import os
@@ -27,7 +32,7 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (experim
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the saved config.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "translate", "export", "summarize",
-                                    "prepare"], "What to do.")
+                                    "prepare", "import"], "What to do.")
 flags.DEFINE_bool("sweep", False, "Train every point of the config file's get_sweep().")
 flags.DEFINE_integer("parallel", 1, "--sweep: how many points train at once, each in its own "
                      "process (1: one after another in this process).", lower_bound=1)
@@ -46,10 +51,16 @@ flags.DEFINE_string("text", None, "translate: a sentence to translate.")
 flags.DEFINE_string("input_file", None, "translate: a file of sentences, one per line.")
 flags.DEFINE_integer("beam_size", None, "translate: beam size; 1 is greedy "
                      "(default: config.decode.beam_size).")
-flags.DEFINE_string("out", None, "export: the .npz file to write the parameters to; prepare: "
-                    "the directory of shards to write (config.data.shard_dir of the runs).")
+flags.DEFINE_string("out", None, "export: the .npz file to write the parameters to (--format "
+                    "hf: the directory); prepare: the directory of shards to write "
+                    "(config.data.shard_dir of the runs).")
+flags.DEFINE_enum("format", "npz", ["npz", "hf"], "export: one .npz of the parameter tree, or "
+                  "a Hugging Face BERT checkpoint directory (config.json, model.safetensors, "
+                  "tokenizer.json) that transformers.BertModel.from_pretrained loads.")
 flags.DEFINE_list("source", [], "prepare: the text files (plain or .gz, WikiText's layout) to "
-                  "tokenize into shards, comma-separated.")
+                  "tokenize into shards, comma-separated; import: the directory of a Hugging "
+                  "Face BERT checkpoint (config.json, model.safetensors, and tokenizer.json "
+                  "or vocab.txt).")
 flags.DEFINE_string("profile_steps", None, "train: a jax.profiler trace of steps A to B "
                     "(--profile_steps=A,B, counted from 1) in WORKDIR/profile, which "
                     "`tensorboard --logdir WORKDIR/profile` shows in its profile tab.")
@@ -192,6 +203,14 @@ def translate_mode(config) -> int:
 def export_mode(config) -> int:
     from seqjax import files
     from seqjax.train import saved_runs
+    if FLAGS.format == "hf":
+        from seqjax import transfer
+        if not FLAGS.out:
+            raise ValueError("--mode export --format hf needs --out DIR")
+        shapes = transfer.export_checkpoint(FLAGS.workdir, FLAGS.out, step=FLAGS.step,
+                                            which=_which())
+        print(f"wrote {len(shapes)} arrays in Hugging Face's BERT layout to {FLAGS.out}")
+        return 0
     if not FLAGS.out:
         raise ValueError("--mode export needs --out FILE.npz")
     if files.is_dir(FLAGS.out):
@@ -245,9 +264,21 @@ def prepare_mode(config) -> int:
     return 0
 
 
+def import_mode(config) -> int:
+    from seqjax import transfer
+    if len(FLAGS.source) != 1:
+        raise ValueError("--mode import needs --source DIR, one Hugging Face BERT checkpoint")
+    report = transfer.import_checkpoint(config, FLAGS.source[0], FLAGS.workdir)
+    fresh = (f"; {', '.join(report['fresh'])} freshly initialised (not in the checkpoint)"
+             if report["fresh"] else "")
+    print(f"imported {report['arrays']} arrays and a vocabulary of {report['vocab_size']:,} "
+          f"into {FLAGS.workdir}{fresh}; fine-tune with --config.init_from={FLAGS.workdir}")
+    return 0
+
+
 MODES = {"train": train_mode, "eval": eval_mode, "sample": sample_mode,
          "translate": translate_mode, "export": export_mode, "summarize": summarize_mode,
-         "sweep": sweep_mode, "prepare": prepare_mode}
+         "sweep": sweep_mode, "prepare": prepare_mode, "import": import_mode}
 
 
 def _init_distributed():

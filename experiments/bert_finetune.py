@@ -9,9 +9,11 @@ from scratch as the control.
 it was pretrained with NSP) and its tokenizer are loaded from its latest checkpoint; the
 classifier head is new, and neither the optimizer state nor the MLM head is read. Without it
 the same model starts from random weights with the same tokenizer. The model section must
-match the pretraining run's (`:size=` as there); a mismatch is an error naming the parameter.
-Arguments after the colon: `size=tiny|mini|small|medium|base` (default tiny), `smoke` (seconds,
-for tests). Reports dev accuracy.
+match the pretraining run's (`:size=` as there); a mismatch is an error naming the key.
+Arguments after the colon: `size=tiny|mini|small|medium|base` (default tiny), `published` (the
+released checkpoints' post-norm, exact GELU and LayerNorm epsilon, for a workdir made by
+`--mode import`: README, "Fine-tuning a published BERT"), `smoke` (seconds, for tests).
+Reports dev accuracy.
 """
 
 import ml_collections
@@ -21,7 +23,7 @@ from seqjax.tasks.bert import model_config
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, size="tiny", smoke=False)
+    args = parse_arg(arg, size="tiny", published=False, smoke=False)
     placeholder = ml_collections.config_dict.placeholder
     config = ml_collections.ConfigDict()
     config.task = "bert_finetune"
@@ -44,8 +46,9 @@ def get_config(arg=None):
         max_documents=placeholder(int),
         vocab_size=8000,
     )
-    config.model = model_config(args.size)
-    config.model.norm = "pre"  # as experiments/bert_pretrain.py: the encoder loaded must match
+    config.model = model_config(args.size, args.published)
+    if not args.published:
+        config.model.norm = "pre"  # as experiments/bert_pretrain.py: the encoder loaded must match
     config.model.classifier_dropout = 0.1
 
     config.opt = dict(

@@ -77,7 +77,8 @@ def get_config(arg=None):
         look_back=1,
         attention_dropout=0.0,
         norm="post",  # Add&Norm after each sublayer, as in the original; or 'pre'
-        activation="relu",
+        activation="relu",  # or 'gelu' (tanh approximation), 'gelu_exact' (erf)
+        norm_epsilon=1e-6,  # LayerNorm's
         # seq2seq_attention (num_layers too)
         cell="gru",
         embed_dim=256,

@@ -257,6 +257,13 @@ def test_bad_init_from_is_a_clear_error_and_writes_nothing(pretrained, tmp_path)
     proc = launch("--config", "experiments/bert_finetune.py:smoke", "--workdir", str(workdir),
                   f"--config.init_from={pretrained}", "--config.model.ffn_hiddens=48")
     assert proc.returncode == 1
-    assert ("parameter ['encoder']['blocks_0']['ffn']['dense1']['bias'] has shape (32,)"
-            in proc.stderr)
+    assert "model.ffn_hiddens=32 there, 48 here" in proc.stderr
+    # Same shapes, other arithmetic: the activation and LayerNorm's epsilon are checked too.
+    proc = launch("--config", "experiments/bert_finetune.py:smoke", "--workdir", str(workdir),
+                  f"--config.init_from={pretrained}", "--config.model.norm_epsilon=1e-12",
+                  "--config.model.activation=gelu_exact")
+    assert proc.returncode == 1
+    assert ("model.activation='gelu' there, 'gelu_exact' here; model.norm_epsilon=1e-06 there, "
+            "1e-12 here. Set --config.model.activation=gelu --config.model.norm_epsilon=1e-06"
+            in proc.stderr), proc.stderr[-2000:]
     assert not workdir.exists()

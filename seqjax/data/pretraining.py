@@ -18,6 +18,7 @@ Dimension letters: N sequences, L max_seq_len, R packed rows, M packed sequences
 import gzip
 import importlib.resources
 import re
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,7 +27,21 @@ from seqjax.data import packing
 from seqjax.data.text import read_text_file
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))  # seqjax's own tokenizers
+
+
+class SpecialIds(NamedTuple):
+    """The ids of `SPECIAL_TOKENS` in a tokenizer: 0-4 in those seqjax trains, elsewhere in an
+    imported one (Google's BERT vocabularies: [PAD] 0, [UNK] 100, [CLS] 101, ...)."""
+
+    pad: int
+    unk: int
+    cls: int
+    sep: int
+    mask: int
+
+
+SEQJAX_IDS = SpecialIds(PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID)
 WIKITEXT_SPLITS = ("train", "valid", "test")
 SST2_SPLITS = ("train", "dev")
 ARTICLE = re.compile(r"^ = [^=].* = $")
@@ -117,9 +132,15 @@ def tokenizer_from_json(text: str, what: str = "tokenizer"):
 
 
 def check_tokenizer(tokenizer, what: str = "tokenizer"):
+    """Raises a ValueError unless `tokenizer` holds every one of `SPECIAL_TOKENS`, [PAD] at id 0
+    (rows are padded with zeros)."""
     ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
-    if ids != list(range(len(SPECIAL_TOKENS))):
-        raise ValueError(f"{what} does not hold {SPECIAL_TOKENS} at ids 0-{len(ids) - 1}: {ids}")
+    if None in ids or ids[0] != PAD_ID:
+        raise ValueError(f"{what} must hold {SPECIAL_TOKENS}, [PAD] at id 0; their ids: {ids}")
+
+
+def special_ids(tokenizer) -> SpecialIds:
+    return SpecialIds(*(tokenizer.token_to_id(t) for t in SPECIAL_TOKENS))
 
 
 def continuation_table(tokenizer) -> np.ndarray:
@@ -145,7 +166,7 @@ def encode_documents(tokenizer, documents) -> list[list[list[int]]]:
 
 
 def pretraining_arrays(documents, max_seq_len: int, *, nsp: bool = True, seed: int = 0,
-                       dupe_factor: int = 1) -> dict:
+                       dupe_factor: int = 1, special: SpecialIds = SEQJAX_IDS) -> dict:
     """Pretraining sequences from tokenised documents (lists of sentences of ids), after
     BERT's `create_pretraining_data`: consecutive sentences of a document are gathered until
     they fill `max_seq_len`. With `nsp`, the chunk is cut at a random sentence boundary into A
@@ -153,6 +174,7 @@ def pretraining_arrays(documents, max_seq_len: int, *, nsp: bool = True, seed: i
     sentences from a random other document (label 0; 1 when B really follows A), and the pair
     is trimmed, longer side first, to `[CLS] A [SEP] B [SEP]`. Without `nsp`, the chunk fills
     `[CLS] A [SEP]`. `dupe_factor` passes over the corpus with different random cuts.
+    `special`: the tokenizer's ids of [CLS] and [SEP] (and the others).
 
     Returns tokens and segments [N, L] int32 (padding 0), valid_len [N], nsp_label [N]."""
     if max_seq_len < (5 if nsp else 3):
@@ -172,7 +194,7 @@ def pretraining_arrays(documents, max_seq_len: int, *, nsp: bool = True, seed: i
                segments=np.zeros((N, max_seq_len), np.int32),
                valid_len=np.zeros(N, np.int32), nsp_label=np.zeros(N, np.int32))
     for n, (a, b, label) in enumerate(rows):
-        ids = [CLS_ID, *a, SEP_ID] + ([*b, SEP_ID] if b is not None else [])
+        ids = [special.cls, *a, special.sep] + ([*b, special.sep] if b is not None else [])
         out["tokens"][n, :len(ids)] = ids
         out["segments"][n, len(a) + 2:len(ids)] = 1
         out["valid_len"][n] = len(ids)
@@ -274,11 +296,11 @@ def load_sst2(split: str = "train", path=None) -> tuple[list[str], np.ndarray]:
 def classification_arrays(tokenizer, sentences, max_seq_len: int) -> dict:
     """`[CLS] sentence [SEP]` ids [N, L] (a sentence cut to L - 2 pieces), segments (all 0) and
     valid lengths."""
-    N = len(sentences)
+    N, special = len(sentences), special_ids(tokenizer)
     tokens = np.zeros((N, max_seq_len), np.int32)
     valid_len = np.zeros(N, np.int32)
     for n, e in enumerate(tokenizer.encode_batch(list(sentences), add_special_tokens=False)):
-        ids = [CLS_ID, *e.ids[:max_seq_len - 2], SEP_ID]
+        ids = [special.cls, *e.ids[:max_seq_len - 2], special.sep]
         tokens[n, :len(ids)] = ids
         valid_len[n] = len(ids)
     return dict(tokens=tokens, segments=np.zeros_like(tokens), valid_len=valid_len)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from seqjax.nn import compute
 from seqjax.nn.position import LearnedPosition
-from seqjax.nn.transformer import EncoderBlock, _check_norm
+from seqjax.nn.transformer import ACTIVATION_FNS, EncoderBlock, _check_norm
 
 Dtype = Any
 _normal = nn.initializers.normal(0.02)  # BERT's initialiser of embeddings
@@ -41,10 +41,11 @@ class BertEncoder(nn.Module):
     """tokens [B, L] (and segment ids [B, L], a padding mask [B, L]: True at real tokens) ->
     [B, L, E]: the sum of token, segment and position embeddings, LayerNorm and dropout, then
     `num_layers` `EncoderBlock`s with GELU, post-norm as in BERT (`norm='pre'`: LayerNorm
-    before each sublayer and once at the end). `attention='local'` attends within blocks of
-    `block_size` and `look_back` earlier blocks, at O(L * block_size) cost. A sequence longer
-    than `max_length` (the position table) is a clear error. `remat` and `attention_impl` as in
-    `seqjax.nn.transformer`."""
+    before each sublayer and once at the end). The released checkpoints use the exact (erf)
+    GELU (`activation='gelu_exact'`) and LayerNorm epsilon 1e-12. `attention='local'` attends
+    within blocks of `block_size` and `look_back` earlier blocks, at O(L * block_size) cost.
+    A sequence longer than `max_length` (the position table) is a clear error. `remat` and
+    `attention_impl` as in `seqjax.nn.transformer`."""
 
     vocab_size: int
     num_layers: int = 2
@@ -56,6 +57,8 @@ class BertEncoder(nn.Module):
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.1
     norm: str = "post"
+    activation: str = "gelu"
+    norm_epsilon: float = 1e-6
     attention: str = "full"
     block_size: int = 128
     look_back: int = 0
@@ -71,17 +74,18 @@ class BertEncoder(nn.Module):
         self.token_embed = embed(self.vocab_size)
         self.segment_embed = embed(self.num_segments)
         self.position = LearnedPosition(self.max_length, self.param_dtype)
-        self.embed_ln = nn.LayerNorm(**kw)
+        self.embed_ln = nn.LayerNorm(self.norm_epsilon, **kw)
         self.embed_dropout = nn.Dropout(self.dropout_rate)
         attention_kwargs = (("attention", self.attention), ("block_size", self.block_size),
                             ("look_back", self.look_back), ("attention_impl", self.attention_impl))
         block = compute.remat(EncoderBlock, self.remat, static_argnums=(3,))
         self.blocks = [block(self.num_heads, self.ffn_hiddens, self.dropout_rate,
                                     self.attention_dropout_rate, norm=self.norm,
-                                    activation="gelu", attention_kwargs=attention_kwargs, **kw)
+                             activation=self.activation, norm_epsilon=self.norm_epsilon,
+                             attention_kwargs=attention_kwargs, **kw)
                        for _ in range(self.num_layers)]
         if self.norm == "pre":
-            self.ln_final = nn.LayerNorm(**kw)
+            self.ln_final = nn.LayerNorm(self.norm_epsilon, **kw)
 
     def __call__(self, tokens_BxL, segments_BxL=None, mask_BxL=None, *, pack_ids_BxL=None,
                  position_ids_BxL=None, deterministic: bool = True):
@@ -117,17 +121,20 @@ class Pooler(nn.Module):
 
 
 class MLMHead(nn.Module):
-    """[B, P, E] -> logits [B, P, V] (float32): Dense(E), GELU, LayerNorm, then the product with
-    the transposed token `embedding` [V, E] (the encoder's own array) plus a bias."""
+    """[B, P, E] -> logits [B, P, V] (float32): Dense(E), the encoder's activation, LayerNorm,
+    then the product with the transposed token `embedding` [V, E] (the encoder's own array)
+    plus a bias."""
 
+    activation: str = "gelu"
+    norm_epsilon: float = 1e-6
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x_BxPxE, embedding_VxE):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = nn.gelu(nn.Dense(x_BxPxE.shape[-1], name="transform", **kw)(x_BxPxE))
-        x = nn.LayerNorm(name="ln", **kw)(x)
+        x = nn.Dense(x_BxPxE.shape[-1], name="transform", **kw)(x_BxPxE)
+        x = nn.LayerNorm(self.norm_epsilon, name="ln", **kw)(ACTIVATION_FNS[self.activation](x))
         bias = self.param("bias", nn.initializers.zeros, (embedding_VxE.shape[0],),
                           self.param_dtype)
         logits = jnp.einsum("bpe,ve->bpv", x, embedding_VxE.astype(x.dtype),
@@ -153,7 +160,8 @@ class BertPretraining(nn.Module):
         x = self.encoder(tokens_BxL, segments_BxL, mask_BxL, pack_ids_BxL=pack_ids_BxL,
                          position_ids_BxL=position_ids_BxL, deterministic=deterministic)
         h = x if positions_BxP is None else jnp.take_along_axis(x, positions_BxP[..., None], 1)
-        mlm_logits = MLMHead(name="mlm_head", **kw)(h, self.encoder.embedding())
+        mlm_logits = MLMHead(self.encoder.activation, self.encoder.norm_epsilon, name="mlm_head",
+                             **kw)(h, self.encoder.embedding())
         nsp_logits = None
         if self.nsp:
             pooled = Pooler(name="pooler", **kw)(x, cls_positions_BxM)

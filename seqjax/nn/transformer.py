@@ -38,8 +38,13 @@ from seqjax.nn.transformer_config import (  # noqa: F401  (re-exported)
 )
 
 Dtype = Any
+ACTIVATION_FNS = {"relu": nn.relu, "gelu": nn.gelu,  # GELU's tanh approximation
+                  "gelu_exact": functools.partial(nn.gelu, approximate=False)}  # erf: BERT's
+
+
 class PositionwiseFFN(nn.Module):
-    """The same two-layer MLP at every position: Dense(ffn_hiddens) -> ReLU/GELU -> Dense."""
+    """The same two-layer MLP at every position: Dense(ffn_hiddens) -> activation -> Dense
+    (`ACTIVATION_FNS`)."""
 
     ffn_hiddens: int
     out_features: Optional[int] = None
@@ -51,7 +56,7 @@ class PositionwiseFFN(nn.Module):
     def __call__(self, x_BxLxE):
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
         hidden = dense(self.ffn_hiddens, name="dense1")(x_BxLxE)
-        hidden = {"relu": nn.relu, "gelu": nn.gelu}[self.activation](hidden)
+        hidden = ACTIVATION_FNS[self.activation](hidden)
         return dense(self.out_features or x_BxLxE.shape[-1], name="dense2")(hidden)
 
 
@@ -59,22 +64,25 @@ class AddNorm(nn.Module):
     """LayerNorm(dropout(Y) + X): the residual connection and layer normalisation."""
 
     dropout_rate: float = 0.0
+    epsilon: float = 1e-6
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, y, *, deterministic: bool = True):
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-        return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="ln")(x + y)
+        return nn.LayerNorm(self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                            name="ln")(x + y)
 
 
-def _residual(i: int, x, sublayer, norm: str, dropout_rate: float, deterministic: bool, kw):
+def _residual(i: int, x, sublayer, norm: str, dropout_rate: float, deterministic: bool, kw,
+              epsilon: float):
     """Sublayer i with its residual: Add&Norm after it ('post') or LayerNorm before it ('pre').
     Called inside a block's compact `__call__`, so the norms are that block's submodules."""
     if norm == "post":
-        return AddNorm(dropout_rate, name=f"addnorm{i}", **kw)(x, sublayer(x),
-                                                                deterministic=deterministic)
-    y = sublayer(nn.LayerNorm(name=f"ln{i}", **kw)(x))
+        return AddNorm(dropout_rate, epsilon, name=f"addnorm{i}", **kw)(
+            x, sublayer(x), deterministic=deterministic)
+    y = sublayer(nn.LayerNorm(epsilon, name=f"ln{i}", **kw)(x))
     return x + nn.Dropout(dropout_rate)(y, deterministic=deterministic)
 
 
@@ -95,6 +103,7 @@ class _Block(nn.Module):
     attention_dropout_rate: float = 0.0
     norm: str = "post"
     activation: str = "relu"
+    norm_epsilon: float = 1e-6  # LayerNorm's (Flax's default; BERT's checkpoints: 1e-12)
     attention_kwargs: Any = ()
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
@@ -116,7 +125,7 @@ class EncoderBlock(_Block):
                                          positions=positions, deterministic=deterministic), ffn)
         for i, sublayer in enumerate(sublayers):
             x_BxLxE = _residual(i + 1, x_BxLxE, sublayer, self.norm, self.dropout_rate,
-                                deterministic, kw)
+                                deterministic, kw, self.norm_epsilon)
         return x_BxLxE
 
 
@@ -144,6 +153,7 @@ class _Stack(nn.Module):
     attention_dropout_rate: float = 0.0
     norm: str = "pre"
     activation: str = "gelu"
+    norm_epsilon: float = 1e-6
     remat: str = "none"
     attention_impl: str = "seqjax"
     decode: bool = False
@@ -164,7 +174,8 @@ class _Stack(nn.Module):
         return dict(num_heads=self.num_heads, ffn_hiddens=self.ffn_hiddens,
                     dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate, norm=self.norm,
-                    activation=self.activation, attention_kwargs=tuple(attention_kwargs.items()),
+                    activation=self.activation, norm_epsilon=self.norm_epsilon,
+                    attention_kwargs=tuple(attention_kwargs.items()),
                     **self._kw())
 
     @nn.nowrap
@@ -209,7 +220,7 @@ class _Stack(nn.Module):
     def _head(self, x_BxLxE):
         """Final LayerNorm (pre-norm stacks) and the linear head: logits [B, L, V] in float32."""
         if self.norm == "pre":
-            x_BxLxE = nn.LayerNorm(name="ln_final", **self._kw())(x_BxLxE)
+            x_BxLxE = nn.LayerNorm(self.norm_epsilon, name="ln_final", **self._kw())(x_BxLxE)
         return nn.Dense(self.vocab_size, name="head", dot_general=compute.float32_dot,
                         **self._kw())(x_BxLxE).astype(jnp.float32)
 
@@ -259,7 +270,7 @@ class DecoderBlock(_Block):
             ffn)
         for i, sublayer in enumerate(sublayers):
             x_BxTxE = _residual(i + 1, x_BxTxE, sublayer, self.norm, self.dropout_rate,
-                                deterministic, kw)
+                                deterministic, kw, self.norm_epsilon)
         return x_BxTxE
 
 
@@ -281,7 +292,7 @@ class TransformerEncoder(_Stack):
             x = self._block(EncoderBlock, i, causal=False)(x, mask_BxS, deterministic,
                                                            segment_ids, positions)
         if self.norm == "pre":
-            x = nn.LayerNorm(name="ln_final", **self._kw())(x)
+            x = nn.LayerNorm(self.norm_epsilon, name="ln_final", **self._kw())(x)
         return x
 
 

@@ -12,7 +12,7 @@ from seqjax.nn.attention import ATTENTION_IMPLS, ATTENTION_KINDS, cudnn_runs
 
 Dtype = Any
 NORMS = ("post", "pre")
-ACTIVATIONS = ("relu", "gelu")
+ACTIVATIONS = ("relu", "gelu", "gelu_exact")  # gelu: the tanh approximation; exact: erf
 
 
 def _raise(ok: bool, name: str, value, what: str):
@@ -38,6 +38,7 @@ class TransformerConfig:
     dropout_rate: float
     attention_dropout_rate: float
     norm: str
+    norm_epsilon: float
     activation: str
     remat: str
     attention_impl: str
@@ -77,6 +78,8 @@ class TransformerConfig:
                name("position"), self.position, "rotary needs an even head dimension")
         one_of("norm", NORMS)
         one_of("activation", ACTIVATIONS)
+        expect(isinstance(self.norm_epsilon, float) and 0 < self.norm_epsilon < 1,
+               name("norm_epsilon"), self.norm_epsilon, "must be a float in (0, 1)")
         one_of("remat", compute.REMAT)
         one_of("attention_impl", ATTENTION_IMPLS)
         expect(self.attention_impl not in ("xla", "cudnn") or self.attention_dropout_rate == 0,

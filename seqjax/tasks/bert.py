@@ -46,38 +46,45 @@ from seqjax.tasks.common import (
 )
 
 TOKENIZER_FILE = "tokenizer.json"
-_SPECIAL_IDS = tuple(range(len(data_lib.SPECIAL_TOKENS)))
 
 
-def model_config(size: str) -> dict:
-    """The `model` section of a BERT experiment of one of `BERT_SIZES`."""
+# What the released BERT checkpoints compute (Devlin et al.'s code, Hugging Face's BertModel).
+PUBLISHED = dict(norm="post", activation="gelu_exact", norm_epsilon=1e-12)
+
+
+def model_config(size: str, published: bool = False) -> dict:
+    """The `model` section of a BERT experiment of one of `BERT_SIZES`; `published`: computing
+    what the released checkpoints compute (`PUBLISHED`), for fine-tuning an imported one."""
     if size not in BERT_SIZES:
         raise ValueError(f"size={size!r}: expected one of {sorted(BERT_SIZES)}")
     num_layers, d_model, num_heads = BERT_SIZES[size]
-    return dict(size=size, num_layers=num_layers, d_model=d_model, num_heads=num_heads,
-                ffn_hiddens=4 * d_model, max_position=512, norm="post", attention="full",
-                block_size=64, look_back=1, dropout=0.1, attention_dropout=0.1, dtype="float32",
-                param_dtype="float32", remat="none", attention_impl="auto")
+    model = dict(size=size, num_layers=num_layers, d_model=d_model, num_heads=num_heads,
+                 ffn_hiddens=4 * d_model, max_position=512, num_segments=2, norm="post",
+                 activation="gelu", norm_epsilon=1e-6, attention="full", block_size=64,
+                 look_back=1, dropout=0.1, attention_dropout=0.1, dtype="float32",
+                 param_dtype="float32", remat="none", attention_impl="auto")
+    return dict(model, **PUBLISHED) if published else model
 
 
 def _encoder_config(config):
-    return transformer_config(config, max_length_key="model.max_position", position="learned",
-                              activation="gelu")
+    return transformer_config(config, max_length_key="model.max_position", position="learned")
 
 
 def check_model(config):
     _encoder_config(config)
     config_lib.expect_positive_int(config, "data.batch_size", "data.eval_batch_size",
-                                   "data.vocab_size", "data.max_seq_len")
+                                   "data.vocab_size", "data.max_seq_len", "model.num_segments")
     config_lib.expect(config.data.max_seq_len <= config.model.max_position, "data.max_seq_len",
                       config.data.max_seq_len, f"is longer than the position table "
                       f"(model.max_position={config.model.max_position})")
-    config_lib.expect(config.data.vocab_size > len(_SPECIAL_IDS), "data.vocab_size",
-                      config.data.vocab_size, f"must exceed the {len(_SPECIAL_IDS)} special tokens")
+    specials = len(data_lib.SPECIAL_TOKENS)
+    config_lib.expect(config.data.vocab_size > specials, "data.vocab_size",
+                      config.data.vocab_size, f"must exceed the {specials} special tokens")
 
 
 def make_encoder(config, vocab_size: int) -> BertEncoder:
-    return BertEncoder(vocab_size, **_encoder_config(config).kwargs("position", "activation"))
+    return BertEncoder(vocab_size, num_segments=config.model.num_segments,
+                       **_encoder_config(config).kwargs("position"))
 
 
 def named_tokenizer(config, workdir, train_documents=None, shard_dir=None):
@@ -210,7 +217,8 @@ def train_rows(config, tokenizer, documents, seed=None) -> dict:
     rows = data_lib.pretraining_arrays(data_lib.encode_documents(tokenizer, documents),
                                        d.max_seq_len, nsp=d.nsp,
                                        seed=config.seed if seed is None else seed,
-                                       dupe_factor=d.dupe_factor)
+                                       dupe_factor=d.dupe_factor,
+                                       special=data_lib.special_ids(tokenizer))
     if not d.pack:
         return rows
     return data_lib.pack_pretraining(rows, d.pack_max_sequences, pack_align(config))
@@ -238,12 +246,14 @@ def build_pretrain(config, workdir=None) -> Task:
     train = shards.train_batches(config, tokenizers,
                                  lambda: train_rows(config, tokenizer, train_docs), "sequences")
     V = tokenizer.get_vocab_size()
+    special = data_lib.special_ids(tokenizer)
     valid = data_lib.pretraining_arrays(data_lib.encode_documents(tokenizer, valid_docs),
-                                        d.max_seq_len, nsp=d.nsp, seed=config.seed + 1)
+                                        d.max_seq_len, nsp=d.nsp, seed=config.seed + 1,
+                                        special=special)
     valid = {k: v[:d.num_valid] for k, v in valid.items()}
     continuation = jnp.asarray(data_lib.continuation_table(tokenizer))
-    mask = functools.partial(masking.mask_tokens, vocab_size=V, mask_id=data_lib.MASK_ID,
-                             special_ids=_SPECIAL_IDS, mask_prob=d.mask_prob,
+    mask = functools.partial(masking.mask_tokens, vocab_size=V, mask_id=special.mask,
+                             special_ids=tuple(special), mask_prob=d.mask_prob,
                              mask_token_prob=d.mask_token_prob,
                              random_token_prob=d.random_token_prob,
                              max_predictions=d.max_predictions,
@@ -288,6 +298,31 @@ def check_finetune(config):
             config_lib.expect_positive_int(config, f"data.{key}")
     if config.init_from is not None:
         config_lib.expect_type(config, "init_from", str)
+        _check_same_encoder(config)
+
+
+# What the encoder computes; parameter shapes alone do not tell activation or epsilon apart.
+_ENCODER_KEYS = ("num_layers", "d_model", "num_heads", "ffn_hiddens", "max_position",
+                 "num_segments", "norm", "activation", "norm_epsilon")
+
+
+def _check_same_encoder(config):
+    """The model section agrees with the saved config of the run in `config.init_from` on
+    `_ENCODER_KEYS` (a run saved before a key existed has its default)."""
+    config_lib.expect_run_dir(config, "init_from")
+    saved = config_lib.load(config.init_from)
+    if saved is None or "model" not in saved:
+        return  # not a seqjax run: load_init_from says so
+    defaults = model_config("tiny")
+    differ = [k for k in _ENCODER_KEYS
+              if saved.model.get(k, defaults[k]) != config.model[k]]
+    if differ:
+        raise ValueError(
+            f"config.init_from={config.init_from!r} holds an encoder that computes something "
+            f"else: " + "; ".join(f"model.{k}={saved.model.get(k, defaults[k])!r} there, "
+                                  f"{config.model[k]!r} here" for k in differ)
+            + ". Set " + " ".join(f"--config.model.{k}={saved.model.get(k, defaults[k])}"
+                                  for k in differ))
 
 
 def classification_loss(model: BertClassifier, params, batch, carry=(), *, rng=None,

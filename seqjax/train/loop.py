@@ -86,18 +86,26 @@ def _fetch(pending: list, par) -> list[dict]:
     return fetched
 
 
+def fresh_params(config, task):
+    return task.init_params(jax.random.split(jax.random.PRNGKey(config.seed))[0])
+
+
+def initial_state(config, task, tx, params) -> dict:
+    """The host state of step 0 with `params`."""
+    state_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]
+    return dict(step=np.asarray(0, np.int32), params=jax.device_get(params),
+                opt_state=jax.device_get(tx.init(params)), rng=np.asarray(state_rng),
+                carry=task.init_carry(task.batch_size))
+
+
 def _fresh_state(config, workdir, task, tx):
     """(host state of step 0, names of the modules loaded from config.init_from): the
     parameters of `config.init_from` when the workdir has no checkpoint of its own, else fresh."""
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    params, loaded = task.init_params(init_rng), []
+    params, loaded = fresh_params(config, task), []
     if config.get("init_from") and not has_latest(workdir):
         config_lib.expect_run_dir(config, "init_from")
         params, loaded = load_init_from(params, config.init_from)
-    host = dict(step=np.asarray(0, np.int32), params=jax.device_get(params),
-                opt_state=jax.device_get(tx.init(params)), rng=np.asarray(state_rng),
-                carry=task.init_carry(task.batch_size))
-    return host, loaded
+    return initial_state(config, task, tx, params), loaded
 
 
 def _restore(ckpts, template):
