@@ -31,6 +31,7 @@ def get_config(arg=None):
     config.num_devices = 0  # 0: every local device
     config.parallel = "pmap"  # or "shard_map": jit(shard_map) over a mesh with one axis, "batch"
     config.init_from = placeholder(str)  # a pretraining workdir; None: from scratch
+    config.init_from_step = placeholder(int)  # its checkpoint of this step; None: the latest
 
     config.data = dict(
         # None: the shipped SST-2 splits; else GLUE-style `sentence<TAB>label` files with a header
@@ -50,6 +51,8 @@ def get_config(arg=None):
     if not args.published:
         config.model.norm = "pre"  # as experiments/bert_pretrain.py: the encoder loaded must match
     config.model.classifier_dropout = 0.1
+    # a linear probe: the encoder and pooler as loaded, only the classifier trained
+    config.model.freeze_encoder = False
 
     config.opt = dict(
         name="adamw", lr=3e-4, b1=0.9, b2=0.999, momentum=0.0, weight_decay=0.01,

@@ -73,6 +73,7 @@ def get_config(arg=None):
     config.eval_every = 1000
     config.checkpoint_every = 1000
     config.keep_checkpoints = 2
+    config.keep_steps = ()  # steps whose checkpoints are kept besides (fine-tuning's init_from_step)
     # patience in evaluations without a better validation loss; target 'metric>=value': 0 / '' off
     config.early_stopping = dict(patience=0, target="")
 

@@ -22,6 +22,7 @@ import functools
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from seqjax.nn import compute
@@ -171,18 +172,24 @@ class BertPretraining(nn.Module):
 
 
 class BertClassifier(nn.Module):
-    """The encoder, the pooler, dropout and a Dense classifier: logits [B, C] (float32)."""
+    """The encoder, the pooler, dropout and a Dense classifier: logits [B, C] (float32). With
+    `frozen_encoder`, a linear probe: the encoder and pooler run without dropout and pass no
+    gradient back (the optimizer must leave their parameters as they are too)."""
 
     encoder: BertEncoder
     num_classes: int = 2
     dropout_rate: float = 0.1
+    frozen_encoder: bool = False
 
     @nn.compact
     def __call__(self, tokens_BxL, segments_BxL=None, mask_BxL=None, *,
                  deterministic: bool = True):
         kw = dict(dtype=self.encoder.dtype, param_dtype=self.encoder.param_dtype)
-        x = self.encoder(tokens_BxL, segments_BxL, mask_BxL, deterministic=deterministic)
-        pooled = nn.Dropout(self.dropout_rate)(Pooler(name="pooler", **kw)(x),
-                                               deterministic=deterministic)
+        fixed = deterministic or self.frozen_encoder
+        x = self.encoder(tokens_BxL, segments_BxL, mask_BxL, deterministic=fixed)
+        pooled = Pooler(name="pooler", **kw)(x)
+        if self.frozen_encoder:
+            pooled = jax.lax.stop_gradient(pooled)
+        pooled = nn.Dropout(self.dropout_rate)(pooled, deterministic=deterministic)
         return nn.Dense(self.num_classes, name="classifier", dot_general=compute.float32_dot,
                         **kw)(pooled).astype(jnp.float32)

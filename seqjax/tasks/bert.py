@@ -293,6 +293,8 @@ def check_finetune(config):
     check_model(config)
     config_lib.expect_positive_int(config, "data.num_classes")
     config_lib.expect_fraction(config, "model.classifier_dropout")
+    if "freeze_encoder" in config.model:
+        config_lib.expect_type(config, "model.freeze_encoder", bool)
     for key in ("max_examples", "max_documents"):
         if config.data[key] is not None:
             config_lib.expect_positive_int(config, f"data.{key}")
@@ -351,8 +353,10 @@ def build_finetune(config, workdir=None) -> Task:
         return dict(data_lib.classification_arrays(tokenizer, sentences, d.max_seq_len),
                     labels=labels)
 
+    frozen = config.model.get("freeze_encoder", False)
     model = BertClassifier(make_encoder(config, tokenizer.get_vocab_size()),
-                           num_classes=d.num_classes, dropout_rate=config.model.classifier_dropout)
+                           num_classes=d.num_classes, dropout_rate=config.model.classifier_dropout,
+                           frozen_encoder=frozen)
 
     def init_params(rng):
         tokens = jnp.zeros((1, d.max_seq_len), jnp.int32)
@@ -366,4 +370,5 @@ def build_finetune(config, workdir=None) -> Task:
                                             what="validation sentences"),
                 batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
                 tokens_per_batch=d.batch_size * d.max_seq_len,
-                files={TOKENIZER_FILE: tokenizer.to_str()})
+                files={TOKENIZER_FILE: tokenizer.to_str()},
+                frozen=("encoder", "pooler") if frozen else ())

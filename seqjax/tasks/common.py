@@ -53,6 +53,7 @@ class Task:
     # (params, final) -> metrics from a search on the host (BLEU), added to each validation;
     # with final (the end of training, and eval) also test metrics and files in the workdir
     decode_eval: Callable | None = None
+    frozen: tuple = ()  # top-level parameter modules the optimizer leaves as they are
 
 
 def saved_file(workdir: str | None, name: str) -> str | None:

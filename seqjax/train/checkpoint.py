@@ -102,14 +102,20 @@ def _state_handler():
 
 
 class Checkpoints:
+    """A workdir's checkpoints: the `keep` latest (and the steps of `keep_steps` besides, for
+    what is loaded from them later: `init_from_step`) in `checkpoints/`, the best in `best/`."""
 
-    def __init__(self, workdir: str, keep: int = 2):
+    def __init__(self, workdir: str, keep: int = 2, keep_steps=()):
         self.workdir = files.absolute(workdir)
-        manager = lambda name, keep: ocp.CheckpointManager(
+        latest = ocp.checkpoint_managers.LatestN(keep)
+        kept = {"checkpoints": ocp.checkpoint_managers.AnyPreservationPolicy(
+                    [latest, ocp.checkpoint_managers.CustomSteps(list(keep_steps))])
+                if keep_steps else latest, "best": ocp.checkpoint_managers.LatestN(1)}
+        manager = lambda name: ocp.CheckpointManager(
             os.path.join(self.workdir, name),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            options=ocp.CheckpointManagerOptions(preservation_policy=kept[name], create=True),
             item_handlers={"state": _state_handler(), "meta": ocp.JsonCheckpointHandler()})
-        self.managers = {"latest": manager("checkpoints", keep), "best": manager("best", 1)}
+        self.managers = {"latest": manager("checkpoints"), "best": manager("best")}
 
     def latest_step(self, which: str = "latest"):
         return self.managers[which].latest_step()
@@ -250,12 +256,13 @@ def restore_saved(workdir: str, step: int | None = None, which: str = "latest", 
     return config, restored[0]
 
 
-def load_init_from(params, source: str):
-    """`params` with every top-level module that the latest checkpoint of the run in `source`
-    also has (a pretrained encoder) replaced by that run's arrays, which must have the same
-    shapes; the other modules (a new head) keep their fresh values. Only parameters are read:
-    not the optimizer state, step or RNG. Returns (params, names of the loaded modules)."""
-    saved = restore_saved(source)[1]["params"]["params"]
+def load_init_from(params, source: str, step: int | None = None):
+    """`params` with every top-level module that the checkpoint of the run in `source` (of
+    `step`, default the latest) also has (a pretrained encoder) replaced by that run's arrays,
+    which must have the same shapes; the other modules (a new head) keep their fresh values.
+    Only parameters are read: not the optimizer state, step or RNG. Returns (params, names of
+    the loaded modules)."""
+    saved = restore_saved(source, step)[1]["params"]["params"]
     fresh = params["params"]
     loaded = sorted(fresh.keys() & saved.keys())
     if not loaded:

@@ -27,6 +27,10 @@ def check_config(config):
                                    "checkpoint_every", "keep_checkpoints")
     config_lib.expect_type(config, "seed", int)
     config_lib.expect_type(config, "num_devices", int)
+    for step in config.get("keep_steps", ()):
+        config_lib.expect(isinstance(step, int) and 0 < step <= config.num_train_steps,
+                          "keep_steps", config.keep_steps,
+                          "steps to keep a checkpoint of, each in [1, num_train_steps]")
     kind = config.get("parallel", "pmap")
     config_lib.expect(kind in parallel.KINDS, "parallel", kind, f"expected one of {parallel.KINDS}")
     opt = config.opt

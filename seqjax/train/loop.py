@@ -104,7 +104,7 @@ def _fresh_state(config, workdir, task, tx):
     params, loaded = fresh_params(config, task), []
     if config.get("init_from") and not has_latest(workdir):
         config_lib.expect_run_dir(config, "init_from")
-        params, loaded = load_init_from(params, config.init_from)
+        params, loaded = load_init_from(params, config.init_from, config.get("init_from_step"))
     return initial_state(config, task, tx, params), loaded
 
 
@@ -181,7 +181,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     task = _with_process_zero_files(config, tasks.build(config, workdir))
     parallel.check_divisible("config.data.batch_size", task.batch_size, devices)
     parallel.check_divisible("config.data.eval_batch_size", task.eval_batch_size, devices)
-    tx = make_optimizer(config.opt, config.num_train_steps)
+    tx = make_optimizer(config.opt, config.num_train_steps, task.frozen)
     host, loaded = _fresh_state(config, workdir, task, tx)
     files.makedirs(workdir)
     with WorkdirLock(workdir):
@@ -208,7 +208,8 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps
     """The run itself, on a locked workdir, from the fresh state `host` (with the modules named
     in `loaded` from config.init_from) unless the workdir has a checkpoint."""
     # --- the starting state: the workdir's checkpoint, else init_from, else scratch ----------
-    ckpts = Checkpoints(workdir, config.keep_checkpoints)
+    keep_steps = tuple(config.get("keep_steps", ()))
+    ckpts = Checkpoints(workdir, config.keep_checkpoints, keep_steps)
     restored = _restore(ckpts, host)
     meta = {}
     if restored is not None:
@@ -310,7 +311,7 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps
                     last = done == total_steps or stopping
                     do_log = done % config.log_every == 0 or last
                     do_eval = done % config.eval_every == 0 or done == total_steps
-                    do_save = done % config.checkpoint_every == 0 or last
+                    do_save = done % config.checkpoint_every == 0 or last or done in keep_steps
                     if not (do_log or do_eval or do_save):
                         continue
                     fetched += _fetch(pending, par)

@@ -96,11 +96,13 @@ def _adamw(opt, lr) -> optax.GradientTransformation:
                        optax.scale_by_learning_rate(lr))
 
 
-def make_optimizer(opt, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(opt, total_steps: int, frozen=()) -> optax.GradientTransformation:
     """Global-norm clipping (the textbook's theta; 0 disables it), then the optimiser.
 
     With `opt.grad_accum_steps > 1` gradients of that many consecutive steps are averaged
-    before one update (optax.MultiSteps), so the schedule counts updates, not steps.
+    before one update (optax.MultiSteps), so the schedule counts updates, not steps. The
+    top-level parameter modules named in `frozen` get no update at all (no weight decay
+    either), and no optimizer state.
     """
     lr = _update_schedule(opt, total_steps)
     if opt.name == "adam":
@@ -112,6 +114,11 @@ def make_optimizer(opt, total_steps: int) -> optax.GradientTransformation:
     else:
         raise ValueError(f"config.opt.name={opt.name!r}: expected one of {OPTIMIZERS}")
     tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), update) if opt.clip_norm else update
+    if frozen:
+        label = lambda params: {"params": {name: jax.tree.map(
+            lambda _, n=name: "frozen" if n in frozen else "trained", module)
+            for name, module in params["params"].items()}}
+        tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, label)
     if opt.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=opt.grad_accum_steps)
     return tx
