@@ -89,13 +89,16 @@ def _print_results(results: dict):
         print(f"sample: {results['sample']}")
 
 
-def _sweep_points(config) -> list[dict]:
+def _experiment():
     from seqjax import config as config_lib
+    return config_lib.load_experiment(FLAGS["config"].config_filename.split(":")[0])
+
+
+def _sweep_points(config) -> list[dict]:
     from seqjax import sweep
-    path = FLAGS["config"].config_filename
-    module = config_lib.load_experiment(path.split(":")[0])
+    module = _experiment()
     if not hasattr(module, "get_sweep"):
-        raise app.UsageError(f"{path} defines no get_sweep()")
+        raise app.UsageError(f"{FLAGS['config'].config_filename} defines no get_sweep()")
     return sweep.check_points(module.get_sweep(), config)
 
 
@@ -111,9 +114,16 @@ def _worker_command(i: int) -> list[str]:
 
 
 def _summarize(points) -> list[dict]:
+    """summary.md of the points (and the experiment's own summary, if it has one:
+    `summarize_sweep(rows, workdir) -> the name of its table`), printed."""
     from seqjax import files, sweep
     rows = sweep.summarize(points, FLAGS.workdir, FLAGS.metric)
-    print(files.read_text(os.path.join(FLAGS.workdir, "summary.md")), end="")
+    tables = ["summary.md"]
+    module = _experiment()
+    if hasattr(module, "summarize_sweep"):
+        tables.append(module.summarize_sweep(rows, FLAGS.workdir))
+    for table in tables:
+        print(files.read_text(os.path.join(FLAGS.workdir, table)), end="")
     return rows
 
 

@@ -31,7 +31,8 @@ def get_config(arg=None):
     config.num_devices = 0  # 0: every local device
     config.parallel = "pmap"  # or "shard_map": jit(shard_map) over a mesh with one axis, "batch"
     config.init_from = placeholder(str)  # a pretraining workdir; None: from scratch
-    config.init_from_step = placeholder(int)  # its checkpoint of this step; None: the latest
+    # its checkpoint of this step; None: the latest; 0: untrained, with init_from's tokenizer
+    config.init_from_step = placeholder(int)
 
     config.data = dict(
         # None: the shipped SST-2 splits; else GLUE-style `sentence<TAB>label` files with a header

@@ -8,19 +8,21 @@ and next-sentence prediction.
         --config.model.attention=local --config.model.block_size=64
 
 Arguments after the colon: `size=tiny|mini|small|medium|base` (the published BERT shapes;
-default tiny), `smoke` (seconds, for tests). Reports held-out MLM loss, accuracy and perplexity
-and NSP accuracy. Fine-tune the result with experiments/bert_finetune.py.
+default tiny), `curve` (the 18,000-step run that keeps the checkpoints experiments/
+bert_transfer.py fine-tunes), `smoke` (seconds, for tests). Reports held-out MLM loss,
+accuracy and perplexity and NSP accuracy. Fine-tune the result with experiments/bert_finetune.py.
 Expected result: see the README's results table.
 """
 
 import ml_collections
 
+from seqjax.analysis import transfer_curve
 from seqjax.config import parse_arg
 from seqjax.tasks.bert import model_config
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, size="tiny", smoke=False)
+    args = parse_arg(arg, size="tiny", curve=False, smoke=False)
     config = ml_collections.ConfigDict()
     config.task = "bert_pretrain"
     config.seed = 0
@@ -73,10 +75,14 @@ def get_config(arg=None):
     config.eval_every = 1000
     config.checkpoint_every = 1000
     config.keep_checkpoints = 2
-    config.keep_steps = ()  # steps whose checkpoints are kept besides (fine-tuning's init_from_step)
+    config.keep_steps = ()  # steps whose checkpoints are also kept (for init_from_step)
     # patience in evaluations without a better validation loss; target 'metric>=value': 0 / '' off
     config.early_stopping = dict(patience=0, target="")
 
+    if args.curve:  # the pretraining run of experiments/bert_transfer.py
+        config.num_train_steps = transfer_curve.PRETRAIN_STEPS[-1]
+        config.keep_steps = transfer_curve.PRETRAIN_STEPS[1:-1]
+        config.eval_every = config.checkpoint_every = 1500
     if args.smoke:
         config.data.update(vocab_size=200, max_seq_len=32, max_predictions=5, num_valid=16,
                            dupe_factor=1, batch_size=8, eval_batch_size=8, max_documents=6)

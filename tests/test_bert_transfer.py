@@ -1,15 +1,23 @@
 """What a curve of downstream accuracy against pretraining compute needs: a pretraining run that
 keeps its checkpoints at chosen steps (`keep_steps`), fine-tuning from one of them
-(`init_from_step`), and a linear probe on a frozen encoder (`model.freeze_encoder`)."""
+(`init_from_step`), a linear probe on a frozen encoder (`model.freeze_encoder`), and the sweep
+and summary of experiments/bert_transfer.py."""
+
+import json
 
 import jax
 import numpy as np
+import optax
 import pytest
 
-from seqjax.train import checkpoint
+from seqjax import sweep, tasks
+from seqjax.analysis import transfer_curve
+from seqjax.config import load_experiment
+from seqjax.train import checkpoint, loop
 from seqjax.train.loop import train_and_evaluate
+from seqjax.train.metrics import METRICS_FILE
 
-from conftest import load_config
+from conftest import ROOT, load_config
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +58,15 @@ def test_fine_tuning_from_a_chosen_step(pretrained, tmp_path):
                       **{"opt.lr": 1e-12})  # one step that barely moves anything
     np.testing.assert_allclose(tuned["encoder"]["token_embed"]["embedding"],
                                at_2["encoder"]["token_embed"]["embedding"], atol=1e-9)
+    # Step 0: the pretraining run's tokenizer and an untrained encoder, none of its arrays.
+    config = load_config("bert_finetune", "smoke")
+    config.unlock()
+    config.init_from, config.init_from_step = str(pretrained), 0
+    task = tasks.build(config)
+    host, loaded = loop._fresh_state(config, str(tmp_path / "from_0"), task, optax.sgd(0.1))
+    assert loaded == []
+    jax.tree.map(np.testing.assert_array_equal, host["params"],
+                 jax.device_get(loop.fresh_params(config, task)))
     with pytest.raises(FileNotFoundError, match=r"no latest checkpoint at step 5 .* \[2, 4, 6\]"):
         _finetune(pretrained, tmp_path / "missing", init_from_step=5)
 
@@ -65,3 +82,49 @@ def test_a_frozen_encoder_is_a_linear_probe(pretrained, tmp_path):
     free = _finetune(pretrained, tmp_path / "tuned", init_from_step=4)
     assert not np.array_equal(free["encoder"]["embed_ln"]["scale"],
                               loaded["encoder"]["embed_ln"]["scale"])
+
+
+def test_the_transfer_sweep_at_smoke_size(pretrained, tmp_path):
+    """experiments/bert_transfer.py's points (two pretraining steps, both regimes, two seeds)
+    train from the pretraining run, and its summary has one row per arm."""
+    experiment = load_experiment(str(ROOT / "experiments" / "bert_transfer.py"))
+    config = experiment.get_config("smoke")
+    config.unlock()
+    config.init_from = str(pretrained)
+    points = experiment.points(steps=(0, 4), labels=(16,), seeds=(0, 1),
+                               learning_rates={"fine-tune": (1e-3,), "probe": (1e-2,)})
+    assert not sweep.run(config, points, str(tmp_path))
+    rows = sweep.summarize(points, str(tmp_path))
+    assert [row["status"] for row in rows] == ["ok"] * 8
+    assert experiment.summarize_sweep(rows, str(tmp_path)) == "transfer.md"
+    table = (tmp_path / "transfer.md").read_text().splitlines()[2:]
+    assert [line.split(" | ")[:3] for line in table] == [
+        ["| 0", "fine-tune", "16"], ["| 0", "probe", "16"], ["| 4", "fine-tune", "16"],
+        ["| 4", "probe", "16"]]
+    assert (tmp_path / "transfer.png").stat().st_size > 0
+
+
+def test_each_arm_takes_the_learning_rate_with_the_best_mean_over_seeds(tmp_path):
+    """The aggregation on made-up metrics: accuracy at the lowest validation loss of each
+    point, the best mean over seeds per arm, the sample standard deviation as the spread."""
+    val = {  # (step, lr, seed) -> [(loss, accuracy) of each evaluation]
+        (0, 0.1, 0): [(0.7, 0.50), (0.6, 0.60)], (0, 0.1, 1): [(0.6, 0.70), (0.65, 0.9)],
+        (0, 0.2, 0): [(0.5, 0.55)], (0, 0.2, 1): [(0.5, 0.55)],
+        (9, 0.1, 0): [(0.4, 0.80)], (9, 0.1, 1): [(0.4, 0.90)]}
+    rows = []
+    for (step, lr, seed), evaluations in val.items():
+        name = f"{step}-{lr}-{seed}"
+        (tmp_path / name).mkdir()
+        (tmp_path / name / METRICS_FILE).write_text("".join(
+            json.dumps({"split": "val", "step": 10 * (i + 1), "loss": loss, "accuracy": acc})
+            + "\n" for i, (loss, acc) in enumerate(evaluations)))
+        rows.append({"point": name, "status": "ok", transfer_curve.STEP: step,
+                     transfer_curve.FROZEN: False, transfer_curve.LABELS: 100,
+                     transfer_curve.LR: lr})
+    table = transfer_curve.write(rows, str(tmp_path))
+    # lr 0.1 at step 0: 0.60 and 0.70 (mean 0.65) beats lr 0.2's 0.55 and 0.55.
+    assert [(a["pretraining_step"], a["lr"]) for a in table] == [(0, 0.1), (9, 0.1)]
+    np.testing.assert_allclose([a["accuracy"] for a in table], [0.65, 0.85])
+    np.testing.assert_allclose([a["spread"] for a in table], [np.std([0.6, 0.7], ddof=1),
+                                                             np.std([0.8, 0.9], ddof=1)])
+    np.testing.assert_allclose([a["gain"] for a in table], [0.0, 0.2])

@@ -27,6 +27,10 @@ def check_config(config):
                                    "checkpoint_every", "keep_checkpoints")
     config_lib.expect_type(config, "seed", int)
     config_lib.expect_type(config, "num_devices", int)
+    if config.get("init_from_step") is not None:
+        config_lib.expect(isinstance(config.init_from_step, int) and config.init_from_step >= 0
+                          and config.get("init_from"), "init_from_step", config.init_from_step,
+                          "a step (>= 0) of the run in config.init_from, which must be set")
     for step in config.get("keep_steps", ()):
         config_lib.expect(isinstance(step, int) and 0 < step <= config.num_train_steps,
                           "keep_steps", config.keep_steps,

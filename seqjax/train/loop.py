@@ -100,11 +100,14 @@ def initial_state(config, task, tx, params) -> dict:
 
 def _fresh_state(config, workdir, task, tx):
     """(host state of step 0, names of the modules loaded from config.init_from): the
-    parameters of `config.init_from` when the workdir has no checkpoint of its own, else fresh."""
+    parameters of `config.init_from` (of its checkpoint at `config.init_from_step`, default the
+    latest; step 0: none, the run starts untrained with init_from's vocabulary) when the
+    workdir has no checkpoint of its own, else fresh."""
     params, loaded = fresh_params(config, task), []
-    if config.get("init_from") and not has_latest(workdir):
+    step = config.get("init_from_step")
+    if config.get("init_from") and not has_latest(workdir) and step != 0:
         config_lib.expect_run_dir(config, "init_from")
-        params, loaded = load_init_from(params, config.init_from, config.get("init_from_step"))
+        params, loaded = load_init_from(params, config.init_from, step)
     return initial_state(config, task, tx, params), loaded
 
 

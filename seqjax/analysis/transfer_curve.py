@@ -1,0 +1,92 @@
+"""Downstream accuracy against pretraining compute, from the points of a transfer sweep
+(experiments/bert_transfer.py): each point fine-tunes (or probes) the encoder that a pretraining
+run kept at `init_from_step` (0: the same model and tokenizer, untrained) on `data.max_examples`
+labelled sentences, with one learning rate and one seed.
+
+A point's result is the validation accuracy at its evaluation with the lowest validation loss
+(early stopping on the validation split, which is also what is reported: SST-2's test labels
+are not public). For each arm (pretraining step, regime, label count) the learning rate with the
+best mean over seeds is chosen; the arm's cell is that mean and the standard deviation over the
+seeds (`ddof=1`). `write(rows, workdir)` writes `transfer.md`, `transfer.csv` and
+`transfer.png` (accuracy against pretraining steps, one line per label count and regime).
+"""
+
+import os
+import statistics
+
+from seqjax import files, plotting
+from seqjax.train.metrics import METRICS_FILE, read_metrics
+
+# Pretraining steps of the curve: about 0, 10, 30, 60 and 120 minutes of experiments/
+# bert_pretrain.py's default model on 2 CPU cores (6,000 steps took 41.8 minutes).
+PRETRAIN_STEPS = (0, 1500, 4500, 9000, 18000)
+STEP, FROZEN, LABELS, LR = ("init_from_step", "model.freeze_encoder", "data.max_examples",
+                            "opt.lr")
+
+
+def point_accuracy(subdir: str) -> float | None:
+    """Validation accuracy at the evaluation with the lowest validation loss, or None."""
+    if not files.exists(os.path.join(subdir, METRICS_FILE)):
+        return None
+    evaluations = [r for r in read_metrics(subdir, "val") if "accuracy" in r]
+    return min(evaluations, key=lambda r: r["loss"])["accuracy"] if evaluations else None
+
+
+def arms(rows: list[dict], workdir: str) -> list[dict]:
+    """One row per (pretraining step, regime, label count): the learning rate whose mean
+    accuracy over seeds is best, that mean, its spread and the number of seeds."""
+    runs: dict = {}
+    for row in rows:
+        accuracy = point_accuracy(os.path.join(workdir, row["point"]))
+        if accuracy is not None and row.get("status") == "ok":
+            key = (row[STEP], "probe" if row[FROZEN] else "fine-tune", row[LABELS])
+            runs.setdefault(key, {}).setdefault(row[LR], []).append(accuracy)
+    out = []
+    for (step, regime, labels), by_lr in sorted(runs.items()):
+        lr, scores = max(by_lr.items(), key=lambda item: statistics.mean(item[1]))
+        out.append(dict(pretraining_step=step, regime=regime, labels=labels, lr=lr,
+                        accuracy=statistics.mean(scores), seeds=len(scores),
+                        spread=statistics.stdev(scores) if len(scores) > 1 else 0.0))
+    return out
+
+
+def write(rows: list[dict], workdir: str) -> list[dict]:
+    """transfer.csv, transfer.md (with each arm's gain over step 0) and transfer.png."""
+    table = arms(rows, workdir)
+    scratch = {(a["regime"], a["labels"]): a["accuracy"] for a in table
+               if a["pretraining_step"] == 0}
+    for a in table:
+        base = scratch.get((a["regime"], a["labels"]))
+        a["gain"] = None if base is None else a["accuracy"] - base
+    keys = ["pretraining_step", "regime", "labels", "lr", "seeds", "accuracy", "spread", "gain"]
+    files.write_csv(os.path.join(workdir, "transfer.csv"), table, keys)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for a in table:
+        lines.append("| " + " | ".join(
+            f"{a[k]:+.3f}" if k == "gain" and a[k] is not None else
+            f"{a[k]:.3f}" if k in ("accuracy", "spread") else
+            f"{a[k]:g}" if k == "lr" else str(a[k] if a[k] is not None else "")
+            for k in keys) + " |")
+    files.write_from_process_0(os.path.join(workdir, "transfer.md"), "\n".join(lines) + "\n")
+    _plot(table, workdir)
+    return table
+
+
+def _plot(table: list[dict], workdir: str):
+    plt = plotting.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for regime, style in (("fine-tune", "-"), ("probe", "--")):
+        for labels in sorted({a["labels"] for a in table}):
+            line = [a for a in table if a["regime"] == regime and a["labels"] == labels]
+            if line:
+                ax.errorbar([a["pretraining_step"] for a in line],
+                            [a["accuracy"] for a in line], [a["spread"] for a in line],
+                            linestyle=style, marker="o", capsize=3,
+                            label=f"{regime}, {labels:,} labels")
+    ax.set_xlabel("pretraining steps (0: untrained encoder)")
+    ax.set_ylabel("SST-2 dev accuracy")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    plotting.save(fig, os.path.join(workdir, "transfer.png"))
