@@ -51,6 +51,7 @@ def get_config(arg=None):
         attention=args.attention,
         block_size=128,  # local attention: positions per block
         look_back=1,  # local attention: earlier blocks each block also sees
+        look_ahead=0,  # later blocks: none, the model is causal
         dropout=0.2,  # on embeddings and each sublayer's output
         # on the attention weights: [B, H, L, L] random bits per layer, the slowest part of a
         # CPU step at L = 256, for little gain here

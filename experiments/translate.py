@@ -75,6 +75,7 @@ def get_config(arg=None):
         attention="full",  # or 'local' (block_size, look_back) for long sentences
         block_size=8,
         look_back=1,
+        look_ahead=0,  # the encoder's local attention: later blocks it also sees
         attention_dropout=0.0,
         norm="post",  # Add&Norm after each sublayer, as in the original; or 'pre'
         activation="relu",  # or 'gelu' (tanh approximation), 'gelu_exact' (erf)

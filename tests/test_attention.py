@@ -62,14 +62,15 @@ def np_masked_softmax(scores, keep):
     return out
 
 
-def np_band_mask(length, block_size, look_back, causal):
-    """[N, N], entry by entry: query i sees key j iff j's block is i's or one of the look_back
-    blocks before it, and j <= i if causal."""
+def np_band_mask(length, block_size, look_back, causal, look_ahead=0):
+    """[N, N], entry by entry: query i sees key j iff j's block is i's, one of the look_back
+    blocks before it or one of the look_ahead blocks after it, and j <= i if causal."""
     allowed = np.zeros((length, length), bool)
     for i in range(length):
         for j in range(length):
             block_i, block_j = i // block_size, j // block_size
-            allowed[i, j] = (block_i - look_back <= block_j <= block_i) and (not causal or j <= i)
+            allowed[i, j] = ((block_i - look_back <= block_j <= block_i + look_ahead)
+                             and (not causal or j <= i))
     return allowed
 
 
@@ -197,18 +198,28 @@ def test_local_window_mask_matches_numpy_loop(length, block_size):
             np.testing.assert_array_equal(
                 local_window_mask(length, block_size, look_back, causal),
                 np_band_mask(length, block_size, look_back, causal))
+        for look_ahead in (1, 2):
+            np.testing.assert_array_equal(
+                local_window_mask(length, block_size, look_back, look_ahead=look_ahead),
+                np_band_mask(length, block_size, look_back, False, look_ahead))
 
 
-LOCAL_CASES = [  # (length N, block_size S, look_back, causal, key padding, blocks_per_step)
-    (7, 3, 0, False, True, None),  # N not a multiple of S
-    (7, 3, 1, True, True, 1),      # a scan step per block
-    (10, 4, 2, True, True, 1),     # look_back above the blocks of a step
-    (11, 2, 1, False, False, 2),   # 6 blocks in 3 steps of 2
-    (9, 2, 1, True, True, 2),      # 5 blocks in 3 steps of 2: a padding block
-    (12, 4, 1, True, True, None),  # a multiple of S
-    (5, 8, 0, True, True, None),   # S > N: one block, i.e. full attention
-    (5, 8, 1, False, True, None),
-]
+LOCAL_CASES = [  # (N, S, look_back, look_ahead, causal, key padding, blocks_per_step)
+    (7, 3, 0, 0, False, True, None),  # N not a multiple of S
+    (7, 3, 1, 0, True, True, 1),      # a scan step per block
+    (10, 4, 2, 0, True, True, 1),     # look_back above the blocks of a step
+    (11, 2, 1, 0, False, False, 2),   # 6 blocks in 3 steps of 2
+    (9, 2, 1, 0, True, True, 2),      # 5 blocks in 3 steps of 2: a padding block
+    (12, 4, 1, 0, True, True, None),  # a multiple of S
+    (5, 8, 0, 0, True, True, None),   # S > N: one block, i.e. full attention
+    (5, 8, 1, 0, False, True, None),
+    (5, 8, 1, 2, False, True, None),  # look_ahead past the last block
+    (7, 3, 0, 2, False, False, None),
+] + [  # every look_back x look_ahead, with and without padding, 1 and 2 blocks a step:
+    # padded, N = 9 in 5 blocks of 2 (3 steps of 2: a padding block); else N = 10 in 4 of 3
+    (9, 2, back, ahead, False, True, 1 + (back + ahead) % 2) if padded else
+    (10, 3, back, ahead, False, False, 2 - (back + ahead) % 2)
+    for back in (0, 1, 2) for ahead in (0, 1, 2) for padded in (True, False)]
 REF_B, REF_N, REF_H, REF_D, REF_DV = 3, 12, 2, 3, 4  # each case padded to this: one reference
 
 
@@ -218,32 +229,33 @@ def full_attention_and_vjp(q, k, v, mask_BxHxNxN, cotangent):
     return out, vjp(cotangent)
 
 
-@pytest.mark.parametrize("N,S,look_back,causal,padded,blocks_per_step", LOCAL_CASES)
-def test_local_attention_equals_full_attention_with_band_mask(N, S, look_back, causal, padded,
-                                                              blocks_per_step):
+@pytest.mark.parametrize("N,S,look_back,look_ahead,causal,padded,blocks_per_step", LOCAL_CASES)
+def test_local_attention_equals_full_attention_with_band_mask(N, S, look_back, look_ahead, causal,
+                                                              padded, blocks_per_step):
     """Values and gradients wrt q, k and v, against `dot_product_attention` under the band
     mask of `np_band_mask` and the key padding, with values of another head dimension than the
-    queries'. Example 1 has its whole first block padded and example 2 a random padding, so
-    some queries see no key at all: their outputs are exactly zero and every gradient is
-    finite.
+    queries'. Example 1 has its first 1 + look_ahead blocks padded and example 2 a random
+    padding, so some queries see no key at all: their outputs are exactly zero and every
+    gradient is finite.
 
     The reference runs at length REF_N, positions N.. masked out as keys and given a zero
     cotangent as queries (which changes nothing at positions < N), so it compiles once."""
-    rng = np.random.default_rng(N * 100 + S * 10 + look_back)
+    rng = np.random.default_rng(N * 1000 + S * 100 + look_back * 10 + look_ahead)
     q, k = normal(rng, REF_B, REF_N, REF_H, REF_D), normal(rng, REF_B, REF_N, REF_H, REF_D)
     v, cotangent = (normal(rng, REF_B, REF_N, REF_H, REF_DV) for _ in range(2))
     cotangent[:, N:] = 0
     key_ok_BxN = np.ones((REF_B, N), bool)
     if padded:
-        key_ok_BxN[1, :S] = False
+        key_ok_BxN[1, :S * (1 + look_ahead)] = False
         key_ok_BxN[2] = rng.random(N) < 0.6
-    allowed_BxNxN = np_band_mask(N, S, look_back, causal)[None] & key_ok_BxN[:, None, :]
+    allowed_BxNxN = (np_band_mask(N, S, look_back, causal, look_ahead)[None]
+                     & key_ok_BxN[:, None, :])
 
     @jax.jit
     def local_and_vjp(q, k, v, mask, cotangent):
         out, vjp = jax.vjp(lambda q, k, v: local_attention(
-            q, k, v, block_size=S, causal=causal, look_back=look_back, mask=mask,
-            blocks_per_step=blocks_per_step), q, k, v)
+            q, k, v, block_size=S, causal=causal, look_back=look_back, look_ahead=look_ahead,
+            mask=mask, blocks_per_step=blocks_per_step), q, k, v)
         return out, vjp(cotangent)
 
     out, grads = local_and_vjp(q[:, :N], k[:, :N], v[:, :N], key_ok_BxN if padded else None,
@@ -301,13 +313,16 @@ def test_local_attention_dropout_drops_weights_and_its_gradient_is_exact():
                                sum(np.vdot(g, b) for g, b in zip(vjp(cotangent), u)), rtol=1e-2)
 
 
-def test_local_attention_never_stores_an_N_by_W_array():
+@pytest.mark.parametrize("look_ahead,causal", [(0, True), (1, False)])
+def test_local_attention_never_stores_an_N_by_W_array(look_ahead, causal):
     """XLA's compiled temporaries of the forward and of the forward+backward at N = 131072,
-    S = 128, look_back 1 stay under half of one [N, W] float32 array (128 MiB): a scan step
-    computes at most STEP_SCORES scores and the backward recomputes them. Compiled, not run."""
+    S = 128, look_back 1 stay under half of one [N, 2 S] float32 array (128 MiB), also with
+    look_ahead 1 (W = 3 S): a scan step computes at most STEP_SCORES scores and the backward
+    recomputes them. Compiled, not run."""
     N, S = 131072, 128
     x = jax.ShapeDtypeStruct((1, N, 1, 4), np.float32)
-    forward = lambda q, k, v: local_attention(q, k, v, block_size=S, look_back=1, causal=True)
+    forward = lambda q, k, v: local_attention(q, k, v, block_size=S, look_back=1,
+                                              look_ahead=look_ahead, causal=causal)
     grad = jax.grad(lambda q, k, v: forward(q, k, v).sum(), argnums=(0, 1, 2))
     for fn in (forward, grad):
         temp = jax.jit(fn).lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
@@ -447,12 +462,19 @@ def test_bad_inputs_raise_clear_value_errors():
                           ({"block_size": 2, "look_back": -1},
                            r"look_back=-1: must be an integer >= 0"),
                           ({"block_size": 2, "look_back": 1.0}, r"look_back=1.0"),
+                          ({"block_size": 2, "look_ahead": -1},
+                           r"look_ahead=-1: must be an integer >= 0"),
+                          ({"block_size": 2, "look_ahead": 1.0}, r"look_ahead=1.0"),
+                          ({"block_size": 2, "look_ahead": 1, "causal": True},
+                           r"look_ahead=1 with causal=True"),
                           ({"block_size": 2, "blocks_per_step": 0},
                            r"blocks_per_step=0: must be an integer >= 1")]:
         with pytest.raises(ValueError, match=match):
             local_attention(q, q, q, **kwargs)
     with pytest.raises(ValueError, match="local_attention is self-attention"):
         local_attention(q, q[:, :5], q[:, :5], block_size=2)
+    with pytest.raises(ValueError, match=r"look_ahead=2 with causal=True"):
+        local_window_mask(6, 2, causal=True, look_ahead=2)
 
     x, kv = np.ones((1, 6, 8), np.float32), np.ones((1, 4, 8), np.float32)
     for model, args, match in [
@@ -467,6 +489,11 @@ def test_bad_inputs_raise_clear_value_errors():
             (MultiHeadAttention(2, attention="local", block_size=0), (x,), "block_size=0"),
             (MultiHeadAttention(2, attention="local", block_size=2.5), (x,), "block_size=2.5"),
             (MultiHeadAttention(2, attention="local", look_back=-1), (x,), "look_back=-1"),
+            (MultiHeadAttention(2, attention="local", look_ahead=-1), (x,), "look_ahead=-1"),
+            (MultiHeadAttention(2, attention="local", look_ahead=1, causal=True), (x,),
+             r"look_ahead=1 with causal=True"),
+            (MultiHeadAttention(2, attention="local", look_ahead=1, causal=True, decode=True),
+             (x,), r"look_ahead=1 with decode=True"),
             (MultiHeadAttention(2, qkv_features=6, rotary=True), (x,), "even head dimension")]:
         with pytest.raises(ValueError, match=match):
             jax.eval_shape(model.init, jax.random.key(0), *args)

@@ -112,6 +112,9 @@ def test_local_attention_encoder_equals_full_when_one_block_covers_the_sequence(
     out_local = local.apply(params, tokens, None, mask)
     np.testing.assert_allclose(out_local[:, 4:], out_full[:, 4:], atol=1e-5)  # sees both blocks
     assert np.abs(np.asarray(out_local[0, :4] - out_full[0, :4])).max() > 1e-4  # sees one
+    # Looking one block ahead as well, the first block sees the second: full attention again.
+    both_ways = BertEncoder(**kw, attention="local", block_size=4, look_back=1, look_ahead=1)
+    np.testing.assert_allclose(both_ways.apply(params, tokens, None, mask), out_full, atol=1e-5)
 
 
 def test_sequence_longer_than_the_position_table_is_a_clear_error():

@@ -129,6 +129,8 @@ def test_attention_maps_are_causal_distributions():
     ({"model.num_heads": 3}, "config.model.d_model=16: must be divisible by model.num_heads=3"),
     ({"model.attention": "sparse"}, "config.model.attention='sparse'"),
     ({"sample.length": 40}, "config.sample.length=40: the prefix"),
+    ({"model.look_ahead": 1}, "config.model.look_ahead=1: a causal language model sees no later"),
+    ({"model.look_back": -1}, "config.model.look_back=-1: must be >= 0"),
 ])
 def test_bad_transformer_config_is_a_clear_error(override, message, tmp_path):
     config = load_config("charlm_transformer", "tiny")

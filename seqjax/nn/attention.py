@@ -2,7 +2,7 @@
 
 Dimension letters: B batch, Q query length, K key length, N length (self-attention),
 H heads, D head dimension, E model (embedding) dimension, C number of blocks, S block size,
-W window (keys a block's queries see: (1 + look_back) * S).
+W window (keys a block's queries see: (1 + look_back + look_ahead) * S).
 
 Attention is a weighted sum of values, with weights softmax_j(a(q, k_j)) over the keys a query
 may see (the textbook, "Attention Scoring Functions"):
@@ -30,9 +30,10 @@ additive bias (the packed layout cuDNN has, with segment offsets, is not in the 
 so 'cudnn' refuses packed rows and 'auto' runs seqjax's masked attention for them.
 
 `local_attention` (from `seqjax.nn.local_attention`) splits a length-N sequence into C = N/S
-blocks of S positions; the queries of a block see the keys of their own block and of the
-`look_back` blocks before it. Its cost is O(N * S * (1 + look_back)), i.e. O(N^2 / C) for
-look_back 0: no [N, N] array, not even a mask, is ever built. (`jax.nn.dot_product_attention(
+blocks of S positions; the queries of a block see the keys of their own block, of the
+`look_back` blocks before it and of the `look_ahead` blocks after it (not causal). Its cost is
+O(N * S * (1 + look_back + look_ahead)), i.e. O(N^2 / C) for look_back = look_ahead = 0: no
+[N, N] array, not even a mask, is ever built. (`jax.nn.dot_product_attention(
 local_window_size=...)` on its XLA path still materialises the [N, N] scores.)
 """
 
@@ -217,11 +218,11 @@ class MultiHeadAttention(nn.Module):
     Parameters W_q, W_k, W_v ([E, H, D] kernels and [H, D] biases) and W_o ([H, D, E]) have the
     layout of Flax's `nn.MultiHeadDotProductAttention` (query, key, value, out), so weights copy
     over by name. `attention='local'` uses `local_attention` (self-attention only) with
-    `block_size` and `look_back`. `causal` masks later keys; `mask` is a key-padding mask
-    [B, K] (True = a real token). `rotary` applies rotary position embeddings to q and k, at
-    `positions` [B, Q] when given (packed rows), else at 0..Q-1. `segment_ids` [B, Q] (and
-    `kv_segment_ids` [B, K] in cross-attention) keep the sequences of packed rows apart
-    (`segment_mask`); training only, not with `decode`.
+    `block_size`, `look_back` and `look_ahead` (not with `causal` or `decode`). `causal` masks
+    later keys; `mask` is a key-padding mask [B, K] (True = a real token). `rotary` applies
+    rotary position embeddings to q and k, at `positions` [B, Q] when given (packed rows), else
+    at 0..Q-1. `segment_ids` [B, Q] (and `kv_segment_ids` [B, K] in cross-attention) keep the
+    sequences of packed rows apart (`segment_mask`); training only, not with `decode`.
     `attention_impl` picks full attention's implementation (see the module docstring); a call
     with 'intermediates' mutable (an analysis asking for the weights) runs seqjax's own.
 
@@ -237,6 +238,7 @@ class MultiHeadAttention(nn.Module):
     attention: str = "full"
     block_size: int = 128
     look_back: int = 0
+    look_ahead: int = 0
     causal: bool = False
     rotary: bool = False
     dropout_rate: float = 0.0
@@ -255,7 +257,11 @@ class MultiHeadAttention(nn.Module):
         check_impl(self.attention_impl, self.dropout_rate)
         local = self.attention == "local"
         if local:
-            check_local(self.block_size, self.look_back)
+            if self.decode and self.look_ahead:
+                raise ValueError(f"look_ahead={self.look_ahead} with decode=True: a key/value "
+                                 f"cache decodes causally, one position after another, so no "
+                                 f"query sees a later block")
+            check_local(self.block_size, self.look_back, self.look_ahead, self.causal)
         features = self.qkv_features or inputs_q.shape[-1]
         if features % self.num_heads:
             raise ValueError(f"qkv_features={features} is not divisible by "
@@ -297,7 +303,8 @@ class MultiHeadAttention(nn.Module):
                 self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
             if local:
                 out = local_attention(q, k, v, block_size=self.block_size, causal=self.causal,
-                                      look_back=self.look_back, mask=mask,
+                                      look_back=self.look_back,
+                                      look_ahead=self.look_ahead, mask=mask,
                                       segment_ids=segment_ids, dropout_rate=self.dropout_rate,
                                       dropout_rng=dropout_rng)
             elif (impl := self._full_impl(q.dtype, q.shape[-1], segment_ids)) != "seqjax":

@@ -44,7 +44,8 @@ class BertEncoder(nn.Module):
     `num_layers` `EncoderBlock`s with GELU, post-norm as in BERT (`norm='pre'`: LayerNorm
     before each sublayer and once at the end). The released checkpoints use the exact (erf)
     GELU (`activation='gelu_exact'`) and LayerNorm epsilon 1e-12. `attention='local'` attends
-    within blocks of `block_size` and `look_back` earlier blocks, at O(L * block_size) cost.
+    within blocks of `block_size`, `look_back` blocks before and `look_ahead` after, at
+    O(L * block_size) cost.
     A sequence longer than `max_length` (the position table) is a clear error. `remat` and
     `attention_impl` as in `seqjax.nn.transformer`."""
 
@@ -63,6 +64,7 @@ class BertEncoder(nn.Module):
     attention: str = "full"
     block_size: int = 128
     look_back: int = 0
+    look_ahead: int = 0
     remat: str = "none"
     attention_impl: str = "seqjax"
     dtype: Optional[Dtype] = None
@@ -78,7 +80,8 @@ class BertEncoder(nn.Module):
         self.embed_ln = nn.LayerNorm(self.norm_epsilon, **kw)
         self.embed_dropout = nn.Dropout(self.dropout_rate)
         attention_kwargs = (("attention", self.attention), ("block_size", self.block_size),
-                            ("look_back", self.look_back), ("attention_impl", self.attention_impl))
+                            ("look_back", self.look_back), ("look_ahead", self.look_ahead),
+                            ("attention_impl", self.attention_impl))
         block = compute.remat(EncoderBlock, self.remat, static_argnums=(3,))
         self.blocks = [block(self.num_heads, self.ffn_hiddens, self.dropout_rate,
                                     self.attention_dropout_rate, norm=self.norm,

@@ -149,6 +149,7 @@ class _Stack(nn.Module):
     attention: str = "full"
     block_size: int = 128
     look_back: int = 0
+    look_ahead: int = 0  # blocks after a query's own: encoders only (causal blocks refuse it)
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     norm: str = "pre"
@@ -171,6 +172,8 @@ class _Stack(nn.Module):
                                 attention_impl=self.attention_impl)
         if causal:
             attention_kwargs.update(causal=True, decode=self.decode)
+        else:
+            attention_kwargs.update(look_ahead=self.look_ahead)
         return dict(num_heads=self.num_heads, ffn_hiddens=self.ffn_hiddens,
                     dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate, norm=self.norm,

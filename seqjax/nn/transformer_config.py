@@ -35,6 +35,7 @@ class TransformerConfig:
     attention: str
     block_size: int
     look_back: int
+    look_ahead: int  # non-causal (encoder) self-attention only; causal stacks use 0
     dropout_rate: float
     attention_dropout_rate: float
     norm: str
@@ -68,8 +69,9 @@ class TransformerConfig:
             positive_int(field)
         fraction("dropout_rate")
         fraction("attention_dropout_rate")
-        expect(isinstance(self.look_back, int) and self.look_back >= 0, name("look_back"),
-               self.look_back, "must be >= 0")
+        for field in ("look_back", "look_ahead"):
+            value = getattr(self, field)
+            expect(isinstance(value, int) and value >= 0, name(field), value, "must be >= 0")
         expect(self.d_model % self.num_heads == 0, name("d_model"), self.d_model,
                f"must be divisible by {name('num_heads')}={self.num_heads}")
         one_of("attention", ATTENTION_KINDS)

@@ -61,7 +61,7 @@ def model_config(size: str, published: bool = False) -> dict:
     model = dict(size=size, num_layers=num_layers, d_model=d_model, num_heads=num_heads,
                  ffn_hiddens=4 * d_model, max_position=512, num_segments=2, norm="post",
                  activation="gelu", norm_epsilon=1e-6, attention="full", block_size=64,
-                 look_back=1, dropout=0.1, attention_dropout=0.1, dtype="float32",
+                 look_back=1, look_ahead=1, dropout=0.1, attention_dropout=0.1, dtype="float32",
                  param_dtype="float32", remat="none", attention_impl="auto")
     return dict(model, **PUBLISHED) if published else model
 

@@ -30,6 +30,9 @@ from seqjax.tasks.common import Task, lm_sums, transformer_config, with_perplexi
 def check_config(config):
     check_data_and_sample(config)
     transformer_config(config, max_length_key="data.num_steps")
+    config_lib.expect(config.model.get("look_ahead", 0) == 0, "model.look_ahead",
+                      config.model.get("look_ahead"), "a causal language model sees no later "
+                      "block: use 0")
     if config.get("sample"):
         s = config.sample
         prefix = text_lib.preprocess(s.get("prefix", "time traveller"), config.data.preprocess)
