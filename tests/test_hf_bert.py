@@ -136,7 +136,12 @@ def _broken_copy(tmp_path, change):
     (lambda a: a.update({"bert.encoder.layer.0.attention.self.rotary.weight": np.zeros(3)}),
      "array encoder.layer.0.attention.self.rotary.weight (3,) has no place in seqjax's BERT"),
     (lambda a: a.update({"bert.pooler.dense.weight": np.zeros((32, 31), np.float32)}),
-     "array pooler.dense.weight has shape (31, 32); seqjax's pooler/Dense_0/kernel needs (32, 32)"),
+     "array pooler.dense.weight has shape (32, 31), which does not fit seqjax's "
+     "pooler/Dense_0/kernel (32, 32)"),
+    (lambda a: a.update({"bert.encoder.layer.0.attention.self.key.weight":
+                         np.zeros((30, 32), np.float32)}),
+     "array encoder.layer.0.attention.self.key.weight has shape (30, 32), which does not split "
+     "into num_attention_heads=4 heads"),
     (lambda a: a.pop("bert.encoder.layer.1.output.dense.bias"),
      "the checkpoint lacks the array of seqjax's encoder/blocks_1/ffn/dense2/bias"),
 ])

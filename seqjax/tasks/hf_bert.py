@@ -171,9 +171,10 @@ def read_tokenizer(source: str):
 
 
 def read_checkpoint(source: str) -> tuple[dict, dict, object]:
-    """(config values, {name: array} with seqjax's parameter paths, tokenizer) of the Hugging
-    Face BERT checkpoint in directory `source`. Arrays of heads the checkpoint lacks (a
-    BertModel has no MLM or NSP head) are absent; `to_params` fills them in."""
+    """(config values, {seqjax parameter path: (Hugging Face name, its shape there, the array
+    in seqjax's layout)}, tokenizer) of the Hugging Face BERT checkpoint in directory `source`.
+    Arrays of heads the checkpoint lacks (a BertModel has no MLM or NSP head) are absent;
+    `to_params` fills them in."""
     from safetensors.numpy import load as load_safetensors
     if not files.is_dir(source):
         raise FileNotFoundError(f"--source {source!r}: no such directory")
@@ -195,7 +196,12 @@ def read_checkpoint(source: str) -> tuple[dict, dict, object]:
     arrays = {}
     for hf_name, ours, (to_ours, _) in _table(values["model.num_layers"]):
         if hf_name in hf:
-            arrays[ours] = (hf_name, to_ours(hf.pop(hf_name), H))
+            value = hf.pop(hf_name)
+            try:
+                arrays[ours] = (hf_name, value.shape, to_ours(value, H))
+            except ValueError:  # a reshape into heads that does not divide
+                raise ValueError(f"array {hf_name} has shape {value.shape}, which does not "
+                                 f"split into num_attention_heads={H} heads") from None
     extra = sorted(set(hf) - set(_IGNORED))
     if extra:
         raise ValueError(f"{source}: array {extra[0]} {hf[extra[0]].shape} has no place in "
@@ -206,22 +212,22 @@ def read_checkpoint(source: str) -> tuple[dict, dict, object]:
 
 
 def to_params(arrays: dict, fresh_params: dict) -> tuple[dict, list[str]]:
-    """`fresh_params` (a fresh init, {'params': ...}) with `arrays` ({path: (Hugging Face
-    name, array)}) in place; returns it and the top-level modules left fresh because the
+    """`fresh_params` (a fresh init, {'params': ...}) with `arrays` (`read_checkpoint`'s) in
+    place; returns it and the top-level modules left fresh because the
     checkpoint lacks them (a BertModel's heads). The encoder must be complete, and every shape
     must fit."""
     flat = flax.traverse_util.flatten_dict(fresh_params["params"], sep="/")
     absent = sorted(p for p in flat if p.startswith("encoder/") and p not in arrays)
     if absent:
         raise ValueError(f"the checkpoint lacks the array of seqjax's {absent[0]}")
-    for path, (name, value) in arrays.items():
+    for path, (name, shape, value) in arrays.items():
         if path not in flat:
             raise ValueError(f"array {name} has no place in this model ({path})")
         if value.shape != flat[path].shape:
-            raise ValueError(f"array {name} has shape {value.shape}; seqjax's {path} needs "
-                             f"{flat[path].shape} (config.json and the arrays disagree)")
+            raise ValueError(f"array {name} has shape {shape}, which does not fit seqjax's "
+                             f"{path} {flat[path].shape} (config.json and the arrays disagree)")
     fresh = sorted({p.split("/")[0] for p in flat} - {p.split("/")[0] for p in arrays})
-    merged = {p: np.asarray(arrays[p][1], x.dtype) if p in arrays else x for p, x in flat.items()}
+    merged = {p: np.asarray(arrays[p][2], x.dtype) if p in arrays else x for p, x in flat.items()}
     return {"params": flax.traverse_util.unflatten_dict(merged, sep="/")}, fresh
 
 
