@@ -161,3 +161,20 @@ def test_export_refuses_what_bert_does_not_compute(tmp_path):
     with pytest.raises(ValueError, match="model.norm='pre'.*post-norm with full attention"):
         transfer.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bert_model_without_heads_imports_with_fresh_heads(tmp_path):
+    """A BertModel's checkpoint: no 'bert.' prefix and no MLM or NSP head; the heads start
+    fresh, and the encoder and pooler compute what the full checkpoint's do."""
+    source = _broken_copy(tmp_path, lambda a: [
+        a.update({k.removeprefix("bert."): a.pop(k) for k in list(a) if k.startswith("bert.")}),
+        [a.pop(k) for k in list(a) if k.startswith("cls.")]])
+    report = transfer.import_checkpoint(load_config("bert_pretrain", "smoke"), str(source),
+                                       str(tmp_path / "run"))
+    assert report["fresh"] == ["mlm_head", "nsp_head"]
+    outputs = _outputs(tmp_path / "run")
+    valid = REFERENCE["attention_mask"].astype(bool)
+    np.testing.assert_allclose(np.asarray(outputs["last_hidden_state"])[valid],
+                               REFERENCE["last_hidden_state"][valid], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(outputs["pooler_output"], REFERENCE["pooler_output"], atol=1e-4,
+                               rtol=1e-4)

@@ -207,8 +207,13 @@ def read_checkpoint(source: str) -> tuple[dict, dict, object]:
         raise ValueError(f"{source}: array {extra[0]} {hf[extra[0]].shape} has no place in "
                          f"seqjax's BERT" + (f" (nor do {len(extra) - 1} more)"
                                              if len(extra) > 1 else ""))
-    values["data.nsp"] = "nsp_head/kernel" in arrays
-    return values, arrays, read_tokenizer(source)
+    # A pooler needs the NSP head's place (a BertModel has the one and not the other).
+    values["data.nsp"] = "nsp_head/kernel" in arrays or "pooler/Dense_0/kernel" in arrays
+    tokenizer = read_tokenizer(source)
+    if tokenizer.get_vocab_size() != values["data.vocab_size"]:
+        raise ValueError(f"{source}: the tokenizer has {tokenizer.get_vocab_size()} tokens, "
+                         f"config.json's vocab_size is {values['data.vocab_size']}")
+    return values, arrays, tokenizer
 
 
 def to_params(arrays: dict, fresh_params: dict) -> tuple[dict, list[str]]:
