@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts in this folder (mlm.py, attention.py, recurrent.py).
+"""Helpers shared by the benchmark scripts in this folder (mlm.py, attention.py, recurrent.py,
+packing.py, long_bert.py).
 
 No absl flags are defined here, so every script can import it (each script defines its own
 flags; importing one script from another would define them twice). The scripts import it as
@@ -6,6 +7,7 @@ flags; importing one script from another would define them twice). The scripts i
 folder on sys.path.
 """
 
+import functools
 import os
 import statistics
 import time
@@ -13,6 +15,7 @@ import time
 import flax
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from seqjax.nn.linear_recurrent import LinearRecurrentStack
 from seqjax.nn.recurrent import StackedRecurrent
@@ -20,6 +23,9 @@ from seqjax.nn.recurrent import StackedRecurrent
 # The op breakdown from a profiler trace lives in the package, which the engine's step traces
 # share; the scripts import it from here with the rest.
 from seqjax.profiling import op_parts, op_profile  # noqa: F401
+from seqjax.train import loop, parallel
+from seqjax.train.optimizer import make_optimizer
+from seqjax.train.step import state_specs, train_step
 
 # P of the P x P @ P x P float32 matmul that measures the machine's peak FLOP rate: the
 # default of every benchmark's --peak_size, so their "% peak" are against the same matmul.
@@ -89,6 +95,39 @@ def paired_median(num, den):
     None when there are no pairs."""
     ratios = [a / b for a, b in zip(num, den)]
     return statistics.median(ratios) if ratios else None
+
+
+class EngineTrainer:
+    """The engine's own training step of `task` (`seqjax.train.step.train_step` with the
+    config's optimizer), compiled on one device as the training loop compiles it
+    (`seqjax.train.parallel`, the state donated), from the fresh state the loop starts with, on
+    the task's first `batches` training batches (`task.train_batch`), cycling.
+
+    Calling it with `steps` runs that many steps and blocks until they are done; `batches`
+    holds those batches as the task gave them (on the host); `compile()` is the step's
+    executable, lowered for the current state and the first batch (for its
+    `memory_analysis()`)."""
+
+    def __init__(self, task, config, batches: int = 8):
+        tx = make_optimizer(config.opt, config.num_train_steps, task.frozen)
+        par = parallel.make(config.parallel, jax.local_devices()[:1])
+        step = functools.partial(train_step, loss_fn=task.loss, tx=tx)
+        self._p_train = par.compile(step, (state_specs(), parallel.BATCH),
+                                    (state_specs(), PartitionSpec()), donate=True)
+        self.batches = [task.train_batch(step) for step in range(batches)]
+        self._on_device = [par.batch(b) for b in self.batches]
+        host, _ = loop._fresh_state(config, None, task, tx)
+        self._state, self._step = parallel.to_devices(host, par), 0
+
+    def __call__(self, steps: int):
+        for _ in range(steps):
+            self._state, _ = self._p_train(self._state,
+                                           self._on_device[self._step % len(self._on_device)])
+            self._step += 1
+        jax.block_until_ready(self._state.params)
+
+    def compile(self):
+        return self._p_train.lower(self._state, self._on_device[0]).compile()
 
 
 def verdict(ok) -> str:

@@ -30,27 +30,22 @@ import functools
 import statistics
 import time
 
-import jax
 from absl import app, flags
-from jax.sharding import PartitionSpec as P
 
 from seqjax import config as config_lib
 from seqjax.data import pretraining
 from seqjax.data import translation as translation_data
 from seqjax.tasks import bert, translation
 from seqjax.tasks.common import pack_align
-from seqjax.train import loop, parallel
-from seqjax.train.optimizer import make_optimizer
-from seqjax.train.step import state_specs, train_step
 
-from common import environment, interleaved_times, load_average, paired_median
+from common import EngineTrainer, environment, interleaved_times, load_average, paired_median
 
 flags.DEFINE_integer("steps", 5, "Training steps a timed round.")
 flags.DEFINE_integer("repeats", 7, "Timed rounds.")
 flags.DEFINE_bool("smoke", False, "The tiny translate and smoke BERT configs, 2 rounds of 1 "
                   "step: a smoke test.")
 FLAGS = flags.FLAGS
-BATCHES = 8
+BATCHES = 8  # the training batches each variant's steps cycle through
 
 
 def _percent(x: float) -> str:
@@ -70,29 +65,6 @@ def _translation_padding(rows: dict, num_steps: int) -> dict:
     slots = len(rows["src"]) * num_steps
     return dict(rows=len(rows["src"]), src=1 - real["src"] / slots, tgt=1 - real["tgt"] / slots,
                 both=1 - (real["src"] + real["tgt"]) / (2 * slots))
-
-
-def _trainer(task, config):
-    """A function that runs `steps` of the engine's training steps on the task's first batches
-    (cycling) and blocks until they are done, and the mean real tokens of those batches."""
-    tx = make_optimizer(config.opt, config.num_train_steps)
-    par = parallel.make(config.parallel, jax.local_devices()[:1])
-    p_train = par.compile(functools.partial(train_step, loss_fn=task.loss, tx=tx),
-                          (state_specs(), parallel.BATCH), (state_specs(), P()), donate=True)
-    batches = [task.train_batch(step) for step in range(BATCHES)]
-    real_tokens = statistics.mean(sum(_real_tokens(b).values()) for b in batches)
-    batches = [par.batch(b) for b in batches]
-    host, _ = loop._fresh_state(config, None, task, tx)
-    run_state = {"state": parallel.to_devices(host, par), "step": 0}
-
-    def run(steps):
-        for _ in range(steps):
-            run_state["state"], _ = p_train(run_state["state"],
-                                            batches[run_state["step"] % BATCHES])
-            run_state["step"] += 1
-        jax.block_until_ready(run_state["state"].params)
-
-    return run, real_tokens
 
 
 def main(argv):
@@ -148,7 +120,9 @@ def main(argv):
     # --- translation: throughput --------------------------------------------------------------
     runs, real_tokens = {}, {}
     for pack, name in ((False, "unpacked"), (True, "packed")):
-        runs[name], real_tokens[name] = _trainer(*tasks[pack])
+        runs[name] = EngineTrainer(*tasks[pack], batches=BATCHES)
+        real_tokens[name] = statistics.mean(sum(_real_tokens(b).values())
+                                            for b in runs[name].batches)
     times = interleaved_times({name: functools.partial(run, steps) for name, run in runs.items()},
                               repeats)
     print(f"\nTranslation training on CPU, batch_size {base.data.batch_size} rows, {steps} steps "
