@@ -14,6 +14,7 @@ import tempfile
 
 from seqjax import config as config_lib
 from seqjax import files, tasks
+from seqjax.data.pretraining import tokenizer_from_json
 from seqjax.tasks import hf_bert
 from seqjax.tasks.bert import TOKENIZER_FILE
 from seqjax.tasks.common import saved_file
@@ -65,6 +66,5 @@ def export_checkpoint(workdir: str, out: str, *, step: int | None = None,
     text = saved_file(files.absolute(workdir), TOKENIZER_FILE)
     if text is None:
         raise FileNotFoundError(f"{workdir!r} holds no {TOKENIZER_FILE}: not a BERT run")
-    from seqjax.data.pretraining import tokenizer_from_json
     tokenizer = tokenizer_from_json(text, f"the {TOKENIZER_FILE} of {workdir}")
     return hf_bert.write_checkpoint(config, params, tokenizer, out)
