@@ -82,6 +82,7 @@ def get_config(arg=None):
         norm_epsilon=1e-6,  # LayerNorm's
         # seq2seq_attention (num_layers too)
         cell="gru",
+        bidirectional=False,  # Bahdanau et al.'s encoder: both directions; s_0 from the backward
         embed_dim=256,
         hidden=256,
     )

@@ -12,6 +12,16 @@ concatenated with the embedded input token to its recurrent stack, and predicts 
 token from the top layer's output. The decoder's memory is (encoder outputs, source
 lengths, hidden states): decoding one token at a time and decoding a whole target at once
 run the same step.
+
+`bidirectional=True` is Bahdanau et al. (2015)'s encoder: every layer runs forward and
+backward over the valid part of each source (`StackedRecurrent(bidirectional=True)`; the
+backward direction starts at each sequence's own last token), the annotations are the two
+directions' outputs concatenated, [B, S, 2H] (zero at padded positions), and the decoder's
+initial state is s_0 = tanh(W_s h_1^backward + b_s), one learned projection per layer
+(`init_proj_{i}`, Dense H -> H) from that layer's backward final state (see
+`Seq2SeqEncoder`). The decoder's additive attention projects the 2H-wide keys to its own
+width, so the decoder is the same module either way. The default (unidirectional, the
+textbook's) has no projections and passes the encoder's final states on unchanged.
 """
 
 from typing import Any, Optional
@@ -36,12 +46,26 @@ class _Seq2Seq(nn.Module):
     cell: str = "gru"
     dropout_rate: float = 0.0
     remat: str = "none"  # the encoder's recurrent layers', see seqjax.nn.compute
+    bidirectional: bool = False  # the encoder's (Bahdanau et al. 2015); the decoder ignores it
     dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
 
 
 class Seq2SeqEncoder(_Seq2Seq):
-    """Source tokens [B, S] with lengths [B] -> (outputs [B, S, H], final carries per layer)."""
+    """Source tokens [B, S] with lengths [B] -> (outputs [B, S, H], the decoder's initial
+    carries, one per layer).
+
+    Unidirectional: the outputs and the final carries of the recurrent stack.
+
+    Bidirectional: outputs [B, S, 2H], each position's [forward, backward] outputs (zero at
+    padded positions), and as the decoder's initial carry of layer i, s_0 = tanh(W_s h + b_s)
+    (`init_proj_{i}`, Dense H -> H) of h, layer i's backward final state (its state after the
+    source's first token: Bahdanau et al.'s h_1^backward). For an LSTM the projection gives h
+    and the cell state c starts at zeros: the paper's s_0 is the state the gates and the
+    attention query read, and it has no counterpart for c. The projections are the encoder's
+    parameters (the paper counts W_s with the decoder) because the decoder's memory is made by
+    a function without parameters (`init_state`).
+    """
 
     @nn.compact
     def __call__(self, tokens_BxS, valid_len_B=None, *, deterministic: bool = True):
@@ -49,9 +73,21 @@ class Seq2SeqEncoder(_Seq2Seq):
         x_BxSxE = nn.Embed(self.vocab_size, self.embed_size, name="embed", **kw)(tokens_BxS)
         carries, outputs_BxSxH = StackedRecurrent(
             self.cell, self.num_hiddens, num_layers=self.num_layers,
-            dropout_rate=self.dropout_rate, remat=self.remat, name="rnn", **kw)(
+            dropout_rate=self.dropout_rate, bidirectional=self.bidirectional,
+            remat=self.remat, name="rnn", **kw)(
                 x_BxSxE, seq_lengths=valid_len_B, deterministic=deterministic)
+        if self.bidirectional:
+            carries = tuple(self._initial_carry(i, bwd) for i, (_, bwd) in enumerate(carries))
         return outputs_BxSxH, carries
+
+    @nn.nowrap
+    def _initial_carry(self, i, backward_carry):
+        """The decoder's initial carry of layer i from that layer's backward final carry."""
+        lstm = self.cell == "lstm"
+        h_BxH = backward_carry[1] if lstm else backward_carry
+        s0_BxH = jnp.tanh(nn.Dense(self.num_hiddens, name=f"init_proj_{i}", dtype=self.dtype,
+                                   param_dtype=self.param_dtype)(h_BxH)).astype(h_BxH.dtype)
+        return (jnp.zeros_like(s0_BxH), s0_BxH) if lstm else s0_BxH
 
 
 class _AttentionStep(nn.Module):
@@ -90,8 +126,8 @@ class Seq2SeqAttentionDecoder(_Seq2Seq):
 
     @nn.nowrap
     def init_state(self, encoder_outputs, src_valid_len_B):
-        """Memory: (encoder outputs [B, S, H], source lengths [B], the encoder's final carries
-        as the decoder's initial ones)."""
+        """Memory: (encoder outputs [B, S, H] (2H when bidirectional), source lengths [B], the
+        decoder's initial carries from the encoder)."""
         outputs_BxSxH, carries = encoder_outputs
         return outputs_BxSxH, jnp.asarray(src_valid_len_B), carries
 

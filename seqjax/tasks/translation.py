@@ -73,7 +73,14 @@ def check_config(config):
                           f"packs several pairs a row for model.name='transformer' only (the "
                           f"recurrent encoder-decoder reads one pair a row), not {m.name!r}")
     check_precision(config)
+    bidirectional = m.get("bidirectional", False)  # absent from runs saved before it existed
+    config_lib.expect(isinstance(bidirectional, bool), "model.bidirectional", bidirectional,
+                      "expected True or False")
     if m.name == "transformer":
+        config_lib.expect(not bidirectional, "model.bidirectional", bidirectional,
+                          "applies to model.name='seq2seq_attention' (Bahdanau et al.'s "
+                          "bidirectional recurrent encoder); the Transformer's encoder already "
+                          "sees the whole source")
         transformer_config(config, max_length_key="data.num_steps")
     else:
         config_lib.expect_fraction(config, "model.dropout")
@@ -100,7 +107,8 @@ def make_model(config, src_vocab_size: int, tgt_vocab_size: int) -> EncoderDecod
                               TransformerDecoder(tgt_vocab_size, **hp))
     hp = dict(embed_size=m.embed_dim, num_hiddens=m.hidden, num_layers=m.num_layers,
               cell=m.cell, dropout_rate=m.dropout, **precision(config))
-    return EncoderDecoder(Seq2SeqEncoder(src_vocab_size, **hp),
+    return EncoderDecoder(Seq2SeqEncoder(src_vocab_size,
+                                         bidirectional=m.get("bidirectional", False), **hp),
                           Seq2SeqAttentionDecoder(tgt_vocab_size, **hp))
 
 
