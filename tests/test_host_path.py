@@ -112,10 +112,9 @@ def test_a_slow_batch_builder_overlaps_the_step(monkeypatch, tmp_path):
     step_s = _seconds_per_step(monkeypatch, tmp_path, "both", reps, host_s=host_s)
     numbers = f"host {host_s:.3f} s, device {device_s:.3f} s, per step {step_s:.3f} s"
     print(numbers)
-    # Without overlap a step takes H + D = 2 max(H, D). On 2 cores shared with the other test
-    # worker (and more), the overlapped step measured 1.0 to 1.5 max(H, D).
+    # Without overlap a step takes H + D (= 2 max(H, D) here); overlapped, max(H, D), which
+    # measured 1.0 to 1.5 max(H, D) on 2 cores shared with the other test worker and more.
     assert step_s < 0.8 * (host_s + device_s), numbers
-    assert step_s < 1.6 * max(host_s, device_s), numbers
 
 
 @pytest.mark.parametrize("parallel", ["pmap", "shard_map"])
