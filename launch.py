@@ -218,7 +218,7 @@ def export_mode(config) -> int:
         if not FLAGS.out:
             raise ValueError("--mode export --format hf needs --out DIR")
         shapes = transfer.export_checkpoint(FLAGS.workdir, FLAGS.out, step=FLAGS.step,
-                                            which=_which())
+                                            which=_which(), defaults=config)
         print(f"wrote {len(shapes)} arrays in Hugging Face's BERT layout to {FLAGS.out}")
         return 0
     if not FLAGS.out:

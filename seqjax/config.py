@@ -124,7 +124,9 @@ RENAMED = {"model.num_hiddens": "model.hidden", "model.embed_size": "model.embed
 
 
 def load(workdir: str) -> ml_collections.ConfigDict | None:
-    """The config saved in `workdir`, or None; keys of `RENAMED` read under their new names."""
+    """The config saved in `workdir`, or None; keys of `RENAMED` read under their new names,
+    and a block-local model saved before `model.look_ahead` existed as the 0 it computed (a key
+    a saved config lacks otherwise reads as the experiment's current default)."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not files.exists(path):
         return None
@@ -136,6 +138,9 @@ def load(workdir: str) -> ml_collections.ConfigDict | None:
             section = section.get(parent) if isinstance(section, dict) else None
         if isinstance(section, dict) and old_leaf in section and new_leaf not in section:
             section[new_leaf] = section.pop(old_leaf)
+    model = saved.get("model")
+    if isinstance(model, dict) and model.get("attention") == "local":
+        model.setdefault("look_ahead", 0)
     return ml_collections.ConfigDict(saved)
 
 

@@ -59,10 +59,11 @@ def import_checkpoint(config, source: str, workdir: str) -> dict:
 
 
 def export_checkpoint(workdir: str, out: str, *, step: int | None = None,
-                      which: str = "latest") -> dict:
+                      which: str = "latest", defaults=None) -> dict:
     """Writes a checkpoint of the BERT run in `workdir` (pretraining or fine-tuned) to
-    directory `out` in Hugging Face's layout; returns {name: shape} of the arrays."""
-    config, _, params, _ = restore_run(workdir, step, which)
+    directory `out` in Hugging Face's layout; returns {name: shape} of the arrays. `defaults`
+    (the experiment's config) gives the fields a run saved before them lacks."""
+    config, _, params, _ = restore_run(workdir, step, which, defaults)
     text = saved_file(files.absolute(workdir), TOKENIZER_FILE)
     if text is None:
         raise FileNotFoundError(f"{workdir!r} holds no {TOKENIZER_FILE}: not a BERT run")

@@ -3,11 +3,14 @@ positions only, pretraining sequences, a tiny pretrain and fine-tune through lau
 loading of the pretrained encoder, and bad input."""
 
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from seqjax import config as config_lib
 from seqjax.data import pretraining as data_lib
 from seqjax.nn.bert import BertEncoder, BertPretraining
 from seqjax.tasks import bert as task_lib
@@ -115,6 +118,15 @@ def test_local_attention_encoder_equals_full_when_one_block_covers_the_sequence(
     # Looking one block ahead as well, the first block sees the second: full attention again.
     both_ways = BertEncoder(**kw, attention="local", block_size=4, look_back=1, look_ahead=1)
     np.testing.assert_allclose(both_ways.apply(params, tokens, None, mask), out_full, atol=1e-5)
+
+
+def test_a_local_run_saved_before_look_ahead_reads_as_the_0_it_computed(tmp_path):
+    """A key a saved config lacks reads as the experiment's default, except look_ahead of a
+    block-local model, whose runs before the key looked back only."""
+    for attention, expected in (("local", 0), ("full", None)):
+        (tmp_path / "config.json").write_text(json.dumps(
+            {"task": "bert_pretrain", "model": {"attention": attention, "look_back": 1}}))
+        assert config_lib.load(str(tmp_path)).model.get("look_ahead") == expected
 
 
 def test_sequence_longer_than_the_position_table_is_a_clear_error():

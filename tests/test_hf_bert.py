@@ -83,6 +83,7 @@ def test_export_then_import_gives_back_identical_arrays(imported, tmp_path):
     assert sorted(exported) == sorted(original)  # the tied decoder is not written, as HF does
     for name in original:
         np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
+    assert json.loads((out / "tokenizer_config.json").read_text())["do_lower_case"] is True
     hf, ours = (json.loads((d / "config.json").read_text()) for d in (FIXTURE, out))
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "intermediate_size", "hidden_act", "max_position_embeddings", "type_vocab_size",

@@ -316,8 +316,10 @@ def _check_same_encoder(config):
     if saved is None or "model" not in saved:
         return  # not a seqjax run: load_init_from says so
     defaults = model_config("tiny")
-    differ = [k for k in _ENCODER_KEYS
-              if saved.model.get(k, defaults[k]) != config.model[k]]
+    keys = _ENCODER_KEYS
+    if saved.model.get("attention") == config.model.attention == "local":  # the same windows
+        keys += ("block_size", "look_back", "look_ahead")
+    differ = [k for k in keys if saved.model.get(k, defaults[k]) != config.model[k]]
     if differ:
         raise ValueError(
             f"config.init_from={config.init_from!r} holds an encoder that computes something "

@@ -159,7 +159,8 @@ def read_tokenizer(source: str):
         settings = os.path.join(source, "tokenizer_config.json")
         lower = (json.loads(files.read_text(settings)).get("do_lower_case", True)
                  if files.exists(settings) else True)
-        vocab = files.read_text(os.path.join(source, VOCAB)).splitlines()
+        vocab = [line.removesuffix("\r") for line in
+                 files.read_text(os.path.join(source, VOCAB)).removesuffix("\n").split("\n")]
         wrapper = tokenizers.implementations.BertWordPieceTokenizer(
             {token: i for i, token in enumerate(vocab)}, lowercase=lower)
         tokenizer = data_lib.tokenizer_from_json(wrapper.to_str(), repr(source + "/" + VOCAB))
@@ -288,9 +289,13 @@ def _hf_tokenizer(tokenizer, max_length: int) -> tuple[str, str]:
     tokenizer = type(tokenizer).from_str(tokenizer.to_str())
     tokenizer.post_processor = processors.BertProcessing(("[SEP]", special.sep),
                                                          ("[CLS]", special.cls))
+    normalizer = json.loads(tokenizer.to_str()).get("normalizer") or {}
     settings = dict(tokenizer_class="BertTokenizerFast", model_max_length=max_length,
                     **{f"{k}_token": f"[{k.upper()}]" for k in ("pad", "unk", "cls", "sep",
                                                                "mask")})
+    if normalizer.get("type") == "BertNormalizer":  # else transformers would lower-case
+        settings.update(do_lower_case=normalizer.get("lowercase", True),
+                        strip_accents=normalizer.get("strip_accents"))
     return tokenizer.to_str(), json.dumps(settings, indent=2)
 
 
