@@ -23,9 +23,8 @@ from conftest import ROOT, launch, load_config
 
 FIXTURE = ROOT / "tests" / "data" / "hf_bert"
 REFERENCE = np.load(FIXTURE / "reference.npz")
-# The fixture's model (tests/make_hf_bert_fixture.py's CONFIG) as config overrides.
-SHAPE = ["--config.model.num_layers=2", "--config.model.d_model=32", "--config.model.num_heads=4",
-         "--config.model.ffn_hiddens=48", "--config.model.max_position=40"]
+# The fixture's model (tests/make_hf_bert_fixture.py's CONFIG) as model config values.
+SHAPE = dict(num_layers=2, d_model=32, num_heads=4, ffn_hiddens=48, max_position=40)
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +108,7 @@ def test_tokenizer_json_and_vocab_txt_tokenise_as_transformers(files, tmp_path):
 
 def test_fine_tuning_an_imported_checkpoint(imported, tmp_path):
     config = load_config("bert_finetune", "smoke,published")
-    for override in SHAPE:
-        key, value = override.removeprefix("--config.").split("=")
-        section, leaf = key.split(".")
-        config[section][leaf] = int(value)
+    config.model.update(SHAPE)
     config.unlock()
     config.init_from = str(imported)
     result = train_and_evaluate(config, str(tmp_path / "sst2"))
