@@ -3,6 +3,7 @@ keeps its checkpoints at chosen steps (`keep_steps`), fine-tuning from one of th
 (`init_from_step`), a linear probe on a frozen encoder (`model.freeze_encoder`), and the sweep
 and summary of experiments/bert_transfer.py."""
 
+import dataclasses
 import json
 
 import jax
@@ -15,7 +16,7 @@ from seqjax.analysis import transfer_curve
 from seqjax.config import load_experiment
 from seqjax.train import checkpoint, loop
 from seqjax.train.loop import train_and_evaluate
-from seqjax.train.metrics import METRICS_FILE
+from seqjax.train.metrics import METRICS_FILE, read_metrics
 
 from conftest import ROOT, load_config
 
@@ -82,6 +83,37 @@ def test_a_frozen_encoder_is_a_linear_probe(pretrained, tmp_path):
     free = _finetune(pretrained, tmp_path / "tuned", init_from_step=4)
     assert not np.array_equal(free["encoder"]["embed_ln"]["scale"],
                               loaded["encoder"]["embed_ln"]["scale"])
+
+
+def test_the_probe_trains_on_features_computed_once_as_it_would_on_tokens(
+        pretrained, tmp_path, monkeypatch):
+    """A frozen encoder's pooled output is computed once (`Task.featurize`); the probe that
+    trains on it ends where the same probe running the encoder every step ends."""
+    probe = dict(init_from_step=4, **{"model.freeze_encoder": True, "opt.lr": 0.1})
+    config = load_config("bert_finetune", "smoke")
+    config.unlock()
+    config.init_from, config.init_from_step, config.model.freeze_encoder = str(pretrained), 4, True
+    task = tasks.build(config)
+    params = loop.fresh_params(config, task)
+    featurized = task.featurize(params)
+    assert featurized.featurize is None
+    assert sorted(featurized.train_batch(3)) == ["labels", "pooled"]
+    assert featurized.train_batch(3)["pooled"].shape == (8, config.model.d_model)
+    np.testing.assert_array_equal(featurized.train_batch(3)["labels"],
+                                  task.train_batch(3)["labels"])
+
+    on_features = _finetune(pretrained, tmp_path / "features", **probe)
+    build = tasks.build
+    monkeypatch.setattr(tasks, "build", lambda *args, **kw: dataclasses.replace(
+        build(*args, **kw), featurize=None))
+    on_tokens = _finetune(pretrained, tmp_path / "tokens", **probe)
+    assert not np.allclose(on_tokens["classifier"]["kernel"],
+                           jax.device_get(params)["params"]["classifier"]["kernel"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 on_features, on_tokens)
+    val = [[r["loss"] for r in read_metrics(str(tmp_path / run), "val")]
+           for run in ("features", "tokens")]
+    np.testing.assert_allclose(val[0], val[1], rtol=1e-5)
 
 
 def test_the_transfer_sweep_at_smoke_size(pretrained, tmp_path):

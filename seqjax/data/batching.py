@@ -1,5 +1,6 @@
 """Minibatches of the rows of in-memory arrays, as a pure function of the step."""
 
+import copy
 import numbers
 
 import numpy as np
@@ -32,6 +33,15 @@ class RowBatches:
         self.steps_per_epoch = self.num_rows // batch_size
         self._order = (None, None)
         self.transform = transform or (lambda rows: rows)
+
+    def with_arrays(self, arrays: dict) -> "RowBatches":
+        """The same minibatches (rows, order, shard) of other arrays of the same rows."""
+        other = copy.copy(self)
+        other.arrays = {name: np.asarray(a) for name, a in arrays.items()}
+        if {len(a) for a in other.arrays.values()} != {self.num_rows}:
+            raise ValueError(f"with_arrays: {self.num_rows} rows expected, got "
+                             f"{ {k: len(a) for k, a in other.arrays.items()} }")
+        return other
 
     def __call__(self, step: int) -> dict:
         if not (isinstance(step, numbers.Integral) and step >= 0):

@@ -177,7 +177,9 @@ class BertPretraining(nn.Module):
 class BertClassifier(nn.Module):
     """The encoder, the pooler, dropout and a Dense classifier: logits [B, C] (float32). With
     `frozen_encoder`, a linear probe: the encoder and pooler run without dropout and pass no
-    gradient back (the optimizer must leave their parameters as they are too)."""
+    gradient back (the optimizer must leave their parameters as they are too), so their output
+    can be computed once: `features=True` returns the pooled output [B, D], and `pooled_BxD`
+    given in place of the tokens runs only dropout and the classifier on it."""
 
     encoder: BertEncoder
     num_classes: int = 2
@@ -185,14 +187,17 @@ class BertClassifier(nn.Module):
     frozen_encoder: bool = False
 
     @nn.compact
-    def __call__(self, tokens_BxL, segments_BxL=None, mask_BxL=None, *,
-                 deterministic: bool = True):
+    def __call__(self, tokens_BxL=None, segments_BxL=None, mask_BxL=None, *, pooled_BxD=None,
+                 features: bool = False, deterministic: bool = True):
         kw = dict(dtype=self.encoder.dtype, param_dtype=self.encoder.param_dtype)
-        fixed = deterministic or self.frozen_encoder
-        x = self.encoder(tokens_BxL, segments_BxL, mask_BxL, deterministic=fixed)
-        pooled = Pooler(name="pooler", **kw)(x)
+        if pooled_BxD is None:
+            fixed = deterministic or self.frozen_encoder
+            x = self.encoder(tokens_BxL, segments_BxL, mask_BxL, deterministic=fixed)
+            pooled_BxD = Pooler(name="pooler", **kw)(x)
+            if features:
+                return pooled_BxD
         if self.frozen_encoder:
-            pooled = jax.lax.stop_gradient(pooled)
-        pooled = nn.Dropout(self.dropout_rate)(pooled, deterministic=deterministic)
+            pooled_BxD = jax.lax.stop_gradient(pooled_BxD)
+        pooled = nn.Dropout(self.dropout_rate)(pooled_BxD, deterministic=deterministic)
         return nn.Dense(self.num_classes, name="classifier", dot_general=compute.float32_dot,
                         **kw)(pooled).astype(jnp.float32)

@@ -21,6 +21,7 @@ scratch (`init_from=None`) trains the same one, so the two differ only in their 
 Dimension letters: B batch, L max_seq_len, P max_predictions, V vocabulary.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -331,9 +332,12 @@ def _check_same_encoder(config):
 
 def classification_loss(model: BertClassifier, params, batch, carry=(), *, rng=None,
                         train=False):
-    """Summed cross-entropy and accuracy of the sentence labels (`row_weight` 0: padding rows)."""
-    weights_B = batch.get("row_weight", jnp.ones(batch["tokens"].shape[0]))
-    logits = model.apply(params, batch["tokens"], *_feed(batch), deterministic=not train,
+    """Summed cross-entropy and accuracy of the sentence labels (`row_weight` 0: padding rows),
+    from the tokens or from the frozen encoder's pooled features (`_featurize`)."""
+    weights_B = batch.get("row_weight", jnp.ones(batch["labels"].shape[0]))
+    args, kw = ((), dict(pooled_BxD=batch["pooled"])) if "pooled" in batch else (
+        (batch["tokens"], *_feed(batch)), {})
+    logits = model.apply(params, *args, **kw, deterministic=not train,
                          rngs={"dropout": rng} if train else {})
     ce_B = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     return dict(loss=jnp.sum(ce_B * weights_B), weight=jnp.sum(weights_B),
@@ -364,7 +368,7 @@ def build_finetune(config, workdir=None) -> Task:
         tokens = jnp.zeros((1, d.max_seq_len), jnp.int32)
         return model.init(rng, tokens, tokens, tokens > 0)
 
-    return Task(init_params=init_params, loss=functools.partial(classification_loss, model),
+    task = Task(init_params=init_params, loss=functools.partial(classification_loss, model),
                 train_batch=RowBatches(split("train", d.train_file), d.batch_size,
                                        seed=config.seed, shard_index=jax.process_index(),
                                        num_shards=jax.process_count(), what="sentences"),
@@ -374,3 +378,26 @@ def build_finetune(config, workdir=None) -> Task:
                 tokens_per_batch=d.batch_size * d.max_seq_len,
                 files={TOKENIZER_FILE: tokenizer.to_str()},
                 frozen=("encoder", "pooler") if frozen else ())
+    if frozen:
+        task = dataclasses.replace(task, featurize=functools.partial(_featurize, model, task))
+    return task
+
+
+def _featurize(model: BertClassifier, task: Task, params) -> Task:
+    """`task` on the pooled output of the frozen encoder of `params`, computed once for every
+    training and validation sentence: the same minibatches and losses as the task on tokens
+    (dropout draws the same masks), with a step that runs only the classifier."""
+    pooled = jax.jit(lambda params, b: model.apply(
+        params, b["tokens"], *_feed(b), features=True))
+
+    def features(batch):
+        return dict(pooled=np.asarray(pooled(params, batch)), labels=batch["labels"],
+                    **{k: batch[k] for k in ("row_weight",) if k in batch})
+
+    rows = task.train_batch.arrays
+    train = [features(b) for b in padded_batches(rows, task.eval_batch_size)]
+    train_pooled = np.concatenate([b["pooled"] for b in train])[:task.train_batch.num_rows]
+    return dataclasses.replace(
+        task, featurize=None,
+        train_batch=task.train_batch.with_arrays(dict(pooled=train_pooled, labels=rows["labels"])),
+        eval_batches=[features(b) for b in task.eval_batches])

@@ -217,6 +217,8 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps
     meta = {}
     if restored is not None:
         (host, meta), loaded = restored, []
+    if task.featurize is not None:
+        task = task.featurize(host["params"])
     start, total_steps = int(host["step"]), config.num_train_steps
     state = parallel.to_devices(host, par)
     record = RunRecord.from_meta(meta, ckpts.meta("best") or {})
