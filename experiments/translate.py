@@ -93,6 +93,8 @@ def get_config(arg=None):
         length_penalty=0.6,  # GNMT's alpha: score / ((5 + length) / 6) ** alpha
         val_sentences=500,  # greedy BLEU on this many validation pairs at each evaluation
         num_attention_maps=3,
+        # hand-aligned pairs scored at the end (test_alignment): None the 30 shipped ones, '' off
+        alignment_file=ml_collections.config_dict.placeholder(str),
     )
 
     # --- optimizer ----------------------------------------------------------------------------

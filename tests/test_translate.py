@@ -31,6 +31,7 @@ def test_tiny_run_reports_bleu_and_writes_attention_maps(workdir):
     assert len(final) == 1 and final[0]["step"] == 10
     for key in ("bleu", "test_bleu_greedy", "test_bleu_beam2"):
         assert 0 <= final[0][key] <= 100
+    assert 0 <= final[0]["test_alignment"] <= 1 and final[0]["test_alignment_links"] > 0
     assert (workdir / "attention_maps.png").stat().st_size > 1000
     rows = (workdir / "test_translations.tsv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "source\treference\tgreedy\tbeam2"

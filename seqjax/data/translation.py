@@ -54,6 +54,40 @@ def load_pairs(path=None, max_pairs: int | None = None) -> list[tuple[str, str]]
     return pairs
 
 
+def load_alignments(path=None) -> list[tuple[str, str, list[tuple[int, int]]]]:
+    """(source, target, links) of a file of `source<TAB>target<TAB>links` lines (`#` comments),
+    by default the 30 hand-aligned test pairs shipped in `fra_eng/alignments.tsv`: a link
+    (i, j) says source word i translates target word j, 0-based over the words of the
+    preprocessed sentences ('i-j' in the file). Errors name the line."""
+    if path is None:
+        name = "the shipped alignments"
+        text = importlib.resources.files("seqjax.data").joinpath(
+            "fra_eng/alignments.tsv").read_text("utf-8")
+    else:
+        name = repr(str(files.path(path).expanduser()))
+        text = read_text_file(path, "alignment file")
+    examples = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        try:
+            source, target, links = line.split("\t")
+            source, target = preprocess_nmt(source), preprocess_nmt(target)
+            pairs = [tuple(int(k) for k in link.split("-")) for link in links.split()]
+            lengths = len(tokenize_words(source)), len(tokenize_words(target))
+            if not pairs or any(len(p) != 2 or not (0 <= p[0] < lengths[0] and
+                                                    0 <= p[1] < lengths[1]) for p in pairs):
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"line {number} of {name} is not 'source<TAB>target<TAB>links' "
+                             f"with links 'i-j' between words of the two sentences: "
+                             f"{line[:80]!r}") from None
+        examples.append((source, target, pairs))
+    if not examples:
+        raise ValueError(f"{name} holds no aligned pair")
+    return examples
+
+
 def parse_pairs(lines, name: str, first_number: int = 1, max_pairs: int | None = None
                 ) -> list[tuple[str, str]]:
     """The (source, target) pairs of `lines` (of the file `name`, from its line `first_number`:

@@ -36,7 +36,7 @@ from seqjax.data import translation as data_lib
 from seqjax.nn.recurrent import CELLS
 from seqjax.nn.seq2seq import Seq2SeqAttentionDecoder, Seq2SeqEncoder
 from seqjax.nn.transformer import EncoderDecoder, TransformerDecoder, TransformerEncoder
-from seqjax.tasks import shards
+from seqjax.tasks import cross_attention, shards
 from seqjax.tasks.common import (
     Task,
     accuracy_sum,
@@ -94,6 +94,8 @@ def check_config(config):
     config_lib.expect_positive_int(config, "decode.beam_size", "decode.num_attention_maps")
     config_lib.expect(config_lib.expect_type(config, "decode.val_sentences", int) >= 0,
                       "decode.val_sentences", s.val_sentences, "must be >= 0 (0: no BLEU)")
+    if s.get("alignment_file") is not None:
+        config_lib.expect_type(config, "decode.alignment_file", str)
     value = config_lib.expect_type(config, "decode.length_penalty", (int, float))
     config_lib.expect(math.isfinite(value) and value >= 0, "decode.length_penalty", value,
                       "must be a finite number >= 0")
@@ -219,6 +221,7 @@ def build(config, workdir=None) -> Task:
 
     val_pairs = splits["valid"][:s.val_sentences]
     test_pairs = splits["test"]
+    aligned = _aligned_examples(config, splits["train"])
 
     def decode_eval(params, final: bool) -> dict:
         """Greedy BLEU on validation pairs; at the end, greedy and beam BLEU on the test pairs,
@@ -233,6 +236,9 @@ def build(config, workdir=None) -> Task:
             metrics["test_bleu_greedy"] = _bleu(test_pairs, greedy)
             beam = translate_sentences(params, sources)
             metrics[f"test_bleu_beam{s.beam_size}"] = _bleu(test_pairs, beam)
+            if aligned:
+                metrics.update({f"test_{k}": v for k, v in cross_attention.alignment(
+                    model, params, src_tok, tgt_tok, aligned, d.num_steps).items()})
             if workdir and jax.process_index() == 0:
                 rows = [f"source\treference\tgreedy\tbeam{s.beam_size}\n"] + [
                     f"{p[0]}\t{p[1]}\t{g}\t{b}\n" for p, g, b in zip(test_pairs, greedy, beam)]
@@ -254,6 +260,17 @@ def build(config, workdir=None) -> Task:
                 tokens_per_batch=d.batch_size * d.num_steps, report=with_perplexity,
                 files=shards.texts(tokenizers),
                 translate_sentences=translate_sentences, decode_eval=decode_eval)
+
+
+def _aligned_examples(config, train_pairs) -> list:
+    """The hand-aligned pairs of `decode.alignment_file` (None: the shipped ones) whose source
+    never occurs in training; none with subword tokenizers, or with `decode.alignment_file`
+    ''."""
+    path = config.decode.get("alignment_file")
+    if config.data.tokenizer != "word" or path == "":
+        return []
+    seen = {data_lib.preprocess_nmt(pair[0]) for pair in train_pairs}
+    return [e for e in data_lib.load_alignments(path) if e[0] not in seen]
 
 
 def _spread(sources, n: int) -> list[int]:
@@ -353,17 +370,6 @@ class Searcher:
         return np.concatenate(out).tolist()
 
 
-def cross_attention_weights(model: EncoderDecoder, params, src_1xS, src_len_1, tgt_in_1xT):
-    """[T, S] weights of each target position over the source: the recurrent decoder's
-    additive attention, or the Transformer's last cross-attention averaged over heads."""
-    _, variables = model.apply(params, src_1xS, src_len_1, tgt_in_1xT, mutable=["intermediates"])
-    decoder = variables["intermediates"]["decoder"]
-    if "step" in decoder:  # [T, B, 1, S]
-        return np.asarray(decoder["step"]["attention"]["attention_weights"][0][:, 0, 0])
-    last = decoder[f"block{model.decoder.num_layers - 1}"]  # [B, H, T, S]
-    return np.asarray(last["cross_attention"]["attention_weights"][0][0].mean(0))
-
-
 def _attention_maps(model, params, src_tok, tgt_tok, sources, hypotheses, num_steps, path):
     """One heatmap per sentence: source tokens (columns, with <eos>) against the generated
     target tokens (rows, each the prediction made from the attention in its row)."""
@@ -373,7 +379,8 @@ def _attention_maps(model, params, src_tok, tgt_tok, sources, hypotheses, num_st
         src, src_len, _ = _encode_inputs(src_tok, [source], num_steps)
         tgt = tgt_tok.encode(hypothesis)[:num_steps - 1] + [data_lib.EOS_ID]
         tgt_in = np.asarray([[data_lib.BOS_ID] + tgt[:-1]], np.int32)
-        weights_TxS = cross_attention_weights(model, params, src, src_len, tgt_in)
+        weights_TxS = cross_attention.cross_attention_weights(model, params, src, src_len,
+                                                              tgt_in)[0]
         S = int(src_len[0])
         ax.imshow(weights_TxS[:, :S], cmap="Reds", vmin=0, vmax=1)
         ax.set_xticks(range(S), src_tok.tokens(src[0, :S].tolist()), rotation=90, fontsize=8)
