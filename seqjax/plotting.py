@@ -1,5 +1,5 @@
-"""matplotlib for the pictures that tasks, sweeps and analyses write: a leaf module, so that any
-layer may draw without importing the layers above it."""
+"""matplotlib for the pictures that tasks, sweeps and analyses write, and their Markdown tables:
+a leaf module, so that any layer may draw without importing the layers above it."""
 
 import io
 import os
@@ -22,3 +22,18 @@ def save(fig, path: str, dpi: int = 120):
     fig.savefig(image, format=os.path.splitext(path)[1][1:] or None, dpi=dpi)
     pyplot().close(fig)
     files.write_from_process_0(path, image.getvalue())
+
+
+def markdown_table(rows: list[dict], keys: list[str], formats: dict | None = None) -> str:
+    """A Markdown table of `rows` in the columns `keys`; `formats` maps a column to a format
+    string ('{:+.3f}'), else floats show 4 significant digits and None an empty cell."""
+    formats = formats or {}
+
+    def cell(key, v):
+        text = "" if v is None else formats[key].format(v) if key in formats else \
+            f"{v:.4g}" if isinstance(v, float) else str(v)
+        return " ".join(text.split()).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(k, row.get(k)) for k in keys) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

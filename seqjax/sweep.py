@@ -201,21 +201,11 @@ def summarize(points, workdir: str, metric: str = "best_val_loss") -> list[dict]
     files.write_csv(os.path.join(workdir, "summary.csv"), rows, keys)
     columns = ["point", "status", "step", metric, "best_step"] + [
         k for prefix in ("best_val_", "val_", "test_") for k in keys if k.startswith(prefix)]
-    files.write_from_process_0(os.path.join(workdir, "summary.md"), markdown_table(
+    files.write_from_process_0(os.path.join(workdir, "summary.md"), plotting.markdown_table(
         rows, list(dict.fromkeys(c for c in columns + ["train_time_s", "early_stopped"]
                                  if c in keys))))
     _plot(rows, workdir, metric)
     return rows
-
-
-def markdown_table(rows: list[dict], keys: list[str]) -> str:
-    def cell(v):
-        text = f"{v:.4g}" if isinstance(v, float) else str(v if v is not None else "")
-        return " ".join(text.split()).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(row.get(k)) for k in keys) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def _plot(rows: list[dict], workdir: str, metric: str):

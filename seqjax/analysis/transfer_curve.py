@@ -60,14 +60,8 @@ def write(rows: list[dict], workdir: str) -> list[dict]:
         a["gain"] = None if base is None else a["accuracy"] - base
     keys = ["pretraining_step", "regime", "labels", "lr", "seeds", "accuracy", "spread", "gain"]
     files.write_csv(os.path.join(workdir, "transfer.csv"), table, keys)
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for a in table:
-        lines.append("| " + " | ".join(
-            f"{a[k]:+.3f}" if k == "gain" and a[k] is not None else
-            f"{a[k]:.3f}" if k in ("accuracy", "spread") else
-            f"{a[k]:g}" if k == "lr" else str(a[k] if a[k] is not None else "")
-            for k in keys) + " |")
-    files.write_from_process_0(os.path.join(workdir, "transfer.md"), "\n".join(lines) + "\n")
+    files.write_from_process_0(os.path.join(workdir, "transfer.md"), plotting.markdown_table(
+        table, keys, {"gain": "{:+.3f}", "accuracy": "{:.3f}", "spread": "{:.3f}", "lr": "{:g}"}))
     _plot(table, workdir)
     return table
 

@@ -261,7 +261,7 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps
         """Validation metrics, and a new best saved at once; returns the arrays that save
         was given, if any, for the latest checkpoint of the same step."""
         val = validation_metrics(state.params, final=done == total_steps)
-        writer.write(done, "val", val)
+        writer.write(done, "val", dict(val, train_time_s=record.train_time_s()))
         results.update(prefixed("val", val))
         progress.write(f"step {done}: " + ", ".join(f"val {k} {v:.4f}" for k, v in val.items()))
         record.last_val = val

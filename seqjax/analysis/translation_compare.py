@@ -1,0 +1,85 @@
+"""Translation models compared at an equal training-time budget, from the points of
+experiments/translate_compare.py's sweep (model x learning rate).
+
+Each model's best point is the learning rate with the highest validation BLEU (greedy, on
+`decode.val_sentences` validation pairs) at the end of its run; its test BLEU (greedy and beam)
+and the alignment score of its cross-attention (`seqjax.tasks.cross_attention`) are those of
+the same final parameters, so the test pairs choose nothing. `write(rows, workdir, models)`
+writes `compare.md` / `compare.csv` (every point, best ones marked) and `compare.png`
+(validation BLEU against training time, evaluation included, one line per point: the best
+learning rate of each model solid, the others faint).
+"""
+
+import os
+
+from seqjax import files, plotting
+from seqjax.train.metrics import METRICS_FILE, read_metrics
+
+COLUMNS = ["model", "lr", "steps", "best", "train_min", "val_bleu", "test_bleu_greedy",
+           "test_bleu_beam", "test_alignment", "status"]
+
+
+def curve(subdir: str) -> list[tuple[float, float]]:
+    """(training minutes, validation BLEU) of each evaluation of a point's run."""
+    if not files.exists(os.path.join(subdir, METRICS_FILE)):
+        return []
+    return [(r["train_time_s"] / 60, r["bleu"]) for r in read_metrics(subdir, "val")
+            if "bleu" in r and "train_time_s" in r]
+
+
+def table(rows: list[dict], models: dict) -> list[dict]:
+    """One row per point: `models` maps a model's label to its overrides, which name the
+    point's model; the best point of each model gets best='yes'."""
+    out = []
+    for row in rows:
+        label = next((name for name, overrides in models.items()
+                      if all(row.get(k) == v for k, v in overrides.items())), None)
+        if label is None:
+            continue
+        beam = next((v for k, v in row.items() if k.startswith("val_test_bleu_beam")), None)
+        out.append(dict(model=label, lr=row.get("opt.lr"), steps=row.get("step"),
+                        train_min=row["train_time_s"] / 60 if "train_time_s" in row else None,
+                        val_bleu=row.get("val_bleu"),
+                        test_bleu_greedy=row.get("val_test_bleu_greedy"), test_bleu_beam=beam,
+                        test_alignment=row.get("val_test_alignment"), status=row["status"],
+                        best="", point=row["point"]))
+    out.sort(key=lambda r: (list(models).index(r["model"]), r["lr"] or 0))
+    for label in models:
+        done = [r for r in out if r["model"] == label and r["status"] == "ok"
+                and r["val_bleu"] is not None]
+        if done:
+            max(done, key=lambda r: r["val_bleu"])["best"] = "yes"
+    return out
+
+
+def write(rows: list[dict], workdir: str, models: dict) -> list[dict]:
+    """compare.md, compare.csv and compare.png of the sweep's rows."""
+    points = table(rows, models)
+    files.write_csv(os.path.join(workdir, "compare.csv"), points, COLUMNS + ["point"])
+    formats = {k: "{:.1f}" for k in ("train_min", "val_bleu", "test_bleu_greedy",
+                                     "test_bleu_beam")}
+    files.write_from_process_0(os.path.join(workdir, "compare.md"), plotting.markdown_table(
+        points, COLUMNS, dict(formats, lr="{:g}", test_alignment="{:.3f}")))
+    _plot(points, workdir, list(models))
+    return points
+
+
+def _plot(points: list[dict], workdir: str, labels: list[str]):
+    plt = plotting.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colors = dict(zip(labels, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for p in points:
+        line = curve(os.path.join(workdir, p["point"]))
+        if not line:
+            continue
+        best = p["best"] == "yes"
+        ax.plot(*zip(*line), color=colors[p["model"]], marker="o" if best else None,
+                alpha=1.0 if best else 0.35, linestyle="-" if best else "--",
+                label=f"{p['model']}, lr {p['lr']:g}" + (" (best)" if best else ""))
+    ax.set_xlabel("training time, evaluation included (minutes)")
+    ax.set_ylabel("validation BLEU (greedy)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    plotting.save(fig, os.path.join(workdir, "compare.png"))

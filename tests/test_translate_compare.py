@@ -1,0 +1,42 @@
+"""experiments/translate_compare.py at tiny size: the three models train as sweep points, and the
+summary picks each model's best learning rate by validation BLEU and plots BLEU against time."""
+
+from seqjax import sweep
+from seqjax.analysis import translation_compare
+from seqjax.config import load_experiment
+
+from conftest import ROOT
+
+
+def test_the_equal_budget_comparison_at_tiny_size(tmp_path):
+    experiment = load_experiment(str(ROOT / "experiments" / "translate_compare.py"))
+    config = experiment.get_config("tiny")
+    models = {label: (what, budget, rates[:1]) for label, (what, budget, rates)
+              in experiment.MODELS.items()}
+    points = experiment.points(models, steps=4)
+    assert [p["opt.lr"] for p in experiment.get_sweep()] == [
+        lr for _, _, rates in experiment.MODELS.values() for lr in rates]
+    assert not sweep.run(config, points, str(tmp_path))
+    rows = sweep.summarize(points, str(tmp_path))
+    assert [row["status"] for row in rows] == ["ok"] * 3
+    assert experiment.summarize_sweep(rows, str(tmp_path)) == "compare.md"
+    table = translation_compare.table(rows, {k: v[0] for k, v in experiment.MODELS.items()})
+    assert sorted(r["model"] for r in table) == ["bigru", "gru", "transformer"]
+    assert all(r["best"] == "yes" and r["steps"] == 4 for r in table)
+    assert all(0 <= r["test_bleu_greedy"] <= 100 and 0 <= r["test_alignment"] <= 1
+               for r in table)
+    for row in table:  # an evaluation every 2 steps, each with the time spent so far
+        minutes = [m for m, _ in translation_compare.curve(str(tmp_path / row["point"]))]
+        assert len(minutes) == 2 and 0 < minutes[0] < minutes[1]
+    assert (tmp_path / "compare.md").read_text().count("| yes |") == 3
+    assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_the_best_point_is_the_highest_final_validation_bleu():
+    rows = [dict(point=f"p{i}", status="ok", step=10, **{"model.name": "transformer",
+                                                         "opt.lr": lr, "val_bleu": bleu})
+            for i, (lr, bleu) in enumerate([(1e-3, 12.0), (2e-3, 15.5), (4e-3, 3.0)])]
+    rows.append(dict(point="p3", status="failed: x", **{"model.name": "transformer",
+                                                        "opt.lr": 8e-3}))
+    table = translation_compare.table(rows, {"transformer": {"model.name": "transformer"}})
+    assert [r["best"] for r in table] == ["", "yes", "", ""]
