@@ -14,8 +14,12 @@ def test_the_equal_budget_comparison_at_tiny_size(tmp_path):
     models = {label: (what, budget, rates[:1]) for label, (what, budget, rates)
               in experiment.MODELS.items()}
     points = experiment.points(models, steps=4)
-    assert [p["opt.lr"] for p in experiment.get_sweep()] == [
-        lr for _, _, rates in experiment.MODELS.values() for lr in rates]
+    full = experiment.get_sweep()
+    assert [p["opt.lr"] for p in full[:3]] == [rates[1] for _, _, rates in
+                                               experiment.MODELS.values()]
+    assert sorted((p["model.name"], p.get("model.bidirectional"), p["opt.lr"]) for p in full) == \
+        sorted((what["model.name"], what.get("model.bidirectional"), lr)
+               for what, _, rates in experiment.MODELS.values() for lr in rates)
     assert not sweep.run(config, points, str(tmp_path))
     rows = sweep.summarize(points, str(tmp_path))
     assert [row["status"] for row in rows] == ["ok"] * 3
