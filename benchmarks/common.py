@@ -106,11 +106,11 @@ class EngineTrainer:
     Calling it with `steps` runs that many steps and blocks until they are done; `batches`
     holds those batches as the task gave them (on the host); `compile()` is the step's
     executable, lowered for the current state and the first batch (for its
-    `memory_analysis()`)."""
+    `memory_analysis()`); `par` is its `seqjax.train.parallel` placement."""
 
     def __init__(self, task, config, batches: int = 8):
         tx = make_optimizer(config.opt, config.num_train_steps, task.frozen)
-        par = parallel.make(config.parallel, jax.local_devices()[:1])
+        self.par = par = parallel.make(config.parallel, jax.local_devices()[:1])
         step = functools.partial(train_step, loss_fn=task.loss, tx=tx)
         self._p_train = par.compile(step, (state_specs(), parallel.BATCH),
                                     (state_specs(), PartitionSpec()), donate=True)
@@ -125,6 +125,10 @@ class EngineTrainer:
                                            self._on_device[self._step % len(self._on_device)])
             self._step += 1
         jax.block_until_ready(self._state.params)
+
+    def params(self):
+        """The current parameters, placed as the loop's evaluation reads them."""
+        return self._state.params
 
     def compile(self):
         return self._p_train.lower(self._state, self._on_device[0]).compile()

@@ -1,7 +1,8 @@
-"""benchmarks/accelerator.py --quick as a subprocess: every row group runs on the CPU with tiny
-shapes, writes its JSON, and each row that ran has a finite throughput (the GPU-only rows say
-so); the remat memory ratios are there. The figures themselves are not checked: this is a
-smoke test of the command that a GPU lease runs once, so that it does not fail there."""
+"""The benchmarks as subprocesses at smoke size. benchmarks/accelerator.py --quick: every row
+group runs on the CPU with tiny shapes, writes its JSON, and each row that ran has a finite
+throughput (the GPU-only rows say so); the remat memory ratios are there. The figures
+themselves are not checked: this is a smoke test of the command that a GPU lease runs once, so
+that it does not fail there."""
 
 import json
 import math
@@ -46,3 +47,13 @@ def test_accelerator_benchmark_quick(tmp_path):
     for remat, ratio in memory["ratios"].items():  # the ratios are of the compiled temps
         assert temps[remat] > 0 and math.isclose(ratio, temps[remat] / temps["none"]), memory
     assert memory["met"] == (memory["ratios"]["block"] <= memory["target"])
+
+
+def test_translate_budget_benchmark_smoke():
+    """benchmarks/translate_budget.py --smoke: a row of costs for each compared model."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "translate_budget.py"),
+                           "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[-3:]]
+    assert [row[0] for row in rows] == ["transformer", "gru", "bigru"]
+    assert all(float(row[3]) > 0 and math.isfinite(float(row[4])) for row in rows)
