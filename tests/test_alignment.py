@@ -45,7 +45,9 @@ def test_batched_attention_weights_equal_one_sentence_at_a_time(model_name):
     model = task_lib.make_model(config, len(src_tok), len(tgt_tok))
     T = config.data.num_steps
     src, src_len = data_lib.build_array([src_tok.encode("a b c d"), src_tok.encode("g e")], T)
-    tgt_in = np.asarray([[2, 4, 5, 6, 7, 3, 1, 1], [2, 8, 3, 1, 1, 1, 1, 1]], np.int32)
+    tgt, tgt_len = data_lib.build_array([tgt_tok.encode("u v w x"), tgt_tok.encode("y z")], T)
+    tgt_in = data_lib.teacher_forcing(dict(src=src, src_len=src_len, tgt=tgt,
+                                           tgt_len=tgt_len))["tgt_in"]
     params = model.init(jax.random.PRNGKey(0), src, src_len, tgt_in)
     weights = cross_attention.cross_attention_weights(model, params, src, src_len, tgt_in)
     assert weights.shape == (2, T, T)
@@ -64,7 +66,7 @@ def test_batched_attention_weights_equal_one_sentence_at_a_time(model_name):
 
 @pytest.mark.parametrize("line, problem", [
     ("he is calm .\til est calme .", "not 'source<TAB>target<TAB>links'"),
-    ("he is calm .\til est calme .\t0-0 5-1", "not 'source<TAB>target<TAB>links'"),
+    ("he is calm .\til est calme .\t0-0 5-1", "link 5-1 is outside the 4 source and 4 target"),
     ("he is calm .\til est calme .\t0:0", "not 'source<TAB>target<TAB>links'"),
 ])
 def test_a_bad_alignment_file_is_an_error_naming_the_line(tmp_path, line, problem):
@@ -76,6 +78,29 @@ def test_a_bad_alignment_file_is_an_error_naming_the_line(tmp_path, line, proble
     empty.write_text("# only a comment\n", encoding="utf-8")
     with pytest.raises(ValueError, match="holds no aligned pair"):
         data_lib.load_alignments(str(empty))
+
+
+def test_which_alignments_a_run_scores(tmp_path):
+    """The shipped ones go with the shipped pairs and word tokens only; a file of one's own
+    needs word tokens (a config error otherwise); '' scores none."""
+    config = load_config("translate", "tiny")
+    config.unlock()
+    train = [("he is calm .", "il est calme .")]
+    assert len(task_lib._aligned_examples(config, train)) == 30
+    config.data.path = str(tmp_path / "pairs.tsv")
+    assert task_lib._aligned_examples(config, train) == []
+    own = tmp_path / "alignments.tsv"
+    own.write_text("he is calm .\til est calme .\t0-0 2-2\n", encoding="utf-8")
+    config.decode.alignment_file = str(own)
+    assert task_lib._aligned_examples(config, []) == [
+        ("he is calm .", "il est calme .", [(0, 0), (2, 2)])]
+    assert task_lib._aligned_examples(config, train) == []  # its source is a training one
+    config.data.tokenizer = "bpe"
+    with pytest.raises(ValueError, match="data.tokenizer.*alignment_file links words"):
+        task_lib.check_config(config)
+    config.decode.alignment_file = ""
+    task_lib.check_config(config)
+    assert task_lib._aligned_examples(config, train) == []
 
 
 def test_alignment_needs_word_tokens():

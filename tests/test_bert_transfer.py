@@ -95,7 +95,7 @@ def test_the_probe_trains_on_features_computed_once_as_it_would_on_tokens(
     config.init_from, config.init_from_step, config.model.freeze_encoder = str(pretrained), 4, True
     task = tasks.build(config)
     params = loop.fresh_params(config, task)
-    featurized = task.featurize(params)
+    featurized = task.featurize(task, params)
     assert featurized.featurize is None
     assert sorted(featurized.train_batch(3)) == ["labels", "pooled"]
     assert featurized.train_batch(3)["pooled"].shape == (8, config.model.d_model)

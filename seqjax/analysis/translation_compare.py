@@ -27,9 +27,10 @@ def curve(subdir: str) -> list[tuple[float, float]]:
             if "bleu" in r and "train_time_s" in r]
 
 
-def table(rows: list[dict], models: dict) -> list[dict]:
+def table(rows: list[dict], models: dict, workdir: str) -> list[dict]:
     """One row per point: `models` maps a model's label to its overrides, which name the
-    point's model; the best point of each model gets best='yes'."""
+    point's model; train_min is the time of its last evaluation (before the test pairs are
+    decoded); the best point of each model gets best='yes'."""
     out = []
     for row in rows:
         label = next((name for name, overrides in models.items()
@@ -37,8 +38,9 @@ def table(rows: list[dict], models: dict) -> list[dict]:
         if label is None:
             continue
         beam = next((v for k, v in row.items() if k.startswith("val_test_bleu_beam")), None)
+        line = curve(os.path.join(workdir, row["point"]))
         out.append(dict(model=label, lr=row.get("opt.lr"), steps=row.get("step"),
-                        train_min=row["train_time_s"] / 60 if "train_time_s" in row else None,
+                        train_min=line[-1][0] if line else None,
                         val_bleu=row.get("val_bleu"),
                         test_bleu_greedy=row.get("val_test_bleu_greedy"), test_bleu_beam=beam,
                         test_alignment=row.get("val_test_alignment"), status=row["status"],
@@ -54,7 +56,7 @@ def table(rows: list[dict], models: dict) -> list[dict]:
 
 def write(rows: list[dict], workdir: str, models: dict) -> list[dict]:
     """compare.md, compare.csv and compare.png of the sweep's rows."""
-    points = table(rows, models)
+    points = table(rows, models, workdir)
     files.write_csv(os.path.join(workdir, "compare.csv"), points, COLUMNS + ["point"])
     formats = {k: "{:.1f}" for k in ("train_min", "val_bleu", "test_bleu_greedy",
                                      "test_bleu_beam")}

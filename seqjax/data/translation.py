@@ -74,14 +74,16 @@ def load_alignments(path=None) -> list[tuple[str, str, list[tuple[int, int]]]]:
             source, target, links = line.split("\t")
             source, target = preprocess_nmt(source), preprocess_nmt(target)
             pairs = [tuple(int(k) for k in link.split("-")) for link in links.split()]
-            lengths = len(tokenize_words(source)), len(tokenize_words(target))
-            if not pairs or any(len(p) != 2 or not (0 <= p[0] < lengths[0] and
-                                                    0 <= p[1] < lengths[1]) for p in pairs):
+            if not pairs or any(len(p) != 2 for p in pairs):
                 raise ValueError
         except ValueError:
             raise ValueError(f"line {number} of {name} is not 'source<TAB>target<TAB>links' "
-                             f"with links 'i-j' between words of the two sentences: "
-                             f"{line[:80]!r}") from None
+                             f"with links 'i-j': {line[:80]!r}") from None
+        lengths = len(tokenize_words(source)), len(tokenize_words(target))
+        for i, j in pairs:
+            if not (0 <= i < lengths[0] and 0 <= j < lengths[1]):
+                raise ValueError(f"line {number} of {name}: link {i}-{j} is outside the "
+                                 f"{lengths[0]} source and {lengths[1]} target words")
         examples.append((source, target, pairs))
     if not examples:
         raise ValueError(f"{name} holds no aligned pair")

@@ -190,6 +190,8 @@ class BertClassifier(nn.Module):
     def __call__(self, tokens_BxL=None, segments_BxL=None, mask_BxL=None, *, pooled_BxD=None,
                  features: bool = False, deterministic: bool = True):
         kw = dict(dtype=self.encoder.dtype, param_dtype=self.encoder.param_dtype)
+        if features and pooled_BxD is not None:
+            raise ValueError("features=True returns the pooled output: give tokens, not it")
         if pooled_BxD is None:
             fixed = deterministic or self.frozen_encoder
             x = self.encoder(tokens_BxL, segments_BxL, mask_BxL, deterministic=fixed)

@@ -379,7 +379,7 @@ def build_finetune(config, workdir=None) -> Task:
                 files={TOKENIZER_FILE: tokenizer.to_str()},
                 frozen=("encoder", "pooler") if frozen else ())
     if frozen:
-        task = dataclasses.replace(task, featurize=functools.partial(_featurize, model, task))
+        task = dataclasses.replace(task, featurize=functools.partial(_featurize, model))
     return task
 
 

@@ -54,8 +54,8 @@ class Task:
     # with final (the end of training, and eval) also test metrics and files in the workdir
     decode_eval: Callable | None = None
     frozen: tuple = ()  # top-level parameter modules the optimizer leaves as they are
-    # (params) -> the same task on the frozen modules' outputs, computed once from `params`
-    # (a linear probe's pooled features): the same losses, without running them every step
+    # (task, params) -> `task` on the outputs of its frozen modules, computed once from
+    # `params` (a linear probe's pooled features): the same losses, without running them each step
     featurize: Callable | None = None
 
 

@@ -3,9 +3,10 @@
 `cross_attention_weights` reads the weights each target position puts on the source positions:
 the recurrent decoder's additive attention, or the Transformer's last decoder layer averaged
 over heads. `alignment` scores them against hand-labelled word alignments
-(`data_lib.load_alignments`, 30 shipped test pairs): the fraction of linked target words whose
-most-attended source word is the one they translate, with the reference target fed to the
-decoder (teacher forcing), so that every model is scored on the same target words.
+(`data_lib.load_alignments`, 30 shipped test pairs): the fraction of links (source word,
+target word) for which the target word's most-attended source word is the linked one, with the
+reference target fed to the decoder (teacher forcing), so that every model is scored on the
+same target words.
 
 Dimension letters: N sentences, T target length, S source length.
 """
@@ -40,7 +41,7 @@ def alignment(model: EncoderDecoder, params, src_tok, tgt_tok, examples,
               num_steps: int) -> dict:
     """`alignment` (see `alignment_accuracy`) of `examples` (source, target, links), and the
     number of links it counts, `alignment_links`: those within the first `num_steps - 1`
-    words of both sentences. Word tokenizers only (a link names words, not subwords)."""
+    words of both sentences ({} if none is). Word tokenizers only (a link names words)."""
     if src_tok.kind != "word" or tgt_tok.kind != "word":
         raise ValueError("alignments link words: they need data.tokenizer='word'")
     src, src_len = data_lib.build_array([src_tok.encode(s) for s, _, _ in examples], num_steps)
@@ -48,5 +49,7 @@ def alignment(model: EncoderDecoder, params, src_tok, tgt_tok, examples,
     rows = data_lib.teacher_forcing(dict(src=src, src_len=src_len, tgt=tgt, tgt_len=tgt_len))
     weights = cross_attention_weights(model, params, src, src_len, rows["tgt_in"])
     kept = [[(i, j) for i, j in pairs if max(i, j) < num_steps - 1] for _, _, pairs in examples]
+    if not any(kept):
+        return {}
     return dict(alignment=alignment_accuracy(weights, src_len, kept),
                 alignment_links=sum(map(len, kept)))

@@ -94,8 +94,10 @@ def check_config(config):
     config_lib.expect_positive_int(config, "decode.beam_size", "decode.num_attention_maps")
     config_lib.expect(config_lib.expect_type(config, "decode.val_sentences", int) >= 0,
                       "decode.val_sentences", s.val_sentences, "must be >= 0 (0: no BLEU)")
-    if s.get("alignment_file") is not None:
+    if s.get("alignment_file"):
         config_lib.expect_type(config, "decode.alignment_file", str)
+        config_lib.expect(d.tokenizer == "word", "data.tokenizer", d.tokenizer,
+                          "decode.alignment_file links words: it needs 'word'")
     value = config_lib.expect_type(config, "decode.length_penalty", (int, float))
     config_lib.expect(math.isfinite(value) and value >= 0, "decode.length_penalty", value,
                       "must be a finite number >= 0")
@@ -225,7 +227,8 @@ def build(config, workdir=None) -> Task:
 
     def decode_eval(params, final: bool) -> dict:
         """Greedy BLEU on validation pairs; at the end, greedy and beam BLEU on the test pairs,
-        their translations (`test_translations.tsv`) and the attention maps of a few."""
+        their translations (`test_translations.tsv`), the attention maps of a few and the
+        alignment score of the hand-aligned pairs (`cross_attention.alignment`)."""
         metrics = {}
         if val_pairs:
             greedy = translate_sentences(params, [p[0] for p in val_pairs], beam_size=1)
@@ -237,8 +240,9 @@ def build(config, workdir=None) -> Task:
             beam = translate_sentences(params, sources)
             metrics[f"test_bleu_beam{s.beam_size}"] = _bleu(test_pairs, beam)
             if aligned:
-                metrics.update({f"test_{k}": v for k, v in cross_attention.alignment(
-                    model, params, src_tok, tgt_tok, aligned, d.num_steps).items()})
+                scored = cross_attention.alignment(model, params, src_tok, tgt_tok, aligned,
+                                                   d.num_steps)
+                metrics.update({f"test_{k}": v for k, v in scored.items()})
             if workdir and jax.process_index() == 0:
                 rows = [f"source\treference\tgreedy\tbeam{s.beam_size}\n"] + [
                     f"{p[0]}\t{p[1]}\t{g}\t{b}\n" for p, g, b in zip(test_pairs, greedy, beam)]
@@ -263,11 +267,10 @@ def build(config, workdir=None) -> Task:
 
 
 def _aligned_examples(config, train_pairs) -> list:
-    """The hand-aligned pairs of `decode.alignment_file` (None: the shipped ones) whose source
-    never occurs in training; none with subword tokenizers, or with `decode.alignment_file`
-    ''."""
+    """The hand-aligned pairs of `decode.alignment_file` whose source never occurs in training;
+    None: the shipped ones, with the shipped corpus and word tokens only; '': none."""
     path = config.decode.get("alignment_file")
-    if config.data.tokenizer != "word" or path == "":
+    if path == "" or (path is None and (config.data.path or config.data.tokenizer != "word")):
         return []
     seen = {data_lib.preprocess_nmt(pair[0]) for pair in train_pairs}
     return [e for e in data_lib.load_alignments(path) if e[0] not in seen]

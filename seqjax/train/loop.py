@@ -218,7 +218,7 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps
     if restored is not None:
         (host, meta), loaded = restored, []
     if task.featurize is not None:
-        task = task.featurize(host["params"])
+        task = task.featurize(task, host["params"])
     start, total_steps = int(host["step"]), config.num_train_steps
     state = parallel.to_devices(host, par)
     record = RunRecord.from_meta(meta, ckpts.meta("best") or {})
@@ -260,8 +260,9 @@ def _run(config, workdir, task, par, tx, host, loaded, stop_after, profile_steps
     def evaluate_and_keep_best(done, state):
         """Validation metrics, and a new best saved at once; returns the arrays that save
         was given, if any, for the latest checkpoint of the same step."""
+        trained_s = record.train_time_s()  # up to this evaluation, the earlier ones included
         val = validation_metrics(state.params, final=done == total_steps)
-        writer.write(done, "val", dict(val, train_time_s=record.train_time_s()))
+        writer.write(done, "val", dict(val, train_time_s=trained_s))
         results.update(prefixed("val", val))
         progress.write(f"step {done}: " + ", ".join(f"val {k} {v:.4f}" for k, v in val.items()))
         record.last_val = val
