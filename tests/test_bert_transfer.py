@@ -160,3 +160,5 @@ def test_each_arm_takes_the_learning_rate_with_the_best_mean_over_seeds(tmp_path
     np.testing.assert_allclose([a["spread"] for a in table], [np.std([0.6, 0.7], ddof=1),
                                                              np.std([0.8, 0.9], ddof=1)])
     np.testing.assert_allclose([a["gain"] for a in table], [0.0, 0.2])
+    # a gain of 0.2: at least 0.03, and more than twice the larger spread (2 x 0.0707)
+    assert [a["pays"] for a in table] == ["", "yes"]

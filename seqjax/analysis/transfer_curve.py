@@ -7,8 +7,10 @@ A point's result is the validation accuracy at its evaluation with the lowest va
 (early stopping on the validation split, which is also what is reported: SST-2's test labels
 are not public). For each arm (pretraining step, regime, label count) the learning rate with the
 best mean over seeds is chosen; the arm's cell is that mean and the standard deviation over the
-seeds (`ddof=1`). `write(rows, workdir)` writes `transfer.md`, `transfer.csv` and
-`transfer.png` (accuracy against pretraining steps, one line per label count and regime).
+seeds (`ddof=1`); it `pays` where its gain over step 0 is at least `MIN_GAIN` and more than
+twice the larger spread of the two arms. `write(rows, workdir)` writes `transfer.md`,
+`transfer.csv` and `transfer.png` (accuracy against pretraining steps, one line per label
+count and regime).
 """
 
 import os
@@ -20,6 +22,9 @@ from seqjax.train.metrics import METRICS_FILE, read_metrics
 # Pretraining steps of the curve: about 0, 10, 30, 60 and 120 minutes of experiments/
 # bert_pretrain.py's default model on 2 CPU cores (6,000 steps took 41.8 minutes).
 PRETRAIN_STEPS = (0, 1500, 4500, 9000, 18000)
+# Where pretraining pays: a gain over step 0 of at least MIN_GAIN and more than twice the
+# larger spread over seeds of the two arms.
+MIN_GAIN = 0.03
 STEP, FROZEN, LABELS, LR = ("init_from_step", "model.freeze_encoder", "data.max_examples",
                             "opt.lr")
 
@@ -53,12 +58,14 @@ def arms(rows: list[dict], workdir: str) -> list[dict]:
 def write(rows: list[dict], workdir: str) -> list[dict]:
     """transfer.csv, transfer.md (with each arm's gain over step 0) and transfer.png."""
     table = arms(rows, workdir)
-    scratch = {(a["regime"], a["labels"]): a["accuracy"] for a in table
-               if a["pretraining_step"] == 0}
+    scratch = {(a["regime"], a["labels"]): a for a in table if a["pretraining_step"] == 0}
     for a in table:
         base = scratch.get((a["regime"], a["labels"]))
-        a["gain"] = None if base is None else a["accuracy"] - base
-    keys = ["pretraining_step", "regime", "labels", "lr", "seeds", "accuracy", "spread", "gain"]
+        a["gain"] = None if base is None else a["accuracy"] - base["accuracy"]
+        a["pays"] = "" if base is None or a is base else "yes" if (
+            a["gain"] >= MIN_GAIN and a["gain"] > 2 * max(a["spread"], base["spread"])) else "no"
+    keys = ["pretraining_step", "regime", "labels", "lr", "seeds", "accuracy", "spread", "gain",
+            "pays"]
     files.write_csv(os.path.join(workdir, "transfer.csv"), table, keys)
     files.write_from_process_0(os.path.join(workdir, "transfer.md"), plotting.markdown_table(
         table, keys, {"gain": "{:+.3f}", "accuracy": "{:.3f}", "spread": "{:.3f}", "lr": "{:g}"}))
