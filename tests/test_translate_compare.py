@@ -31,8 +31,9 @@ def test_the_equal_budget_comparison_at_tiny_size(tmp_path):
     assert all(0 <= r["test_bleu_greedy"] <= 100 and 0 <= r["test_alignment"] <= 1
                for r in table)
     for row in table:  # an evaluation every 2 steps, each with the time spent so far
-        minutes = [m for m, _ in translation_compare.curve(str(tmp_path / row["point"]))]
-        assert len(minutes) == 2 and 0 < minutes[0] < minutes[1] == row["train_min"]
+        line = translation_compare.curve(str(tmp_path / row["point"]))
+        assert [step for step, _, _ in line] == [2, 4]
+        assert 0 < line[0][1] < line[1][1] == row["train_min"]
     assert (tmp_path / "compare.md").read_text().count("| yes |") == 3
     assert (tmp_path / "compare.png").stat().st_size > 0
 

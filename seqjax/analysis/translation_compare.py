@@ -4,10 +4,15 @@ experiments/translate_compare.py's sweep (model x learning rate).
 Each model's best point is the learning rate with the highest validation BLEU (greedy, on
 `decode.val_sentences` validation pairs) at the end of its run; its test BLEU (greedy and beam)
 and the alignment score of its cross-attention (`seqjax.tasks.cross_attention`) are those of
-the same final parameters, so the test pairs choose nothing. `write(rows, workdir, models)`
-writes `compare.md` / `compare.csv` (every point, best ones marked) and `compare.png`
-(validation BLEU against training time, evaluation included, one line per point: the best
-learning rate of each model solid, the others faint).
+the same final parameters, so the test pairs choose nothing. `write(rows, workdir, models,
+budget_minutes)` writes `compare.md` / `compare.csv` (every point, best ones marked, with the
+training time each run measured) and `compare.png` (validation BLEU against training time, one
+line per point: the best learning rate of each model solid, the others faint).
+
+The plot's time is the budget's: step / num_train_steps x `budget_minutes`, each model's
+steps having been set to fill the budget from its measured cost per step (benchmarks/
+translate_budget.py). A run's own clock (`train_min`) counts whatever else the machine was
+doing, and a sweep's runs do not all meet the same load; the table shows it beside the budget.
 """
 
 import os
@@ -19,11 +24,11 @@ COLUMNS = ["model", "lr", "steps", "best", "train_min", "val_bleu", "test_bleu_g
            "test_bleu_beam", "test_alignment", "status"]
 
 
-def curve(subdir: str) -> list[tuple[float, float]]:
-    """(training minutes, validation BLEU) of each evaluation of a point's run."""
+def curve(subdir: str) -> list[tuple[int, float, float]]:
+    """(step, training minutes measured, validation BLEU) of each evaluation of a point's run."""
     if not files.exists(os.path.join(subdir, METRICS_FILE)):
         return []
-    return [(r["train_time_s"] / 60, r["bleu"]) for r in read_metrics(subdir, "val")
+    return [(r["step"], r["train_time_s"] / 60, r["bleu"]) for r in read_metrics(subdir, "val")
             if "bleu" in r and "train_time_s" in r]
 
 
@@ -40,11 +45,11 @@ def table(rows: list[dict], models: dict, workdir: str) -> list[dict]:
         beam = next((v for k, v in row.items() if k.startswith("val_test_bleu_beam")), None)
         line = curve(os.path.join(workdir, row["point"]))
         out.append(dict(model=label, lr=row.get("opt.lr"), steps=row.get("step"),
-                        train_min=line[-1][0] if line else None,
+                        train_min=line[-1][1] if line else None,
                         val_bleu=row.get("val_bleu"),
                         test_bleu_greedy=row.get("val_test_bleu_greedy"), test_bleu_beam=beam,
                         test_alignment=row.get("val_test_alignment"), status=row["status"],
-                        best="", point=row["point"]))
+                        best="", point=row["point"], budget_steps=row.get("num_train_steps")))
     out.sort(key=lambda r: (list(models).index(r["model"]), r["lr"] or 0))
     for label in models:
         done = [r for r in out if r["model"] == label and r["status"] == "ok"
@@ -54,31 +59,34 @@ def table(rows: list[dict], models: dict, workdir: str) -> list[dict]:
     return out
 
 
-def write(rows: list[dict], workdir: str, models: dict) -> list[dict]:
+def write(rows: list[dict], workdir: str, models: dict, budget_minutes: float) -> list[dict]:
     """compare.md, compare.csv and compare.png of the sweep's rows."""
     points = table(rows, models, workdir)
-    files.write_csv(os.path.join(workdir, "compare.csv"), points, COLUMNS + ["point"])
+    files.write_csv(os.path.join(workdir, "compare.csv"), points,
+                    COLUMNS + ["budget_steps", "point"])
     formats = {k: "{:.1f}" for k in ("train_min", "val_bleu", "test_bleu_greedy",
                                      "test_bleu_beam")}
     files.write_from_process_0(os.path.join(workdir, "compare.md"), plotting.markdown_table(
         points, COLUMNS, dict(formats, lr="{:g}", test_alignment="{:.3f}")))
-    _plot(points, workdir, list(models))
+    _plot(points, workdir, list(models), budget_minutes)
     return points
 
 
-def _plot(points: list[dict], workdir: str, labels: list[str]):
+def _plot(points: list[dict], workdir: str, labels: list[str], budget_minutes: float):
     plt = plotting.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colors = dict(zip(labels, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for p in points:
         line = curve(os.path.join(workdir, p["point"]))
-        if not line:
+        if not line or not p["budget_steps"]:
             continue
         best = p["best"] == "yes"
-        ax.plot(*zip(*line), color=colors[p["model"]], marker="o" if best else None,
-                alpha=1.0 if best else 0.35, linestyle="-" if best else "--",
+        ax.plot([step / p["budget_steps"] * budget_minutes for step, _, _ in line],
+                [bleu for _, _, bleu in line], color=colors[p["model"]],
+                marker="o" if best else None, alpha=1.0 if best else 0.35,
+                linestyle="-" if best else "--",
                 label=f"{p['model']}, lr {p['lr']:g}" + (" (best)" if best else ""))
-    ax.set_xlabel("training time, evaluation included (minutes)")
+    ax.set_xlabel(f"training time (minutes of the {budget_minutes:g}-minute budget)")
     ax.set_ylabel("validation BLEU (greedy)")
     ax.grid(alpha=0.3)
     if ax.lines:
