@@ -24,6 +24,17 @@ def save(fig, path: str, dpi: int = 120):
     files.write_from_process_0(path, image.getvalue())
 
 
+def save_lines(fig, ax, path: str, *, xlabel: str, ylabel: str, legend_size: int = 8):
+    """Labels, a light grid and a legend (if anything was drawn) on a line plot, then `save`."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    save(fig, path)
+
+
 def markdown_table(rows: list[dict], keys: list[str], formats: dict | None = None) -> str:
     """A Markdown table of `rows` in the columns `keys`; `formats` maps a column to a format
     string ('{:+.3f}'), else floats show 4 significant digits and None an empty cell."""

@@ -229,14 +229,9 @@ def _plot(rows: list[dict], workdir: str, metric: str):
         curve = [(r["step"], r[key]) for r in read_metrics(subdir, split) if key in r]
         if curve:
             ax.plot(*zip(*curve), label=row["point"], marker="." if len(curve) < 30 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"{split} {key}")
     ax.set_title(f"sweep {os.path.basename(files.absolute(workdir))}: {split} {key}")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    plotting.save(fig, os.path.join(workdir, "summary.png"))
+    plotting.save_lines(fig, ax, os.path.join(workdir, "summary.png"), xlabel="step",
+                        ylabel=f"{split} {key}")
 
 
 def _finished_row(point, subdir: str) -> dict | None:

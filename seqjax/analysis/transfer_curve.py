@@ -84,10 +84,6 @@ def _plot(table: list[dict], workdir: str):
                             [a["accuracy"] for a in line], [a["spread"] for a in line],
                             linestyle=style, marker="o", capsize=3,
                             label=f"{regime}, {labels:,} labels")
-    ax.set_xlabel("pretraining steps (0: untrained encoder)")
-    ax.set_ylabel("SST-2 dev accuracy")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    plotting.save(fig, os.path.join(workdir, "transfer.png"))
+    plotting.save_lines(fig, ax, os.path.join(workdir, "transfer.png"),
+                        xlabel="pretraining steps (0: untrained encoder)",
+                        ylabel="SST-2 dev accuracy")

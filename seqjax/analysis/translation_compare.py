@@ -86,10 +86,6 @@ def _plot(points: list[dict], workdir: str, labels: list[str], budget_minutes: f
                 marker="o" if best else None, alpha=1.0 if best else 0.35,
                 linestyle="-" if best else "--",
                 label=f"{p['model']}, lr {p['lr']:g}" + (" (best)" if best else ""))
-    ax.set_xlabel(f"training time (minutes of the {budget_minutes:g}-minute budget)")
-    ax.set_ylabel("validation BLEU (greedy)")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    plotting.save(fig, os.path.join(workdir, "compare.png"))
+    plotting.save_lines(fig, ax, os.path.join(workdir, "compare.png"), legend_size=7,
+                        xlabel=f"training time (minutes of the {budget_minutes:g}-minute budget)",
+                        ylabel="validation BLEU (greedy)")
