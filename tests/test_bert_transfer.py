@@ -129,8 +129,11 @@ def test_the_transfer_sweep_at_smoke_size(pretrained, tmp_path):
     rows = sweep.summarize(points, str(tmp_path))
     assert [row["status"] for row in rows] == ["ok"] * 8
     assert experiment.summarize_sweep(rows, str(tmp_path)) == "transfer.md"
-    table = (tmp_path / "transfer.md").read_text().splitlines()[2:]
-    assert [line.split(" | ")[:3] for line in table] == [
+    by_step, arms = (part.splitlines()[2:] for part in
+                     (tmp_path / "transfer.md").read_text().split("\n\n"))
+    assert [line.split(" | ")[:2] for line in by_step] == [["| fine-tune", "16"],
+                                                          ["| probe", "16"]]
+    assert [line.split(" | ")[:3] for line in arms] == [
         ["| 0", "fine-tune", "16"], ["| 0", "probe", "16"], ["| 4", "fine-tune", "16"],
         ["| 4", "probe", "16"]]
     assert (tmp_path / "transfer.png").stat().st_size > 0
@@ -162,3 +165,6 @@ def test_each_arm_takes_the_learning_rate_with_the_best_mean_over_seeds(tmp_path
     np.testing.assert_allclose([a["gain"] for a in table], [0.0, 0.2])
     # a gain of 0.2: at least 0.03, and more than twice the larger spread (2 x 0.0707)
     assert [a["pays"] for a in table] == ["", "yes"]
+    assert (tmp_path / "transfer.md").read_text().splitlines()[:3] == [
+        "| regime | labels | step 0 | step 9 |", "|---|---|---|---|",
+        "| fine-tune | 100 | 0.650 ± 0.071 | **0.850 ± 0.071** |"]

@@ -67,10 +67,27 @@ def write(rows: list[dict], workdir: str) -> list[dict]:
     keys = ["pretraining_step", "regime", "labels", "lr", "seeds", "accuracy", "spread", "gain",
             "pays"]
     files.write_csv(os.path.join(workdir, "transfer.csv"), table, keys)
-    files.write_from_process_0(os.path.join(workdir, "transfer.md"), plotting.markdown_table(
-        table, keys, {"gain": "{:+.3f}", "accuracy": "{:.3f}", "spread": "{:.3f}", "lr": "{:g}"}))
+    files.write_from_process_0(os.path.join(workdir, "transfer.md"), _by_step(table) + "\n" +
+                               plotting.markdown_table(table, keys, {
+                                   "gain": "{:+.3f}", "accuracy": "{:.3f}", "spread": "{:.3f}",
+                                   "lr": "{:g}"}))
     _plot(table, workdir)
     return table
+
+
+def _by_step(table: list[dict]) -> str:
+    """The arms as a Markdown table of regime and label count (rows) by pretraining step
+    (columns): 'mean ± spread', in bold where pretraining pays."""
+    steps = sorted({a["pretraining_step"] for a in table})
+    rows = {}
+    for a in table:
+        cell = f"{a['accuracy']:.3f} ± {a['spread']:.3f}"
+        rows.setdefault((a["regime"], a["labels"]), {})[a["pretraining_step"]] = \
+            f"**{cell}**" if a["pays"] == "yes" else cell
+    head = ["regime", "labels"] + [f"step {step:,}" for step in steps]
+    lines = [dict(zip(head, [regime, f"{labels:,}"] + [cells.get(s, "") for s in steps]))
+             for (regime, labels), cells in sorted(rows.items())]
+    return plotting.markdown_table(lines, head)
 
 
 def _plot(table: list[dict], workdir: str):
