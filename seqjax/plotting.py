@@ -24,13 +24,16 @@ def save(fig, path: str, dpi: int = 120):
     files.write_from_process_0(path, image.getvalue())
 
 
-def save_lines(fig, ax, path: str, *, xlabel: str, ylabel: str, legend_size: int = 8):
-    """Labels, a light grid and a legend (if anything was drawn) on a line plot, then `save`."""
+def save_lines(fig, ax, path: str, *, xlabel: str, ylabel: str, legend_size: int = 8,
+               legend_outside: bool = False):
+    """Labels, a light grid and a legend (if anything was drawn; `legend_outside`: right of
+    the axes, where it hides no line) on a line plot, then `save`."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend(fontsize=legend_size)
+        ax.legend(fontsize=legend_size, **dict(loc="upper left", bbox_to_anchor=(1.01, 1))
+                  if legend_outside else {})
     fig.tight_layout()
     save(fig, path)
 
