@@ -26,7 +26,9 @@ from seqjax.config import load_experiment
 PRETRAIN_STEPS = transfer_curve.PRETRAIN_STEPS
 LABELS = (100, 1000, 5000)
 SEEDS = (0, 1, 2)
-LEARNING_RATES = {"fine-tune": (1e-4, 3e-4, 1e-3), "probe": (1e-3, 3e-3, 1e-2)}
+# Wide enough that an arm's best rate is not at an end of its grid (a probe's features are
+# fixed, so it takes larger steps)
+LEARNING_RATES = {"fine-tune": (1e-4, 3e-4, 1e-3, 3e-3), "probe": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)}
 
 
 def get_config(arg=None):
