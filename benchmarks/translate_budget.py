@@ -58,12 +58,13 @@ def main(_):
             r["evaluate"](r["trainer"].params(), final=False)
             r["step_s"].append((middle - start) / steps)
             r["eval_s"].append(time.perf_counter() - middle)
-    base = next(iter(rounds.values()))
+    costs = {label: [s + e / r["eval_every"] for s, e in zip(r["step_s"], r["eval_s"])]
+             for label, r in rounds.items()}
+    base_cost = next(iter(costs.values()))
     print(f"{'model':12} {'step s':>8} {'eval s':>8} {'cost/step':>10} {'vs first':>9} "
           f"{'steps in budget':>16} {'MODELS steps':>13}")
     for label, r in rounds.items():
-        cost = [s + e / r["eval_every"] for s, e in zip(r["step_s"], r["eval_s"])]
-        base_cost = [s + e / base["eval_every"] for s, e in zip(base["step_s"], base["eval_s"])]
+        cost = costs[label]
         median = statistics.median(cost)
         print(f"{label:12} {statistics.median(r['step_s']):8.3f} "
               f"{statistics.median(r['eval_s']):8.2f} {median:10.3f} "

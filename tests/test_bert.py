@@ -14,6 +14,7 @@ from seqjax import config as config_lib
 from seqjax.data import pretraining as data_lib
 from seqjax.nn.bert import BertEncoder, BertPretraining
 from seqjax.tasks import bert as task_lib
+from seqjax.tasks import bert_finetune
 from seqjax.train import checkpoint, saved_runs
 
 import reference
@@ -249,7 +250,7 @@ def test_init_from_loads_exactly_the_pretrained_encoder(pretrained):
     config = load_config("bert_finetune", "smoke")
     config.unlock()
     config.init_from = str(pretrained)
-    task = task_lib.build_finetune(config)
+    task = bert_finetune.build_finetune(config)
     fresh = task.init_params(jax.random.PRNGKey(1))
     loaded, names = checkpoint.load_init_from(fresh, str(pretrained))
     assert names == ["encoder", "pooler"]

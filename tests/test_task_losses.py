@@ -17,7 +17,7 @@ from seqjax.nn.transformer import (
     TransformerEncoder,
     TransformerLM,
 )
-from seqjax.tasks import bert, charlm, charlm_transformer, translation
+from seqjax.tasks import bert, bert_finetune, charlm, charlm_transformer, translation
 
 V = 11
 
@@ -166,7 +166,7 @@ def test_classification_loss_weighs_rows():
     batch = dict(_bert_inputs(), labels=jnp.array([2, 0, 1]), row_weight=jnp.array([1.0, 0.0, 1.0]))
     mask_BxL = jnp.arange(6)[None] < batch["valid_len"][:, None]
     params = model.init(jax.random.PRNGKey(15), batch["tokens"], batch["segments"], mask_BxL)
-    sums, _ = bert.classification_loss(model, params, batch)
+    sums, _ = bert_finetune.classification_loss(model, params, batch)
     logits = np.asarray(model.apply(params, batch["tokens"], batch["segments"], mask_BxL))
     w = np.asarray(batch["row_weight"])
     np.testing.assert_allclose(sums["loss"], (_ce(logits, batch["labels"]) * w).sum(), rtol=1e-5)

@@ -32,10 +32,10 @@ def curve(subdir: str) -> list[tuple[int, float, float]]:
             if "bleu" in r and "train_time_s" in r]
 
 
-def table(rows: list[dict], models: dict, workdir: str) -> list[dict]:
+def table(rows: list[dict], models: dict, curves: dict) -> list[dict]:
     """One row per point: `models` maps a model's label to its overrides, which name the
-    point's model; train_min is the time of its last evaluation (before the test pairs are
-    decoded); the best point of each model gets best='yes'."""
+    point's model; `curves` maps a point to its `curve`, whose last evaluation (before the test
+    pairs are decoded) gives train_min; the best point of each model gets best='yes'."""
     out = []
     for row in rows:
         label = next((name for name, overrides in models.items()
@@ -43,7 +43,7 @@ def table(rows: list[dict], models: dict, workdir: str) -> list[dict]:
         if label is None:
             continue
         beam = next((v for k, v in row.items() if k.startswith("val_test_bleu_beam")), None)
-        line = curve(os.path.join(workdir, row["point"]))
+        line = curves.get(row["point"])
         out.append(dict(model=label, lr=row.get("opt.lr"), steps=row.get("step"),
                         train_min=line[-1][1] if line else None,
                         val_bleu=row.get("val_bleu"),
@@ -61,23 +61,25 @@ def table(rows: list[dict], models: dict, workdir: str) -> list[dict]:
 
 def write(rows: list[dict], workdir: str, models: dict, budget_minutes: float) -> list[dict]:
     """compare.md, compare.csv and compare.png of the sweep's rows."""
-    points = table(rows, models, workdir)
+    curves = {row["point"]: curve(os.path.join(workdir, row["point"])) for row in rows}
+    points = table(rows, models, curves)
     files.write_csv(os.path.join(workdir, "compare.csv"), points,
                     COLUMNS + ["budget_steps", "point"])
     formats = {k: "{:.1f}" for k in ("train_min", "val_bleu", "test_bleu_greedy",
                                      "test_bleu_beam")}
     files.write_from_process_0(os.path.join(workdir, "compare.md"), plotting.markdown_table(
         points, COLUMNS, dict(formats, lr="{:g}", test_alignment="{:.3f}")))
-    _plot(points, workdir, list(models), budget_minutes)
+    _plot(points, curves, workdir, list(models), budget_minutes)
     return points
 
 
-def _plot(points: list[dict], workdir: str, labels: list[str], budget_minutes: float):
+def _plot(points: list[dict], curves: dict, workdir: str, labels: list[str],
+          budget_minutes: float):
     plt = plotting.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colors = dict(zip(labels, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for p in points:
-        line = curve(os.path.join(workdir, p["point"]))
+        line = curves[p["point"]]
         if not line or not p["budget_steps"]:
             continue
         best = p["best"] == "yes"

@@ -8,10 +8,10 @@ from seqjax.tasks.common import Task
 
 
 def build(config, workdir: str | None = None) -> Task:
-    from seqjax.tasks import bert, charlm, charlm_transformer, translation
+    from seqjax.tasks import bert, bert_finetune, charlm, charlm_transformer, translation
     builders = {"charlm": charlm.build, "charlm_transformer": charlm_transformer.build,
                 "translate": translation.build, "bert_pretrain": bert.build_pretrain,
-                "bert_finetune": bert.build_finetune}
+                "bert_finetune": bert_finetune.build_finetune}
     if config.task not in builders:
         raise ValueError(f"config.task={config.task!r}: expected one of {sorted(builders)}")
     return builders[config.task](config, workdir)

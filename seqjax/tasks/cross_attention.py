@@ -44,12 +44,12 @@ def alignment(model: EncoderDecoder, params, src_tok, tgt_tok, examples,
     words of both sentences ({} if none is). Word tokenizers only (a link names words)."""
     if src_tok.kind != "word" or tgt_tok.kind != "word":
         raise ValueError("alignments link words: they need data.tokenizer='word'")
+    kept = [[(i, j) for i, j in pairs if max(i, j) < num_steps - 1] for _, _, pairs in examples]
+    if not any(kept):
+        return {}
     src, src_len = data_lib.build_array([src_tok.encode(s) for s, _, _ in examples], num_steps)
     tgt, tgt_len = data_lib.build_array([tgt_tok.encode(t) for _, t, _ in examples], num_steps)
     rows = data_lib.teacher_forcing(dict(src=src, src_len=src_len, tgt=tgt, tgt_len=tgt_len))
     weights = cross_attention_weights(model, params, src, src_len, rows["tgt_in"])
-    kept = [[(i, j) for i, j in pairs if max(i, j) < num_steps - 1] for _, _, pairs in examples]
-    if not any(kept):
-        return {}
     return dict(alignment=alignment_accuracy(weights, src_len, kept),
                 alignment_links=sum(map(len, kept)))
