@@ -1,6 +1,7 @@
 """experiments/translate_compare.py at tiny size: the three models train as sweep points, and the
 summary picks each model's best learning rate by validation BLEU and plots BLEU against time."""
 
+from seqjax import config as config_lib
 from seqjax import sweep
 from seqjax.analysis import translation_compare
 from seqjax.config import load_experiment
@@ -48,3 +49,17 @@ def test_the_best_point_is_the_highest_final_validation_bleu():
                                                         "opt.lr": 8e-3}))
     table = translation_compare.table(rows, {"transformer": {"model.name": "transformer"}}, {})
     assert [r["best"] for r in table] == ["", "yes", "", ""]
+
+
+def test_the_default_recurrent_run_is_the_sweeps_best_gru_point():
+    """The README quotes that point's results for translate.py:model=seq2seq_attention."""
+    translate = load_experiment(str(ROOT / "experiments" / "translate.py"))
+    compare = load_experiment(str(ROOT / "experiments" / "translate_compare.py"))
+    default = translate.get_config("model=seq2seq_attention")
+    gru, _, rates = compare.MODELS["gru"]
+    assert default.opt.lr in rates
+    point = {**gru, "num_train_steps": default.num_train_steps, "opt.lr": default.opt.lr}
+    assert point in compare.get_sweep()
+    swept = sweep.apply(compare.get_config(), point)
+    assert [d.split(":")[0] for d in config_lib.differences(
+        config_lib.flatten(swept), config_lib.flatten(default))] == ["keep_checkpoints"]
