@@ -13,7 +13,9 @@ three share the data, batch, dropout, warmup and schedule (translate.py's, dropo
 warmup steps for all) and evaluate every 100 steps (greedy BLEU on 500 validation pairs, with
 the training time so far in metrics.jsonl). The summary (`seqjax.analysis.translation_compare`)
 picks each model's learning rate by its final validation BLEU and reports its test BLEU and
-how well its cross-attention aligns (`test_alignment`, 30 hand-aligned test pairs).
+how well its cross-attention aligns (`test_alignment`, 30 hand-aligned test pairs). The last
+point (`LONGER`) trains the aligning recurrent model (the bidirectional GRU at its best rate) for
+3 times its budget: does more time close the gap?
 Arguments after the colon: `tiny` (seconds, for tests).
 """
 
@@ -32,6 +34,9 @@ MODELS = {
     "gru": (dict(GRU, **{"model.bidirectional": False}), 850, (2e-3, 5e-3, 1e-2)),
     "bigru": (dict(GRU, **{"model.bidirectional": True}), 700, (2e-3, 5e-3, 1e-2)),
 }
+# (model, times its budget, learning rate), run last: the bidirectional GRU at its best rate in
+# the budget (chosen from the first nine points), the one recurrent model whose attention aligns.
+LONGER = ("bigru", 3, 5e-3)
 
 
 def get_config(arg=None):
@@ -49,14 +54,20 @@ def get_config(arg=None):
     return config
 
 
-def points(models=None, steps=None) -> list:
+def points(models=None, steps=None, longer=LONGER) -> list:
     """Every model x its learning rates, the middle rate of every model first (so that a sweep
-    cut short still compares the three); `steps` (for tests) replaces each model's budget."""
+    cut short still compares the three), then `longer`; `steps` (for tests) replaces each
+    model's budget."""
     models = models or MODELS
     ranks = sorted(range(max(len(rates) for _, _, rates in models.values())),
                    key=lambda i: (i != 1, i))
-    return [{**what, "num_train_steps": steps or budget, "opt.lr": rates[i]}
-            for i in ranks for what, budget, rates in models.values() if i < len(rates)]
+    out = [{**what, "num_train_steps": steps or budget, "opt.lr": rates[i]}
+           for i in ranks for what, budget, rates in models.values() if i < len(rates)]
+    if longer:
+        label, times, lr = longer
+        what, budget, _ = models[label]
+        out.append({**what, "num_train_steps": (steps or budget) * times, "opt.lr": lr})
+    return out
 
 
 def get_sweep():

@@ -9,6 +9,10 @@ budget_minutes)` writes `compare.md` / `compare.csv` (every point, best ones mar
 training time each run measured) and `compare.png` (validation BLEU against training time, one
 line per point: the best learning rate of each model solid, the others faint).
 
+A model's budget is the fewest steps among its points; a point of the same model with more
+steps (`budget` = its steps / the budget, e.g. 3) shows what more time buys: it is plotted
+beyond the budget and never chosen as the model's best.
+
 The plot's time is the budget's: step / num_train_steps x `budget_minutes`, each model's
 steps having been set to fill the budget from its measured cost per step (benchmarks/
 translate_budget.py). A run's own clock (`train_min`) counts whatever else the machine was
@@ -20,7 +24,7 @@ import os
 from seqjax import files, plotting
 from seqjax.train.metrics import METRICS_FILE, read_metrics
 
-COLUMNS = ["model", "lr", "steps", "best", "train_min", "val_bleu", "test_bleu_greedy",
+COLUMNS = ["model", "lr", "budget", "steps", "best", "train_min", "val_bleu", "test_bleu_greedy",
            "test_bleu_beam", "test_alignment", "status"]
 
 
@@ -35,7 +39,8 @@ def curve(subdir: str) -> list[tuple[int, float, float]]:
 def table(rows: list[dict], models: dict, curves: dict) -> list[dict]:
     """One row per point: `models` maps a model's label to its overrides, which name the
     point's model; `curves` maps a point to its `curve`, whose last evaluation (before the test
-    pairs are decoded) gives train_min; the best point of each model gets best='yes'."""
+    pairs are decoded) gives train_min; the best point of each model within its budget gets
+    best='yes'."""
     out = []
     for row in rows:
         label = next((name for name, overrides in models.items()
@@ -49,11 +54,16 @@ def table(rows: list[dict], models: dict, curves: dict) -> list[dict]:
                         val_bleu=row.get("val_bleu"),
                         test_bleu_greedy=row.get("val_test_bleu_greedy"), test_bleu_beam=beam,
                         test_alignment=row.get("val_test_alignment"), status=row["status"],
-                        best="", point=row["point"], budget_steps=row.get("num_train_steps")))
-    out.sort(key=lambda r: (list(models).index(r["model"]), r["lr"] or 0))
+                        best="", budget=None, point=row["point"],
+                        budget_steps=row.get("num_train_steps")))
+    for label in models:
+        mine = [r for r in out if r["model"] == label and r["budget_steps"]]
+        for r in mine:
+            r["budget"] = r["budget_steps"] / min(m["budget_steps"] for m in mine)
+    out.sort(key=lambda r: (list(models).index(r["model"]), r["budget"] or 1, r["lr"] or 0))
     for label in models:
         done = [r for r in out if r["model"] == label and r["status"] == "ok"
-                and r["val_bleu"] is not None]
+                and r["val_bleu"] is not None and (r["budget"] or 1) == 1]
         if done:
             max(done, key=lambda r: r["val_bleu"])["best"] = "yes"
     return out
@@ -68,7 +78,7 @@ def write(rows: list[dict], workdir: str, models: dict, budget_minutes: float) -
     formats = {k: "{:.1f}" for k in ("train_min", "val_bleu", "test_bleu_greedy",
                                      "test_bleu_beam")}
     files.write_from_process_0(os.path.join(workdir, "compare.md"), plotting.markdown_table(
-        points, COLUMNS, dict(formats, lr="{:g}", test_alignment="{:.3f}")))
+        points, COLUMNS, dict(formats, lr="{:g}", budget="{:g}x", test_alignment="{:.3f}")))
     _plot(points, curves, workdir, list(models), budget_minutes)
     return points
 
@@ -83,11 +93,16 @@ def _plot(points: list[dict], curves: dict, workdir: str, labels: list[str],
         if not line or not p["budget_steps"]:
             continue
         best = p["best"] == "yes"
-        ax.plot([step / p["budget_steps"] * budget_minutes for step, _, _ in line],
-                [bleu for _, _, bleu in line], color=colors[p["model"]],
-                marker="o" if best else None, alpha=1.0 if best else 0.35,
-                linestyle="-" if best else "--",
-                label=f"{p['model']}, lr {p['lr']:g}" + (" (best)" if best else ""))
+        longer = p["budget"] > 1
+        per_step = budget_minutes * p["budget"] / p["budget_steps"]
+        ax.plot([step * per_step for step, _, _ in line], [bleu for _, _, bleu in line],
+                color=colors[p["model"]], marker="o" if best else None,
+                alpha=1.0 if best or longer else 0.35,
+                linestyle=":" if longer else "-" if best else "--",
+                label=f"{p['model']}, lr {p['lr']:g}" + (" (best)" if best else "")
+                + (f", {p['budget']:g}x the time" if longer else ""))
+    if any((p["budget"] or 1) > 1 for p in points):
+        ax.axvline(budget_minutes, color="0.6", linewidth=0.8)
     plotting.save_lines(fig, ax, os.path.join(workdir, "compare.png"), legend_size=7,
-                        xlabel=f"training time (minutes of the {budget_minutes:g}-minute budget)",
+                        xlabel=f"training time, minutes (the budget: {budget_minutes:g})",
                         ylabel="validation BLEU (greedy)")
