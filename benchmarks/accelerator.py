@@ -5,6 +5,7 @@ utilisation of seqjax's models, in a few minutes, with a JSON of every figure.
     python benchmarks/accelerator.py --quick --out /tmp/a.json # tiny shapes: a CPU smoke test
     python benchmarks/accelerator.py --rows=attention,linear   # rerun some groups
     python benchmarks/accelerator.py --rows=memory             # the remat memory target only
+    python benchmarks/accelerator.py --rows=bert --profile="L=512 B=64 remat=block"
 
 Accelerator time is scarce, so everything runs in one process. A group's rows are compiled ahead
 of time, --compile_threads at once (a BERT-base training step takes about 40 s in XLA's compiler
@@ -15,6 +16,12 @@ another with nothing else running: 2 warm-up steps and a few timed ones. A row t
 of memory, a cuDNN configuration this JAX does not take) becomes one line of the table and the
 others go on. Progress lines are flushed as they happen and the JSON is rewritten after every
 row, so a run killed at its time limit leaves what it measured.
+
+Profiles: the rows named by --profile (by default BERT-base at L = 128 without remat, the
+MFU target's rows) are traced for 2 more steps after they are timed, and their ops are summed
+by JAX op name with repeated layers merged (`seqjax.profiling.op_totals`): the step's time in
+ops, its share in matrix products and the slowest ops go into the JSON and are printed after
+the table, so that one run says where a step's time goes as well as how much there is.
 
 Row groups (--rows, run in the order given):
 - bert: a BERT-base MLM pretraining step (`seqjax.nn.bert.BertPretraining` built by
@@ -112,6 +119,7 @@ from row_runner import (
     device_limit_bytes,
     fmt_bytes,
     one_line,
+    print_profiles,
     print_table,
 )
 
@@ -132,6 +140,9 @@ flags.DEFINE_integer("compile_threads", 0, "Rows of a group compiled at once bef
                      "an accelerator's host.")
 flags.DEFINE_integer("peak_size", 0, "P of the bfloat16 P x P matmul that measures the peak; "
                      "0: 8192 on an accelerator, 1024 on a CPU, 256 with --quick.")
+flags.DEFINE_list("profile", None, "Rows to trace after timing them, by parts of their names: "
+                  "where the step spends its time, by JAX op. Default: the BERT-base rows at "
+                  "L=128 without remat (with --quick, the BERT-tiny row).")
 FLAGS = flags.FLAGS
 
 # --quick compiles with less LLVM optimisation, which halves XLA:CPU's compile time, most of a
@@ -550,7 +561,9 @@ def main(argv):
                               peak_matmul_size=P, peak_measured_flops=measured,
                               peak_datasheet_flops=datasheet),
               FLAGS.compile_threads or (1 if jax.default_backend() == "cpu" else 8),
-              FLAGS.warmup, FLAGS.steps, FLAGS.row_seconds)
+              FLAGS.warmup, FLAGS.steps, FLAGS.row_seconds,
+              profile=FLAGS.profile if FLAGS.profile is not None else
+              ["BERT-tiny MLM"] if FLAGS.quick else ["BERT-base MLM L=128 B=256 remat=none"])
     for group in dict.fromkeys(FLAGS.rows):  # in the order given, each once
         print(f"[{group}] starting", flush=True)
         group_start = time.perf_counter()
@@ -564,6 +577,7 @@ def main(argv):
         run.group_done(group, time.perf_counter() - group_start, **extra)
 
     print_table(run)
+    print_profiles(run)
     memory = run.groups.get("memory", {})
     if memory.get("ratios"):
         temps = memory["temp_bytes"]

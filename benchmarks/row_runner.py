@@ -2,7 +2,8 @@
 `Step`), timing it (`time_step`), its compiled and device memory, and the `Run` that queues a
 group's rows, builds them side by side, times them one after another, writes the JSON after
 each and prints the table. A row's failure (out of memory, an unsupported configuration) is its
-status and note, and the other rows go on."""
+status and note, and the other rows go on. Rows named in `profile` are traced after they are
+timed (`seqjax.profiling.op_profile`): where their step spends its time, by JAX op."""
 
 import concurrent.futures
 import gc
@@ -13,6 +14,8 @@ import traceback
 
 import jax
 import numpy as np
+
+from seqjax.profiling import op_profile, op_totals
 
 from common import timed
 
@@ -102,9 +105,10 @@ class Run:
     after another, in order, with nothing else running."""
 
     def __init__(self, out: str, info: dict, compile_threads: int, warmup: int, steps: int,
-                 row_seconds: float):
+                 row_seconds: float, profile=(), profile_top: int = 12):
         self.out, self.info, self.rows, self.groups = out, info, [], {}
         self.timing = (warmup, steps, row_seconds)
+        self.profile, self.profile_top = tuple(profile), profile_top
         self.peak = info["peak_measured_flops"]
         self.datasheet = info["peak_datasheet_flops"]
         self.compile_threads, self.queue = compile_threads, []
@@ -176,6 +180,8 @@ class Run:
                               f"{fmt_bytes(record['compiled_bytes'])} > {fmt_bytes(limit)}")
             else:
                 self._time(record, step)
+                if any(part in record["name"] for part in self.profile):
+                    self._profile(record, step)
         except Exception as error:  # one row's failure is a line of the table, not the end
             record.update(status="OOM" if is_oom(error) else "failed", note=one_line(error))
             if not is_oom(error):
@@ -198,6 +204,23 @@ class Run:
         loss = step.last[0] if isinstance(step.last, tuple) else step.last
         if loss is not None and np.ndim(loss) == 0 and not np.isfinite(float(loss)):
             record["note"] = f"non-finite loss {float(loss)}"
+
+    def _profile(self, record: dict, step: Step):
+        """The row's ops by time per step, from a trace of 2 more steps: `profile_ms` in all
+        (summed over the streams or threads they ran on), `profile_matmul_ms` of it in matrix
+        products, and the `profile_top` labels (`seqjax.profiling.op_label`)."""
+        try:
+            totals = op_totals(op_profile(step.compiled, runs=2, call=step))
+        except Exception as error:  # a profile is extra: its failure is a note, not the row's
+            record["profile_note"] = one_line(error)
+            return
+        if not totals:
+            record["profile_note"] = "the trace has no events of this program's ops"
+            return
+        record.update(profile_ms=sum(ms for _, ms, _ in totals),
+                      profile_matmul_ms=sum(ms for _, ms, matmul in totals if matmul),
+                      profile_top=[dict(op=label, ms=ms, matmul=matmul)
+                                   for label, ms, matmul in totals[:self.profile_top]])
 
     def group_done(self, group: str, seconds: float, **extra):
         self.groups[group] = dict(self.groups.get(group, {}), elapsed_s=seconds, **extra)
@@ -243,3 +266,17 @@ def print_table(run: Run):
                   fmt_bytes(r.get("device_peak_bytes")),
                   f"{r['compile_s']:.1f}" if "compile_s" in r else "-", r["note"] or ""]
         print("| " + " | ".join(cells) + " |")
+
+
+def print_profiles(run: Run):
+    for r in run.rows:
+        if "profile_note" in r:
+            print(f"\nprofile of {r['name']}: none ({r['profile_note']})")
+        if "profile_top" not in r:
+            continue
+        print(f"\nprofile of {r['name']}: {r['profile_ms']:,.2f} ms of ops per step (the step: "
+              f"{1e3 * r['step_s']:,.2f} ms), {pct(r['profile_matmul_ms'] / r['profile_ms'])} "
+              f"in matrix products; the slowest:")
+        for op in r["profile_top"]:
+            print(f"  {op['ms']:9.3f} ms {pct(op['ms'] / r['profile_ms']):>6} "
+                  f"{'matmul' if op['matmul'] else '      '} {op['op']}")

@@ -144,13 +144,15 @@ def _hlo_ops(hlo_text: str) -> dict:
             if kind not in ("while", "conditional", "call")}  # their time is their bodies'
 
 
-def op_profile(compiled, args, runs: int = 3) -> dict:
+def op_profile(compiled, args=(), runs: int = 3, call=None) -> dict:
     """{HLO op name: (milliseconds per run, calls per run, is a matmul, JAX op_name)} of
     `compiled(*args)` (a `jax.stages.Compiled`; its arguments must not be donated), from a
-    `jax.profiler` trace of `runs` runs after a warm-up. Ops that run in a loop appear once,
-    with their calls and total time. Times are summed over the threads ops run on, so with
-    ops running side by side the total can exceed the wall time."""
-    step = lambda: jax.block_until_ready(compiled(*args))
+    `jax.profiler` trace of `runs` runs after a warm-up. A step that donates its arguments
+    passes `call` instead of `args`: a function of no arguments that runs `compiled` once and
+    threads its state. Ops that run in a loop appear once, with their calls and total time.
+    Times are summed over the threads ops run on, so with ops running side by side the total
+    can exceed the wall time."""
+    step = lambda: jax.block_until_ready(call() if call else compiled(*args))
     step()
     hlo_text = compiled.as_text()
     module = re.match(r"HloModule ([\w.\-]+)", hlo_text).group(1)
@@ -179,3 +181,28 @@ def op_parts(ops: dict) -> dict:
         total, count = parts[is_matmul, calls > 1]
         parts[is_matmul, calls > 1] = (total + ms, count + 1)
     return parts
+
+
+def op_label(op_name: str, hlo_name: str = "") -> str:
+    """A JAX op_name as one line of a profile: its jit and jvp wrappers dropped, the numbers of
+    repeated modules merged (`blocks_3/Dropout_0` -> `blocks_*/Dropout_*`), and 'backward: '
+    before the ops of the gradient (under `transpose(...)`). An op without an op_name (XLA's
+    own, such as a fused optimiser update) is named by its HLO instruction `hlo_name`."""
+    parts = op_name.split("/")
+    kept = [p for p in parts if p and not re.match(r"(jit|jvp|transpose)\(", p)]
+    if not kept:
+        hlo_kind = re.sub(r"[.]\d+$", "", hlo_name) or "unnamed"
+        return f"({hlo_kind}, no op_name)"
+    backward = any(p.startswith("transpose(") for p in parts)
+    return ("backward: " if backward else "") + re.sub(r"_\d+(?=/|$)", "_*", "/".join(kept))
+
+
+def op_totals(ops: dict) -> list[tuple[str, float, bool]]:
+    """(op_label, ms per run, is a matmul) of an `op_profile` result, the ops of one label
+    summed (a layer's repeats, a matmul's fusions), slowest first."""
+    totals, matmul = collections.Counter(), {}
+    for name, (ms, _, is_matmul, op_name) in ops.items():
+        label = op_label(op_name, name)
+        totals[label] += ms
+        matmul[label] = matmul.get(label, False) or is_matmul
+    return [(label, ms, matmul[label]) for label, ms in totals.most_common()]

@@ -1,8 +1,8 @@
 """The benchmarks as subprocesses at smoke size. benchmarks/accelerator.py --quick: every row
 group runs on the CPU with tiny shapes, writes its JSON, and each row that ran has a finite
-throughput (the GPU-only rows say so); the remat memory ratios are there. The figures
-themselves are not checked: this is a smoke test of the command that a GPU lease runs once, so
-that it does not fail there."""
+throughput (the GPU-only rows say so); the BERT row is profiled by op; the remat memory ratios
+are there. The figures themselves are not checked: this is a smoke test of the command that a
+GPU lease runs once, so that it does not fail there."""
 
 import json
 import math
@@ -39,6 +39,12 @@ def test_accelerator_benchmark_quick(tmp_path):
             assert row["compiled_bytes"] > 0 and row["note"] == "", row  # a finite loss
     for group in GROUPS - {"memory"}:
         assert any(r["group"] == group and r["status"] == "ok" for r in rows), group
+    (profiled,) = [r for r in rows if "profile_ms" in r]  # --quick's default: the BERT-tiny row
+    assert profiled["group"] == "bert" and 0 < profiled["profile_matmul_ms"] < profiled[
+        "profile_ms"], profiled
+    top = [op["ms"] for op in profiled["profile_top"]]
+    assert top == sorted(top, reverse=True) and 0 < sum(top) <= profiled["profile_ms"] * 1.0001
+    assert "\nprofile of BERT-tiny" in proc.stdout
 
     memory = result["groups"]["memory"]
     assert set(memory["temp_bytes"]) == {"none", "block", "full"}

@@ -195,3 +195,46 @@ def test_launch_refuses_a_bad_profile_steps_in_one_line(tmp_path):
     assert run.returncode == 1 and len(lines) == 1, run.stderr
     assert lines[0].startswith("error: --profile_steps='20,10': expected two step numbers")
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("op_name, hlo_name, label", [
+    ("jit(step)/jvp(Model)/encoder/blocks_10/ffn/dense1/dot_general", "dot.3",
+     "encoder/blocks_*/ffn/dense1/dot_general"),
+    ("jit(step)/transpose(jvp(Model))/encoder/blocks_1/Dropout_0/div", "divide.7",
+     "backward: encoder/blocks_*/Dropout_*/div"),
+    ("", "add_convert_fusion.12", "(add_convert_fusion, no op_name)"),
+])
+def test_an_op_label_merges_repeated_modules_and_marks_the_backward_pass(op_name, hlo_name,
+                                                                         label):
+    assert profiling.op_label(op_name, hlo_name) == label
+
+
+def test_op_profile_threads_a_donating_steps_state_and_totals_its_layers():
+    def step(state, x):
+        h, outputs = x, []
+        for i in range(2):
+            with jax.named_scope(f"layer_{i}"):
+                h = jnp.tanh(h @ state["w"])
+                outputs.append(h)  # each layer an output: not fused into one op
+        return {"w": state["w"], "n": state["n"] + 1}, outputs
+
+    x = jnp.ones((ROWS, WIDTH))
+    box = [{"w": jnp.eye(WIDTH) * 0.5, "n": jnp.zeros((), jnp.int32)}]
+    compiled = jax.jit(step, donate_argnums=0).lower(box[0], x).compile()
+
+    def call():
+        box[0], out = compiled(box[0], x)
+        return out
+
+    ops = profiling.op_profile(compiled, runs=2, call=call)
+    assert int(box[0]["n"]) == 3  # a warm-up and two traced runs, each on the last one's state
+    totals = profiling.op_totals(ops)
+    assert sum(ms for _, ms, _ in totals) == pytest.approx(sum(v[0] for v in ops.values()))
+    assert [ms for _, ms, _ in totals] == sorted((ms for _, ms, _ in totals), reverse=True)
+    layers = {label: (ms, matmul) for label, ms, matmul in totals if "layer_" in label}
+    assert layers and all(label.startswith("layer_*/") for label in layers)
+    assert sum(ms for ms, _ in layers.values()) == pytest.approx(
+        sum(ms for ms, _, _, op_name in ops.values() if "/layer_" in op_name))
+    matmuls = [ms for ms, _, is_matmul, op_name in ops.values() if is_matmul]
+    assert len(matmuls) == 2 and sum(ms for ms, matmul in layers.values() if matmul) == (
+        pytest.approx(sum(matmuls)))
