@@ -14,8 +14,8 @@ warmup steps for all) and evaluate every 100 steps (greedy BLEU on 500 validatio
 the training time so far in metrics.jsonl). The summary (`seqjax.analysis.translation_compare`)
 picks each model's learning rate by its final validation BLEU and reports its test BLEU and
 how well its cross-attention aligns (`test_alignment`, 30 hand-aligned test pairs). The last
-point (`LONGER`) trains the aligning recurrent model (the bidirectional GRU at its best rate) for
-3 times its budget: does more time close the gap?
+points (`LONGER`) train the aligning recurrent model (the bidirectional GRU) and the Transformer,
+each at its best rate, for 3 times the budget: does more time close the gap?
 Arguments after the colon: `tiny` (seconds, for tests).
 """
 
@@ -34,9 +34,10 @@ MODELS = {
     "gru": (dict(GRU, **{"model.bidirectional": False}), 850, (2e-3, 5e-3, 1e-2)),
     "bigru": (dict(GRU, **{"model.bidirectional": True}), 700, (2e-3, 5e-3, 1e-2)),
 }
-# (model, times its budget, learning rate), run last: the bidirectional GRU at its best rate in
-# the budget (chosen from the first nine points), the one recurrent model whose attention aligns.
-LONGER = ("bigru", 3, 5e-3)
+# (model, times its budget, learning rate), run last: the bidirectional GRU, the one recurrent
+# model whose attention aligns, and the Transformer, each at its best rate in the budget (chosen
+# from the first nine points).
+LONGER = (("bigru", 3, 5e-3), ("transformer", 3, 4e-3))
 
 
 def get_config(arg=None):
@@ -63,8 +64,7 @@ def points(models=None, steps=None, longer=LONGER) -> list:
                    key=lambda i: (i != 1, i))
     out = [{**what, "num_train_steps": steps or budget, "opt.lr": rates[i]}
            for i in ranks for what, budget, rates in models.values() if i < len(rates)]
-    if longer:
-        label, times, lr = longer
+    for label, times, lr in longer:
         what, budget, _ = models[label]
         out.append({**what, "num_train_steps": (steps or budget) * times, "opt.lr": lr})
     return out

@@ -15,15 +15,16 @@ def test_the_equal_budget_comparison_at_tiny_size(tmp_path):
     config = experiment.get_config("tiny")
     models = {label: (what, budget, rates[:1]) for label, (what, budget, rates)
               in experiment.MODELS.items()}
-    points = experiment.points(models, steps=4)
+    points = experiment.points(models, steps=4, longer=experiment.LONGER[:1])
     full = experiment.get_sweep()
     assert [p["opt.lr"] for p in full[:3]] == [rates[1] for _, _, rates in
                                                experiment.MODELS.values()]
-    label, times, lr = experiment.LONGER
-    what, budget, _ = experiment.MODELS[label]
-    assert full[-1] == {**what, "num_train_steps": budget * times, "opt.lr": lr}
+    longer = len(experiment.LONGER)
+    assert full[-longer:] == [{**experiment.MODELS[label][0], "opt.lr": lr, "num_train_steps":
+                               experiment.MODELS[label][1] * times}
+                              for label, times, lr in experiment.LONGER]
     assert sorted((p["model.name"], p.get("model.bidirectional"), p["opt.lr"])
-                  for p in full[:-1]) == \
+                  for p in full[:-longer]) == \
         sorted((what["model.name"], what.get("model.bidirectional"), lr)
                for what, _, rates in experiment.MODELS.values() for lr in rates)
     assert not sweep.run(config, points, str(tmp_path))
@@ -34,6 +35,7 @@ def test_the_equal_budget_comparison_at_tiny_size(tmp_path):
               for row in rows}
     table = translation_compare.table(rows, {k: v[0] for k, v in experiment.MODELS.items()},
                                       curves)
+    label, times, _ = experiment.LONGER[0]
     assert sorted((r["model"], r["budget"], r["best"], r["steps"]) for r in table) == sorted(
         [(label, 1, "yes", 4) for label in experiment.MODELS] + [(label, times, "", 4 * times)])
     assert all(0 <= r["test_bleu_greedy"] <= 100 and 0 <= r["test_alignment"] <= 1
