@@ -17,11 +17,12 @@ of memory, a cuDNN configuration this JAX does not take) becomes one line of the
 others go on. Progress lines are flushed as they happen and the JSON is rewritten after every
 row, so a run killed at its time limit leaves what it measured.
 
-Profiles: the rows named by --profile (by default BERT-base at L = 128 without remat, the
-MFU target's rows) are traced for 2 more steps after they are timed, and their ops are summed
-by JAX op name with repeated layers merged (`seqjax.profiling.op_totals`): the step's time in
-ops, its share in matrix products and the slowest ops go into the JSON and are printed after
-the table, so that one run says where a step's time goes as well as how much there is.
+Profiles: the BERT rows at the first sequence length without remat (BERT-base at L = 128, the
+MFU target's rows), and any others named by --profile, are traced for 2 more steps after they
+are timed, and their ops are summed by JAX op name with repeated layers merged
+(`seqjax.profiling.op_totals`): the step's time in ops, its share in matrix products and the
+slowest ops go into the JSON and are printed after the table, so that one run says where a
+step's time goes as well as how much there is.
 
 Row groups (--rows, run in the order given):
 - bert: a BERT-base MLM pretraining step (`seqjax.nn.bert.BertPretraining` built by
@@ -140,9 +141,9 @@ flags.DEFINE_integer("compile_threads", 0, "Rows of a group compiled at once bef
                      "an accelerator's host.")
 flags.DEFINE_integer("peak_size", 0, "P of the bfloat16 P x P matmul that measures the peak; "
                      "0: 8192 on an accelerator, 1024 on a CPU, 256 with --quick.")
-flags.DEFINE_list("profile", None, "Rows to trace after timing them, by parts of their names: "
-                  "where the step spends its time, by JAX op. Default: the BERT-base rows at "
-                  "L=128 without remat (with --quick, the BERT-tiny row).")
+flags.DEFINE_list("profile", [], "More rows to trace after timing them, by parts of their "
+                  "names: where the step spends its time, by JAX op. The BERT rows at the first "
+                  "sequence length without remat (the MFU target's) always are.")
 FLAGS = flags.FLAGS
 
 # --quick compiles with less LLVM optimisation, which halves XLA:CPU's compile time, most of a
@@ -305,7 +306,8 @@ def run_bert(run: Run, quick: bool):
                                      remat=remat, attention_impl=impl, attention_dropout=0.0,
                                      **shape)
                 run.measure("bert", name, lambda c=config, B=B: bert_step(c, B, V, params),
-                            tokens=B * L, flops=bert_flops(config, B, V))
+                            tokens=B * L, flops=bert_flops(config, B, V),
+                            profile=L == seqs[0] and remat == "none")
 
 
 # ----------------------------------------------------------------------------- translation
@@ -562,8 +564,7 @@ def main(argv):
                               peak_datasheet_flops=datasheet),
               FLAGS.compile_threads or (1 if jax.default_backend() == "cpu" else 8),
               FLAGS.warmup, FLAGS.steps, FLAGS.row_seconds,
-              profile=FLAGS.profile if FLAGS.profile is not None else
-              ["BERT-tiny MLM"] if FLAGS.quick else ["BERT-base MLM L=128 B=256 remat=none"])
+              profile=FLAGS.profile)
     for group in dict.fromkeys(FLAGS.rows):  # in the order given, each once
         print(f"[{group}] starting", flush=True)
         group_start = time.perf_counter()

@@ -66,7 +66,9 @@ from seqjax.nn.attention import dot_product_attention, local_attention
 
 from common import (
     PEAK_SIZE,
+    available_bytes,
     block,
+    compiled_bytes,
     environment,
     load_average,
     matmul_peak,
@@ -162,14 +164,6 @@ def with_grad(fn):
 
 # ----------------------------------------------------------------------------- measuring
 
-def available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def own_rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -182,15 +176,6 @@ def memory_budget() -> float:
     """--memory_fraction of what this process could use now: the memory available, plus what
     it holds above its size at import (freed buffers it may keep and reuse)."""
     return FLAGS.memory_fraction * (available_bytes() + max(0, own_rss_bytes() - BASE_RSS))
-
-
-def compiled_bytes(compiled) -> int:
-    """The executable's peak memory by XLA's memory analysis: its arguments, outputs and temp
-    buffer (its intermediates, as buffer assignment packed them), less aliased bytes. (On CPU
-    the analysis' peak_memory_in_bytes leaves out the temp buffer.)"""
-    m = compiled.memory_analysis()
-    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes)
 
 
 def fmt_bytes(n) -> str:

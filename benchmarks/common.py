@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts in this folder (mlm.py, attention.py, recurrent.py,
-packing.py, long_bert.py).
+packing.py, long_bert.py, accelerator.py and its row_runner.py).
 
 No absl flags are defined here, so every script can import it (each script defines its own
 flags; importing one script from another would define them twice). The scripts import it as
@@ -44,6 +44,24 @@ def environment(modules=(jax, flax), extras=()) -> str:
 
 def load_average() -> str:
     return f"load average {os.getloadavg()[0]:.1f}"
+
+
+def available_bytes() -> int:
+    """The host's MemAvailable (0 where /proc/meminfo does not list it)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def compiled_bytes(compiled) -> int:
+    """An executable's peak memory by XLA's memory analysis: its arguments, outputs and temp
+    buffer (its intermediates, as buffer assignment packed them), less aliased bytes. (On CPU
+    the analysis' peak_memory_in_bytes leaves out the temp buffer.)"""
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes)
 
 
 def block(f, *args):

@@ -2,8 +2,9 @@
 `Step`), timing it (`time_step`), its compiled and device memory, and the `Run` that queues a
 group's rows, builds them side by side, times them one after another, writes the JSON after
 each and prints the table. A row's failure (out of memory, an unsupported configuration) is its
-status and note, and the other rows go on. Rows named in `profile` are traced after they are
-timed (`seqjax.profiling.op_profile`): where their step spends its time, by JAX op."""
+status and note, and the other rows go on. Rows queued with profile=True, or named in
+`profile`, are traced after they are timed (`seqjax.profiling.op_profile`): where their step
+spends its time, by JAX op."""
 
 import concurrent.futures
 import gc
@@ -17,7 +18,7 @@ import numpy as np
 
 from seqjax.profiling import op_profile, op_totals
 
-from common import timed
+from common import available_bytes, compiled_bytes, timed
 
 GiB = 2 ** 30
 
@@ -29,13 +30,9 @@ def device_limit_bytes():
     if "bytes_limit" in stats:
         return stats["bytes_limit"]
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        return available_bytes() or None
     except OSError:
-        pass
-    return None
+        return None
 
 
 def device_peak_bytes():
@@ -46,11 +43,9 @@ def memory_of(compiled) -> dict:
     m = compiled.memory_analysis()
     if m is None:
         return {}
-    parts = dict(temp_bytes=m.temp_size_in_bytes, argument_bytes=m.argument_size_in_bytes,
-                 output_bytes=m.output_size_in_bytes, alias_bytes=m.alias_size_in_bytes)
-    parts["compiled_bytes"] = (parts["temp_bytes"] + parts["argument_bytes"]
-                               + parts["output_bytes"] - parts["alias_bytes"])
-    return parts
+    return dict(temp_bytes=m.temp_size_in_bytes, argument_bytes=m.argument_size_in_bytes,
+                output_bytes=m.output_size_in_bytes, alias_bytes=m.alias_size_in_bytes,
+                compiled_bytes=compiled_bytes(compiled))
 
 
 def is_oom(error: Exception) -> bool:
@@ -180,7 +175,7 @@ class Run:
                               f"{fmt_bytes(record['compiled_bytes'])} > {fmt_bytes(limit)}")
             else:
                 self._time(record, step)
-                if any(part in record["name"] for part in self.profile):
+                if record.get("profile") or any(part in record["name"] for part in self.profile):
                     self._profile(record, step)
         except Exception as error:  # one row's failure is a line of the table, not the end
             record.update(status="OOM" if is_oom(error) else "failed", note=one_line(error))

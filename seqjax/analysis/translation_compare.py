@@ -58,8 +58,9 @@ def table(rows: list[dict], models: dict, curves: dict) -> list[dict]:
                         budget_steps=row.get("num_train_steps")))
     for label in models:
         mine = [r for r in out if r["model"] == label and r["budget_steps"]]
+        fewest = min((r["budget_steps"] for r in mine), default=None)
         for r in mine:
-            r["budget"] = r["budget_steps"] / min(m["budget_steps"] for m in mine)
+            r["budget"] = r["budget_steps"] / fewest
     out.sort(key=lambda r: (list(models).index(r["model"]), r["budget"] or 1, r["lr"] or 0))
     for label in models:
         done = [r for r in out if r["model"] == label and r["status"] == "ok"
